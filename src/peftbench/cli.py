@@ -1,0 +1,175 @@
+"""The ``peftbench`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from peftbench.config import RunSpec
+from peftbench.errors import PeftbenchError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="Which parameter-efficient fine-tuning method fits your task and data: measured.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_FLAG_OF = {"train_size": "--train-size", "max_steps": "--max-steps", "lr": "--lr",
+            "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
+            "eval_every": "--eval-every", "max_eval_examples": "--max-eval-examples",
+            "seed": "--seed", "precision": "--precision", "device": "--device"}
+
+
+def parse_method_args(pairs: list[str]) -> dict[str, Any]:
+    """``["r=16", "target_modules=[q_proj,v_proj]"]`` -> dict, values parsed as YAML scalars."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--method-arg {pair!r}: expected KEY=VALUE, e.g. --method-arg r=16.")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+def build_spec(**fields: Any) -> RunSpec:
+    """A RunSpec from CLI values; pydantic's complaints are named by their flag."""
+    try:
+        return RunSpec(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            flag = _FLAG_OF.get(field, "--" + field.replace("_", "-"))
+            problems.append(f"{flag}: {error['msg']} (got {error.get('input')!r})")
+        raise UsageError("; ".join(problems)) from None
+
+
+def default_out_dir(spec: RunSpec) -> Path:
+    task = Path(spec.task).stem if spec.task.endswith((".yaml", ".yml")) else spec.task
+    model = Path(spec.model).name
+    return Path("runs") / f"{task}-{model}-{spec.method}-{spec.run_hash()}"
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="model: built-in name, Hub id or local dir")],
+    task: Annotated[str, typer.Option(help="task: built-in name or path to a task YAML")],
+    method: Annotated[str, typer.Option(help="full | lora | ia3 | prompt_tuning | bitfit")],
+    method_arg: Annotated[list[str] | None, typer.Option(
+        help="method argument KEY=VALUE (repeatable), see `peftbench methods`")] = None,
+    train_size: Annotated[int | None, typer.Option(help="examples drawn from train split")] = None,
+    seed: Annotated[int, typer.Option(help="seed for data subset, init and order")] = 0,
+    max_steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
+    epochs: Annotated[float | None, typer.Option(help="epochs (default 3) if no max steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: per method)")] = None,
+    batch_size: Annotated[int, typer.Option(help="examples per micro-batch")] = 16,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    eval_every: Annotated[int | None, typer.Option(help="steps between validations")] = None,
+    max_eval_examples: Annotated[int | None, typer.Option(
+        help="cap on validation/test examples (fixed subset)")] = None,
+    precision: Annotated[str, typer.Option(help="bf16 (mixed) or fp32")] = "bf16",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    data_dir: Annotated[Path | None, typer.Option(help="folder with the dataset's files")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (result.json, adapter/)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
+) -> None:
+    """Fine-tune one model on one task with one method; write result.json and the adapter."""
+    from peftbench.training.progress import RunProgress
+    from peftbench.training.runner import execute
+    from peftbench.training.summary import print_summary
+
+    spec = build_spec(model=model, task=task, method=method,
+                      method_args=parse_method_args(method_arg or []), train_size=train_size,
+                      seed=seed, max_steps=max_steps, epochs=epochs, lr=lr,
+                      batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
+                      max_eval_examples=max_eval_examples, precision=precision, device=device,
+                      data_dir=str(data_dir) if data_dir else None)
+    out_dir = out or default_out_dir(spec)
+    with RunProgress(console, enabled=not quiet) as progress:
+        record = execute(spec, out_dir, on_event=progress.update)
+    print_summary(console, record, out_dir)
+    if record["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@app.command()
+def tasks() -> None:
+    """List the built-in tasks (a task YAML of your own works too: see the README)."""
+    from rich.table import Table
+
+    from peftbench.tasks import describe_tasks
+
+    table = Table("task", "type", "metric", "labels", "source")
+    for info in describe_tasks():
+        table.add_row(info["name"], info["type"], info["metric"], info["labels"] or "-",
+                      info["source"])
+    console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the fine-tuning methods, their default learning rate and arguments."""
+    from rich.table import Table
+
+    from peftbench.methods import list_methods
+
+    table = Table("method", "default lr", "arguments (--method-arg KEY=VALUE)", "what it trains")
+    for m in list_methods():
+        args = "\n".join(f"{k}={v!r}" for k, v in m.defaults.items()) or "-"
+        table.add_row(m.name, f"{m.default_lr:g}", args, m.description)
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the built-in models (any Hub id or local model directory works too)."""
+    from rich.table import Table
+
+    from peftbench.models import list_models
+
+    table = Table("model", "family", "pretrained", "source")
+    for info in list_models():
+        table.add_row(info["name"], info["family"], "yes" if info["pretrained"] else "no",
+                      info["source"])
+    console.print(table)
+
+
+from peftbench import cli_sweep; cli_sweep.register(app)  # noqa: E402, E702, I001
+
+
+def main() -> None:
+    """Entry point: user errors become one clear line and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except PeftbenchError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""RunSpec: the resolved, validated description of one fine-tuning run, and its hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Fields that say *where* things are, not *what* is computed: left out of the run identity.
+_NON_IDENTITY_FIELDS = frozenset({"data_dir", "device"})
+
+
+class RunSpec(BaseModel):
+    """Everything that determines one run. Two equal specs compute the same thing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="model name (see `peftbench models`), Hub id or local dir")
+    task: str = Field(description="task name (see `peftbench tasks`) or path to a task YAML")
+    method: str = Field(description="fine-tuning method (see `peftbench methods`)")
+    method_args: dict[str, Any] = Field(default_factory=dict)
+    train_size: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    max_steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    warmup_ratio: float = Field(default=0.06, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    eval_every: int | None = Field(default=None, ge=1, description="steps between validations")
+    num_evals: int = Field(default=8, ge=1, description="validations per run if eval_every unset")
+    max_eval_examples: int | None = Field(default=None, ge=1)
+    max_source_length: int = Field(default=256, ge=8)
+    max_target_length: int = Field(default=128, ge=1)
+    precision: Literal["bf16", "fp32"] = "bf16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data_dir: str | None = None
+
+    @field_validator("method_args")
+    @classmethod
+    def _json_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
+        json.dumps(value)  # must be serialisable to be hashed and stored
+        return value
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define what is computed (paths and device left out)."""
+        return {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
+
+    def run_hash(self) -> str:
+        """A short stable hash of :meth:`identity`: the run's id in results stores."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

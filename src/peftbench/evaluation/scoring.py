@@ -1,0 +1,90 @@
+"""Scoring a model: rank classification by label log-likelihood, batched greedy generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftbench.tasks.base import Example
+from peftbench.training.encoding import IGNORE, Encoded, TextEncoder, collate, left_pad
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor],
+                      encoder_decoder: bool) -> torch.Tensor:
+    """Sum of log p(label token) over the non-ignored label positions, one value per row."""
+    labels = batch["labels"]
+    if encoder_decoder:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=labels).logits
+    else:
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -labels.shape[1]:]  # drop soft-prompt positions, if any
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
+                          reduction="none")
+    return -nll.sum(dim=1)
+
+
+def _by_length(items: Sequence[list[int]]) -> list[int]:
+    return sorted(range(len(items)), key=lambda i: len(items[i]))
+
+
+@torch.no_grad()
+def rank_classify(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list[int]],
+                  labels: Sequence[str], batch_size: int, device: torch.device,
+                  autocast: Autocast) -> list[int]:
+    """Index of the most likely label verbalizer for each prompt."""
+    label_ids = [encoder.target_ids(label) for label in labels]
+    per_batch = max(1, batch_size // len(labels))
+    order = _by_length(prompts)
+    predictions = [0] * len(prompts)
+    for start in range(0, len(order), per_batch):
+        rows = order[start:start + per_batch]
+        pairs: list[Encoded] = [encoder.encode_ids(prompts[i], ids)
+                                for i in rows for ids in label_ids]
+        batch = {k: v.to(device) for k, v in collate(pairs, encoder.pad_id).items()}
+        with autocast():
+            scores = sequence_logprobs(model, batch, encoder.encoder_decoder)
+        best = scores.view(len(rows), len(labels)).argmax(dim=1).tolist()
+        for row, choice in zip(rows, best, strict=True):
+            predictions[row] = choice
+    return predictions
+
+
+@torch.no_grad()
+def generate(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list[int]],
+             batch_size: int, max_new_tokens: int, device: torch.device,
+             autocast: Autocast) -> list[str]:
+    """Greedy decoding (KV cache on), batched by similar prompt length."""
+    tokenizer = encoder.tokenizer
+    order = _by_length(prompts)
+    outputs = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        if encoder.encoder_decoder:
+            batch = collate([Encoded(prompts[i], [encoder.pad_id]) for i in rows], encoder.pad_id)
+            batch.pop("labels")
+        else:
+            batch = left_pad([prompts[i] for i in rows], encoder.pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       num_beams=1, pad_token_id=encoder.pad_id,
+                                       eos_token_id=encoder.eos_id)
+        if not encoder.encoder_decoder:
+            generated = generated[:, batch["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        for row, text in zip(rows, texts, strict=True):
+            outputs[row] = text.strip()
+    return outputs
+
+
+def prompts_of(encoder: TextEncoder, examples: Sequence[Example]) -> list[list[int]]:
+    return [encoder.prompt_ids(example.input) for example in examples]

@@ -1,0 +1,106 @@
+"""The Method interface: turn a base model into a trainable model, save and reload it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from peftbench.errors import UsageError
+
+
+class Method(ABC):
+    """One fine-tuning method. Subclasses declare a name, a default LR and their arguments.
+
+    ``defaults`` lists every accepted ``--method-arg`` with its default value; a user value
+    must have a compatible type (``None`` defaults accept a list or a string).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    default_lr: ClassVar[float]
+    defaults: ClassVar[dict[str, Any]] = {}
+    arg_help: ClassVar[dict[str, str]] = {}
+
+    def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Defaults updated with ``overrides``; unknown keys and wrong types are errors."""
+        args = dict(self.defaults)
+        for key, value in overrides.items():
+            if key not in self.defaults:
+                known = ", ".join(sorted(self.defaults)) or "none"
+                raise UsageError(
+                    f"--method-arg {key}={value!r}: method '{self.name}' has no argument "
+                    f"'{key}'. Its arguments are: {known}."
+                )
+            args[key] = _coerce(self.name, key, value, self.defaults[key])
+        return args
+
+    @abstractmethod
+    def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
+        """Return the model to train: parameters to train have ``requires_grad=True``."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        """Save what training changed (adapter or tensors) so that :meth:`load` restores it."""
+
+    @abstractmethod
+    def load(
+        self, base: nn.Module, out_dir: Path, args: dict[str, Any], *, encoder_decoder: bool
+    ) -> nn.Module:
+        """Rebuild the trained model from a fresh base model and what :meth:`save` wrote."""
+
+
+def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` against the type of ``default`` (ints are accepted for floats)."""
+    where = f"--method-arg {key}={value!r} (method '{method}')"
+    if value is None:
+        return value
+    if default is None:  # free-form (e.g. module names): "a,b" means the list [a, b]
+        if isinstance(value, str) and "," in value:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise UsageError(f"{where}: expected true or false.")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UsageError(f"{where}: expected an integer, e.g. {key}={default}.")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UsageError(f"{where}: expected a number, e.g. {key}={default}.")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise UsageError(f"{where}: expected a string, e.g. {key}={default}.")
+    if isinstance(default, list):
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise UsageError(f"{where}: expected a list, e.g. {key}=[a,b].")
+    return value
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied/shared tensors are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():  # parameters() already skips shared duplicates
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def freeze(model: nn.Module) -> None:
+    """Set ``requires_grad=False`` on every parameter."""
+    for param in model.parameters():
+        param.requires_grad_(False)

@@ -1,0 +1,73 @@
+"""BitFit (Ben Zaken et al., 2022): train only bias terms.
+
+Architectures without biases (T5, Llama) get zero-initialised bias vectors on their linear
+layers, so the model computes exactly what the base model computes at step 0; the added
+biases are the trainable parameters.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftbench.errors import UsageError
+from peftbench.methods.base import Method, freeze
+from peftbench.methods.registry import register
+
+_ADDED = "bitfit_added_biases.json"
+
+
+def add_zero_biases(model: nn.Module, exclude: list[str]) -> list[str]:
+    """Give every bias-free ``nn.Linear`` (not matching ``exclude``) a zero bias; names back."""
+    added = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.bias is None:
+            if any(part in name.split(".") for part in exclude):
+                continue
+            weight = module.weight
+            module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=torch.float32,
+                                                   device=weight.device))
+            added.append(name)
+    return added
+
+
+@register
+class BitFit(Method):
+    name = "bitfit"
+    description = "BitFit: trains only bias terms (zero biases added where the model has none)."
+    default_lr = 1e-3
+    defaults: ClassVar[dict[str, Any]] = {"exclude": ["lm_head"]}
+    arg_help: ClassVar[dict[str, str]] = {
+        "exclude": "module names whose linear layers get no added bias (default: lm_head)",
+    }
+
+    def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
+        freeze(model)
+        add_zero_biases(model, args["exclude"])
+        biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+        if not biases:
+            raise UsageError("method 'bitfit': the model has no bias terms and no linear layers "
+                             "to add them to.")
+        for param in biases:
+            param.requires_grad_(True)
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()
+                   if p.requires_grad}
+        save_file(tensors, str(out_dir / "bitfit.safetensors"))
+        (out_dir / _ADDED).write_text(json.dumps(sorted(tensors)))
+
+    def load(self, base, out_dir, args, *, encoder_decoder):  # type: ignore[override]
+        model = self.apply(base, args, encoder_decoder=encoder_decoder)
+        state = load_file(str(out_dir / "bitfit.safetensors"))
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise UsageError(f"bitfit tensors in {out_dir} do not fit this model: "
+                             f"{result.unexpected_keys[:5]}")
+        return model

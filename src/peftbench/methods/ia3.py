@@ -1,0 +1,40 @@
+"""(IA)3 (Liu et al., 2022) via peft: learned rescaling of keys, values and FFN activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+from peft import IA3Config
+from torch import nn
+
+from peftbench.methods import peft_common
+from peftbench.methods.base import Method
+from peftbench.methods.registry import register
+
+
+@register
+class IA3(Method):
+    name = "ia3"
+    description = "(IA)3: trains vectors that rescale keys, values and FFN activations (peft)."
+    default_lr = 3e-3
+    defaults: ClassVar[dict[str, Any]] = {"target_modules": None, "feedforward_modules": None}
+    arg_help: ClassVar[dict[str, str]] = {
+        "target_modules": "modules to rescale; default: peft's per-architecture choice "
+        "(k, v, ffn out)",
+        "feedforward_modules": "which of target_modules are feed-forward (scaled on the input)",
+    }
+
+    def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
+        config = IA3Config(
+            task_type=peft_common.task_type(encoder_decoder),
+            target_modules=args["target_modules"],
+            feedforward_modules=args["feedforward_modules"],
+        )
+        return peft_common.wrap(model, config, self.name)
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        peft_common.save_adapter(model, out_dir)
+
+    def load(self, base, out_dir, args, *, encoder_decoder):  # type: ignore[override]
+        return peft_common.load_adapter(base, out_dir)

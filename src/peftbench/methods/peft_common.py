@@ -1,0 +1,31 @@
+"""Shared save/load for methods implemented by the peft library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peft import PeftConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+
+from peftbench.errors import UsageError
+
+
+def task_type(encoder_decoder: bool) -> TaskType:
+    return TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM
+
+
+def wrap(model: nn.Module, config: PeftConfig, method: str) -> nn.Module:
+    """``get_peft_model`` with configuration mistakes turned into a clear UsageError."""
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # e.g. target modules that match nothing
+        raise UsageError(f"method '{method}': peft rejected the configuration: {exc}") from None
+
+
+def save_adapter(model: nn.Module, out_dir: Path) -> None:
+    model.save_pretrained(str(out_dir))
+
+
+def load_adapter(base: nn.Module, out_dir: Path, **_: Any) -> nn.Module:
+    return PeftModel.from_pretrained(base, str(out_dir))

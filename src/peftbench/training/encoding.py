@@ -1,0 +1,83 @@
+"""Text -> token ids for training and scoring, one convention for every model family.
+
+- Decoder-only: ``prompt + " " + target + eos``; the loss is masked on the prompt.
+- Encoder-decoder: encoder gets the prompt (tokenizer's own special tokens), the decoder
+  learns ``target + eos``.
+- A prompt longer than ``max_source_length`` keeps its head and its last 16 tokens, so the
+  template's closing cue ("Answer:") survives truncation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+_TAIL = 16
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example as ids: ``input_ids`` (decoder: prompt+target) and ``labels``."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+class TextEncoder:
+    """Tokenises prompts and targets for one model family."""
+
+    def __init__(self, tokenizer, encoder_decoder: bool, max_source_length: int,
+                 max_target_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.encoder_decoder = encoder_decoder
+        self.max_source_length = max_source_length
+        self.max_target_length = max_target_length
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def prompt_ids(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        if len(ids) > self.max_source_length:
+            ids = ids[: self.max_source_length - _TAIL] + ids[-_TAIL:]
+        return ids
+
+    def target_ids(self, text: str) -> list[int]:
+        text = text if self.encoder_decoder else " " + text
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [*ids[: self.max_target_length - 1], self.eos_id]
+
+    def encode(self, prompt: str, target: str) -> Encoded:
+        return self.encode_ids(self.prompt_ids(prompt), self.target_ids(target))
+
+    def encode_ids(self, prompt: list[int], target: list[int]) -> Encoded:
+        if self.encoder_decoder:
+            return Encoded(prompt, target)
+        return Encoded(prompt + target, [IGNORE] * len(prompt) + target)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch on the right to its own longest sequence (dynamic padding)."""
+    width = max(len(e.input_ids) for e in batch)
+    label_width = max(len(e.labels) for e in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), label_width), IGNORE, dtype=torch.long)
+    for row, example in enumerate(batch):
+        input_ids[row, : len(example.input_ids)] = torch.tensor(example.input_ids)
+        attention[row, : len(example.input_ids)] = 1
+        labels[row, : len(example.labels)] = torch.tensor(example.labels)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def left_pad(prompts: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad prompts on the left (decoder-only generation continues from the right edge)."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention[row, width - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention}

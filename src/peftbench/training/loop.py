@@ -1,0 +1,178 @@
+"""One fine-tuning run, top to bottom: data, model, method, train, validate, test, record.
+
+Read :func:`train` like a recipe. Everything it needs is built by small helpers; it returns
+the result record (a plain dict, the content of ``result.json``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_linear_schedule_with_warmup, set_seed
+
+from peftbench.config import RunSpec
+from peftbench.evaluation.evaluator import Evaluator
+from peftbench.methods import count_parameters, get_method
+from peftbench.models import load_model
+from peftbench.tasks import load_task
+from peftbench.training.batches import endless_batches
+from peftbench.training.device import autocast_factory, resolve_device
+from peftbench.training.encoding import TextEncoder, collate
+from peftbench.training.memory import PeakMemory
+from peftbench.training.provenance import hardware
+
+Event = dict[str, Any]
+EventSink = Callable[[Event], None]
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+def plan_steps(spec: RunSpec, train_examples: int) -> int:
+    """Optimizer steps: ``--max-steps``, else ``--epochs`` (default 3) over the train set."""
+    if spec.max_steps is not None:
+        return spec.max_steps
+    per_step = spec.batch_size * spec.grad_accum
+    return max(1, math.ceil((spec.epochs or 3.0) * train_examples / per_step))
+
+
+def eval_steps(spec: RunSpec, total: int) -> list[int]:
+    """Validation points: step 0, every ``eval_every`` steps, and the last step."""
+    every = spec.eval_every or max(1, math.ceil(total / spec.num_evals))
+    return sorted({0, *range(every, total, every), total})
+
+
+def max_new_tokens(encoder: TextEncoder, targets: list[str], cap: int) -> int:
+    """Generation budget from the task's target lengths: the longest seen, plus a margin."""
+    lengths = [len(encoder.target_ids(t)) for t in targets[:2000]]
+    return max(1, min(cap, math.ceil(max(lengths, default=cap) * 1.25) + 2))
+
+
+def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
+          on_event: EventSink | None = None) -> None:
+    """Run ``spec`` and fill ``record`` (curve, scores, params, efficiency) as it goes."""
+    emit = on_event or (lambda event: None)
+    memory = PeakMemory()
+    device = resolve_device(spec.device)
+    autocast = autocast_factory(device, spec.precision)
+    record["provenance"]["hardware"] = hardware(device)
+
+    # 1. data and model, seeded before anything random is built
+    set_seed(spec.seed)
+    task = load_task(spec.task, data_dir=spec.data_dir, train_size=spec.train_size,
+                     seed=spec.seed, max_eval_examples=spec.max_eval_examples)
+    record["task"] = {"name": task.spec.name, "type": task.spec.type, "source": task.source,
+                      "primary_metric": task.spec.primary_metric, "notes": task.notes,
+                      "sizes": {"train": len(task.train), "validation": len(task.validation),
+                                "test": len(task.test)}}
+    record["provenance"]["data_fingerprint"] = task.fingerprint
+    loaded = load_model(spec.model, seed=spec.seed)
+    record["model"] = {"name": loaded.name, "source": loaded.source,
+                       "pretrained": loaded.pretrained,
+                       "family": "encoder-decoder" if loaded.is_encoder_decoder else "decoder-only"}
+    record["provenance"]["model_fingerprint"] = loaded.fingerprint
+
+    # 2. the method turns the base model into the model to train
+    method = get_method(spec.method)
+    args = method.resolve_args(spec.method_args)
+    record["run"]["method_args"] = args
+    set_seed(spec.seed)
+    model = method.apply(loaded.model, args, encoder_decoder=loaded.is_encoder_decoder)
+    model.to(device)
+    trainable, total = count_parameters(model)
+    record["params"] = {"trainable": trainable, "total": total,
+                        "trainable_pct": 100.0 * trainable / total}
+
+    # 3. tokenise once; evaluators reuse their prompts at every validation
+    encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder,
+                          spec.max_source_length, spec.max_target_length)
+    train_set = [encoder.encode(e.input, e.target) for e in task.train]
+    new_tokens = max_new_tokens(encoder, [e.target for e in task.train], spec.max_target_length)
+    validation, test = (Evaluator(task.spec, encoder, split, device, autocast,
+                                  spec.batch_size * 2, new_tokens)
+                        for split in (task.validation, task.test))
+
+    # 4. optimiser and schedule
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = spec.lr or method.default_lr
+    record["run"]["lr"] = lr
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay)
+    total_steps = plan_steps(spec, len(train_set))
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
+    checkpoints = set(eval_steps(spec, total_steps))
+    record["run"]["total_steps"] = total_steps
+
+    # 5. the loop
+    batches = endless_batches(train_set, spec.batch_size, spec.seed)
+    curve = record["curve"]
+    best_score, best_state, best_step = -math.inf, None, 0
+    train_seconds = eval_seconds = 0.0
+    samples = tokens = 0
+    losses: list[float] = []
+    model.train()
+    for step in range(total_steps + 1):
+        if step > 0:
+            tick = time.perf_counter()
+            step_loss = 0.0
+            for _ in range(spec.grad_accum):
+                micro = next(batches)
+                batch = {k: v.to(device) for k, v in collate(micro, encoder.pad_id).items()}
+                with autocast():
+                    loss = model(**batch).loss / spec.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+                samples += len(micro)
+                tokens += int(batch["attention_mask"].sum())
+            if not math.isfinite(step_loss):
+                raise Diverged(f"training loss became {step_loss} at step {step}")
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - tick
+            losses.append(step_loss)
+            emit({"type": "step", "step": step, "total": total_steps, "loss": step_loss})
+        if step in checkpoints:
+            tick = time.perf_counter()
+            scores = validation.evaluate(model)
+            eval_seconds += time.perf_counter() - tick
+            score = scores[task.spec.primary_metric]
+            curve.append({"step": step, "samples": samples, "seconds": round(train_seconds, 3),
+                          "train_loss": sum(losses) / len(losses) if losses else None,
+                          "val_score": score})
+            losses = []
+            memory.sample()
+            emit({"type": "eval", "step": step, "total": total_steps, "val_score": score})
+            if score > best_score:
+                best_score, best_step = score, step
+                best_state = {n: p.detach().clone() for n, p in model.named_parameters()
+                              if p.requires_grad}
+                record["scores"]["val"] = scores
+                record["scores"]["best_step"] = step
+
+    # 6. the best validation checkpoint is the one tested and saved
+    if best_state is not None and best_step != total_steps:
+        model.load_state_dict(best_state, strict=False)
+    tick = time.perf_counter()
+    record["scores"]["test"] = test.evaluate(model)
+    eval_seconds += time.perf_counter() - tick
+    adapter_dir = out_dir / "adapter"
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    method.save(model, adapter_dir)
+    memory.sample()
+    record["efficiency"] = {
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "tokens_per_second": tokens / train_seconds if train_seconds else None,
+        "train_tokens": tokens,
+        "peak_rss_mb": memory.peak_rss_mb(),
+        "peak_gpu_mb": memory.peak_gpu_mb(device),
+        "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()),
+    }

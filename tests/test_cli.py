@@ -1,0 +1,88 @@
+"""The command line: a real run end to end, listings, and clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from peftbench.cli import parse_method_args
+from peftbench.errors import UsageError
+
+
+def peftbench(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "peftbench.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_train_writes_result_and_prints_summary(tmp_path):
+    out = tmp_path / "run"
+    proc = peftbench("train", "--model", "tiny-random-llama", "--task", "toy_cls",
+                     "--method", "lora", "--method-arg", "r=4", "--train-size", "64",
+                     "--max-steps", "6", "--max-eval-examples", "16", "--lr", "0.01",
+                     "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert "status completed" in proc.stdout
+    assert "trainable parameters" in proc.stdout
+    record = json.loads((out / "result.json").read_text())
+    assert record["run"]["config"]["method_args"] == {"r": 4}
+    assert record["run"]["method_args"]["r"] == 4
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("command", ["tasks", "methods", "models"])
+def test_listings(command):
+    proc = peftbench(command)
+    assert proc.returncode == 0, proc.stderr
+    expected = {"tasks": ["cola", "e2e_nlg", "toy_cls"], "methods": ["bitfit", "prompt_tuning"],
+                "models": ["smollm2-135m", "tiny-random-t5"]}[command]
+    for word in expected:
+        assert word in proc.stdout
+
+
+BAD_INPUTS = [
+    (["--model", "no-such-model-xyz"], "unknown model 'no-such-model-xyz'"),
+    (["--task", "no_such_task"], "no_such_task"),
+    (["--method", "lorra"], "Did you mean 'lora'"),
+    (["--method-arg", "rank=4"], "has no argument 'rank'"),
+    (["--method-arg", "r=abc"], "expected an integer"),
+    (["--method-arg", "novalue"], "expected KEY=VALUE"),
+    (["--train-size", "0"], "--train-size"),
+    (["--precision", "fp8"], "--precision"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_INPUTS)
+def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, override, message):
+    args = {"--model": "tiny-random-llama", "--task": "toy_cls", "--method": "lora"}
+    extra = []
+    for flag, value in zip(override[::2], override[1::2], strict=True):
+        if flag in args:
+            args[flag] = value
+        else:
+            extra += [flag, value]
+    argv = [x for pair in args.items() for x in pair] + extra
+    proc = peftbench("train", *argv, "--max-steps", "1", "--out", str(tmp_path), "--quiet")
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_missing_data_dir_file_is_a_clear_error(tmp_path):
+    proc = peftbench("train", "--model", "tiny-random-llama", "--task", "cola", "--method",
+                     "lora", "--data-dir", str(tmp_path), "--quiet", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "in_domain_train.tsv" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_parse_method_args_types():
+    assert parse_method_args(["r=8", "alpha=16.5", "target_modules=[q_proj,v_proj]",
+                              "init=random"]) == {
+        "r": 8, "alpha": 16.5, "target_modules": ["q_proj", "v_proj"], "init": "random"}
+    with pytest.raises(UsageError):
+        parse_method_args(["=3"])

@@ -1,0 +1,123 @@
+"""Methods: exact parameter counts, BitFit's zero-init biases, argument validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftbench.errors import UsageError
+from peftbench.methods import count_parameters, get_method, list_methods
+from peftbench.models import load_model
+
+
+def _llama_base_params(c) -> int:
+    """Hand count of a tied-embedding Llama: embedding once, blocks, final norm."""
+    h, inter, head_dim = c.hidden_size, c.intermediate_size, c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    block = h * h + 2 * h * kv + h * h + 3 * h * inter + 2 * h
+    return c.vocab_size * h + c.num_hidden_layers * block + h
+
+
+def _t5_base_params(c) -> int:
+    """Hand count of a gated T5 (FLAN-style): shared embedding, untied lm_head."""
+    d, inner, ff = c.d_model, c.num_heads * c.d_kv, c.d_ff
+    attention = 4 * d * inner
+    ffn = 3 * d * ff
+    rel_bias = c.relative_attention_num_buckets * c.num_heads
+    encoder = c.num_layers * (attention + ffn + 2 * d) + rel_bias + d
+    decoder = c.num_decoder_layers * (2 * attention + ffn + 3 * d) + rel_bias + d
+    lm_head = 0 if c.tie_word_embeddings else c.vocab_size * d
+    return c.vocab_size * d + encoder + decoder + lm_head
+
+
+def _apply(model_name: str, method: str, **args):
+    loaded = load_model(model_name, seed=0)
+    m = get_method(method)
+    model = m.apply(loaded.model, m.resolve_args(args), encoder_decoder=loaded.is_encoder_decoder)
+    return loaded, model
+
+
+def test_llama_counts_match_hand_computed():
+    loaded, _ = _apply("tiny-random-llama", "full")
+    c = loaded.model.config
+    base = _llama_base_params(c)
+    h, inter = c.hidden_size, c.intermediate_size
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    layers, r = c.num_hidden_layers, 8
+    assert count_parameters(loaded.model) == (base, base)  # full: everything, tied counted once
+
+    expected = {
+        "lora": layers * (r * (h + h) + r * (h + kv)),  # q_proj and v_proj
+        "ia3": layers * (kv + kv + inter),  # k, v (output side), down_proj (input side)
+        "prompt_tuning": 20 * h,
+        "bitfit": layers * (h + kv + kv + h + inter + inter + h),  # q k v o gate up down
+    }
+    for method, trainable in expected.items():
+        _, model = _apply("tiny-random-llama", method)
+        assert count_parameters(model) == (trainable, base + trainable), method
+
+
+def test_t5_counts_match_hand_computed():
+    loaded, _ = _apply("tiny-random-t5", "full")
+    c = loaded.model.config
+    base = _t5_base_params(c)
+    assert count_parameters(loaded.model) == (base, base)
+    d, inner, ff, r = c.d_model, c.num_heads * c.d_kv, c.d_ff, 8
+    attention_blocks = c.num_layers + 2 * c.num_decoder_layers  # self + cross in decoder
+    ffn_blocks = c.num_layers + c.num_decoder_layers
+    expected = {
+        "lora": attention_blocks * 2 * r * (d + inner),  # q and v
+        "ia3": attention_blocks * 2 * inner + ffn_blocks * ff,  # k, v; wo (input side)
+        "prompt_tuning": 20 * d,
+        "bitfit": attention_blocks * (3 * inner + d) + ffn_blocks * (2 * ff + d),
+    }
+    for method, trainable in expected.items():
+        _, model = _apply("tiny-random-t5", method)
+        assert count_parameters(model) == (trainable, base + trainable), method
+
+
+@pytest.mark.parametrize("model_name", ["tiny-random-llama", "tiny-random-t5"])
+def test_bitfit_step0_outputs_identical_and_only_biases_train(model_name):
+    base = load_model(model_name, seed=3)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    kwargs = {"input_ids": ids}
+    if base.is_encoder_decoder:
+        kwargs["decoder_input_ids"] = torch.tensor([[0, 11, 12]])
+    with torch.no_grad():
+        before = base.model(**kwargs).logits.clone()
+    method = get_method("bitfit")
+    model = method.apply(base.model, method.resolve_args({}),
+                         encoder_decoder=base.is_encoder_decoder)
+    with torch.no_grad():
+        after = model(**kwargs).logits
+    assert torch.equal(before, after)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith("bias") for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+
+
+def test_method_args_are_validated():
+    lora = get_method("lora")
+    assert lora.resolve_args({"r": 4})["r"] == 4
+    assert lora.resolve_args({"target_modules": "q_proj,k_proj"})["target_modules"] == [
+        "q_proj", "k_proj"]
+    with pytest.raises(UsageError, match=r"has no argument 'rank'.*r, target_modules"):
+        lora.resolve_args({"rank": 4})
+    with pytest.raises(UsageError, match="expected an integer"):
+        lora.resolve_args({"r": "big"})
+    with pytest.raises(UsageError, match="Did you mean 'lora'"):
+        get_method("loar")
+
+
+def test_every_method_is_listed_with_a_default_lr():
+    names = {m.name for m in list_methods()}
+    assert names == {"full", "lora", "ia3", "prompt_tuning", "bitfit"}
+    assert all(m.default_lr > 0 for m in list_methods())
+
+
+def test_lora_target_that_matches_nothing_is_a_usage_error():
+    loaded = load_model("tiny-random-llama", seed=0)
+    lora = get_method("lora")
+    with pytest.raises(UsageError, match="peft rejected"):
+        lora.apply(loaded.model, lora.resolve_args({"target_modules": ["nope"]}),
+                   encoder_decoder=False)

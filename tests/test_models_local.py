@@ -1,0 +1,121 @@
+"""Generic loading: local save_pretrained directories and unknown names (fast, offline)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftbench.errors import UsageError
+from peftbench.models import hub, load_model, resolve_model_kind
+from peftbench.models.fingerprint import dir_fingerprint
+
+
+@pytest.mark.parametrize(("name", "family"), [("tiny-random-t5", "encoder-decoder"),
+                                              ("tiny-random-llama", "decoder-only")])
+def test_load_saved_directory(tmp_path: Path, name: str, family: str) -> None:
+    original = load_model(name, seed=3)
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+
+    assert resolve_model_kind(str(tmp_path)) == "local"
+    loaded = load_model(str(tmp_path))
+    assert loaded.is_encoder_decoder == (family == "encoder-decoder")
+    assert loaded.pretrained is True
+    assert str(tmp_path.resolve()) in loaded.source
+    assert type(loaded.model) is type(original.model)
+    for key, value in original.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key]), key
+    text = "The capital of France is Paris. 123!"
+    assert loaded.tokenizer(text).input_ids == original.tokenizer(text).input_ids
+    assert loaded.tokenizer.pad_token_id == original.tokenizer.pad_token_id
+    assert loaded.tokenizer.eos_token_id == original.tokenizer.eos_token_id
+    assert loaded.tokenizer.padding_side == "right"
+    assert len(loaded.fingerprint) == 64 and loaded.fingerprint == dir_fingerprint(tmp_path)
+
+
+def test_directory_fingerprint_follows_the_weights(tmp_path: Path) -> None:
+    for seed, folder in [(0, tmp_path / "a"), (0, tmp_path / "b"), (1, tmp_path / "c")]:
+        load_model("tiny-random-llama", seed=seed).model.save_pretrained(folder)
+    a, b, c = (dir_fingerprint(tmp_path / x) for x in "abc")
+    assert a == b != c
+
+
+def test_directory_without_config_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"no config\.json"):
+        load_model(str(tmp_path))
+
+
+def test_missing_pad_token_becomes_eos(tmp_path: Path, caplog) -> None:
+    original = load_model("tiny-random-llama")
+    original.model.config.pad_token_id = None
+    original.model.generation_config.pad_token_id = None
+    original.tokenizer.pad_token = None
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.tokenizer.pad_token_id == loaded.tokenizer.eos_token_id == 1
+    assert loaded.model.config.pad_token_id == 1
+    assert "no pad token" in caplog.text
+
+
+def test_unknown_name_offline_fails_fast(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(UsageError) as info:
+        load_model("xyz")
+    assert time.perf_counter() - started < 5
+    message = str(info.value)
+    assert message.startswith(
+        "unknown model 'xyz': not a built-in (smollm2-135m, tiny-random-t5, "
+        "tiny-random-llama), not a local directory, and the Hugging Face Hub is "
+        "unreachable or has no such model")
+    assert "underlying error:" in message
+
+
+def test_unknown_name_with_unreachable_hub_fails_fast(monkeypatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    started = time.perf_counter()
+    with pytest.raises(UsageError, match="Did you mean 'smollm2-135m'") as info:
+        load_model("smollm2")
+    assert time.perf_counter() - started < 5
+    assert "unreachable" in str(info.value)
+
+
+def test_missing_path_is_not_sent_to_the_hub(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a local directory"):
+        load_model(str(tmp_path / "no" / "such" / "model"))
+
+
+def test_hub_probe_answers_quickly() -> None:
+    started = time.perf_counter()
+    assert hub.hub_reachable("https://127.0.0.1:9", timeout=1.0) is False
+    assert time.perf_counter() - started < 3
+
+
+def test_hub_id_from_local_hf_cache_needs_no_network(tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    revision = "a" * 40
+    repo = tmp_path / "models--testorg--tiny-t5"
+    snapshot = repo / "snapshots" / revision
+    original = load_model("tiny-random-t5")
+    original.model.save_pretrained(snapshot)
+    original.tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+
+    started = time.perf_counter()
+    loaded = load_model("testorg/tiny-t5")
+    assert time.perf_counter() - started < 5, "must not wait on the unreachable Hub"
+    assert loaded.is_encoder_decoder
+    assert loaded.source == f"Hugging Face Hub (local cache): testorg/tiny-t5 (revision {revision})"
+    assert loaded.model.config.name_or_path == "testorg/tiny-t5"
+    assert loaded.fingerprint == dir_fingerprint(snapshot)

@@ -1,0 +1,100 @@
+"""The training loop on tiny random models: learning, determinism, reload, divergence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftbench.config import RunSpec
+from peftbench.evaluation.evaluator import Evaluator
+from peftbench.methods import get_method
+from peftbench.models import load_model
+from peftbench.tasks import load_task
+from peftbench.training.device import autocast_factory
+from peftbench.training.encoding import TextEncoder
+from peftbench.training.runner import execute
+
+METHODS = ["full", "lora", "ia3", "prompt_tuning", "bitfit"]
+MODELS = ["tiny-random-llama", "tiny-random-t5"]
+# tiny random models learn from scratch: larger steps than the pretrained-model defaults
+TEST_LR = {"full": 3e-3, "lora": 1e-2, "ia3": 3e-2, "prompt_tuning": 1e-1, "bitfit": 1e-2}
+
+
+def _spec(model: str, method: str, **overrides) -> RunSpec:
+    fields = {"model": model, "task": "toy_cls", "method": method, "train_size": 256,
+              "max_steps": 40, "batch_size": 16, "lr": TEST_LR[method], "eval_every": 20,
+              "max_eval_examples": 32, "precision": "fp32", "device": "cpu", "seed": 0}
+    fields.update(overrides)
+    return RunSpec(**fields)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_and_loss_falls(tmp_path, model, method):
+    record = execute(_spec(model, method), tmp_path)
+    assert record["status"] == "completed", record["error"]
+    losses = [p["train_loss"] for p in record["curve"] if p["train_loss"] is not None]
+    assert losses[-1] < losses[0], losses
+    assert [p["step"] for p in record["curve"]] == [0, 20, 40]
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["run"]["hash"] == record["run"]["hash"]
+    assert set(saved) >= {"run", "status", "error", "params", "curve", "scores",
+                          "efficiency", "provenance"}
+    assert saved["scores"]["test"]["primary"] == "accuracy"
+    assert saved["efficiency"]["adapter_bytes"] > 0
+    assert saved["provenance"]["model_fingerprint"] and saved["provenance"]["data_fingerprint"]
+
+
+def test_same_seed_same_curve_other_seed_other_curve(tmp_path):
+    def curve(seed: int, name: str):
+        record = execute(_spec("tiny-random-llama", "lora", seed=seed), tmp_path / name)
+        return [(p["step"], p["samples"], p["train_loss"], p["val_score"])
+                for p in record["curve"]]
+
+    assert curve(1, "a") == curve(1, "b")
+    assert curve(1, "a") != curve(2, "c")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("method", METHODS)
+def test_saved_adapter_reproduces_test_predictions(tmp_path, model, method):
+    spec = _spec(model, method, task="toy_gen" if method == "lora" else "toy_cls",
+                 max_steps=20, eval_every=10)
+    record = execute(spec, tmp_path)
+    assert record["status"] == "completed", record["error"]
+
+    base = load_model(model, seed=spec.seed)
+    m = get_method(method)
+    reloaded = m.load(base.model, tmp_path / "adapter", m.resolve_args({}),
+                      encoder_decoder=base.is_encoder_decoder)
+    task = load_task(spec.task, train_size=spec.train_size, seed=spec.seed,
+                     max_eval_examples=spec.max_eval_examples)
+    encoder = TextEncoder(base.tokenizer, base.is_encoder_decoder, spec.max_source_length,
+                          spec.max_target_length)
+    evaluator = Evaluator(task.spec, encoder, task.test, torch.device("cpu"),
+                          autocast_factory(torch.device("cpu"), "fp32"), 32,
+                          record_max_new_tokens(record, encoder, task))
+    assert evaluator.evaluate(reloaded) == record["scores"]["test"]
+
+
+def record_max_new_tokens(record, encoder, task) -> int:
+    from peftbench.training.loop import max_new_tokens
+
+    return max_new_tokens(encoder, [e.target for e in task.train],
+                          record["run"]["config"]["max_target_length"])
+
+
+def test_nan_loss_stops_the_run_as_diverged(tmp_path):
+    record = execute(_spec("tiny-random-llama", "full", lr=1e30, max_steps=30), tmp_path)
+    assert record["status"] == "diverged"
+    assert "loss became" in record["error"]
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "diverged"
+
+
+def test_best_validation_checkpoint_is_the_one_tested(tmp_path):
+    record = execute(_spec("tiny-random-llama", "lora", max_steps=40, eval_every=10), tmp_path)
+    best = max(record["curve"], key=lambda p: p["val_score"])
+    assert record["scores"]["best_step"] == best["step"]
+    assert record["scores"]["val"]["accuracy"] == best["val_score"]
