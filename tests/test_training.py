@@ -98,3 +98,36 @@ def test_best_validation_checkpoint_is_the_one_tested(tmp_path):
     best = max(record["curve"], key=lambda p: p["val_score"])
     assert record["scores"]["best_step"] == best["step"]
     assert record["scores"]["val"]["accuracy"] == best["val_score"]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "full"])
+def test_gathered_target_logits_give_the_models_own_loss(method):
+    from peftbench.training.encoding import collate
+    from peftbench.training.objective import mean_loss, supports_gathered_logits
+
+    loaded = load_model("tiny-random-llama", seed=0)
+    m = get_method(method)
+    model = m.apply(loaded.model, m.resolve_args({}), encoder_decoder=False).eval()
+    task = load_task("toy_gen", train_size=8)
+    encoder = TextEncoder(loaded.tokenizer, False, 256, 64)
+    batch = collate([encoder.encode(e.input, e.target) for e in task.train], encoder.pad_id)
+    assert supports_gathered_logits(model, batch)
+    with torch.no_grad():
+        expected = model(**batch).loss
+        assert torch.allclose(mean_loss(model, batch, False, gather=True), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_keeps_frozen_weights_bf16_and_trainable_fp32(tmp_path, method):
+    from peftbench.training.precision import store_frozen_in_bf16
+
+    loaded = load_model("tiny-random-llama", seed=0)
+    m = get_method(method)
+    model = m.apply(loaded.model, m.resolve_args({}), encoder_decoder=False)
+    store_frozen_in_bf16(model)
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    record = execute(_spec("tiny-random-llama", method, precision="bf16"), tmp_path)
+    assert record["status"] == "completed", record["error"]
+    losses = [p["train_loss"] for p in record["curve"] if p["train_loss"] is not None]
+    assert losses[-1] < losses[0], losses

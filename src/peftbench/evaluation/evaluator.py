@@ -19,7 +19,7 @@ class Evaluator:
 
     def __init__(self, spec: TaskSpec, encoder: TextEncoder, examples: Sequence[Example],
                  device: torch.device, autocast: scoring.Autocast, batch_size: int,
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, gather: bool = False) -> None:
         self.spec = spec
         self.encoder = encoder
         self.examples = list(examples)
@@ -28,6 +28,7 @@ class Evaluator:
         self.autocast = autocast
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.gather = gather
 
     def predict(self, model: nn.Module) -> list[Any]:
         was_training = model.training
@@ -35,7 +36,8 @@ class Evaluator:
         try:
             if self.spec.type == "classification":
                 return scoring.rank_classify(model, self.encoder, self.prompts, self.spec.labels,
-                                             self.batch_size, self.device, self.autocast)
+                                             self.batch_size, self.device, self.autocast,
+                                             self.gather)
             return scoring.generate(model, self.encoder, self.prompts, self.batch_size,
                                     self.max_new_tokens, self.device, self.autocast)
         finally:

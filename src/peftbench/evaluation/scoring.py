@@ -6,30 +6,13 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peftbench.tasks.base import Example
-from peftbench.training.encoding import IGNORE, Encoded, TextEncoder, collate, left_pad
+from peftbench.training.encoding import Encoded, TextEncoder, collate, left_pad
+from peftbench.training.objective import sequence_logprobs
 
 Autocast = Callable[[], AbstractContextManager]
-
-
-def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor],
-                      encoder_decoder: bool) -> torch.Tensor:
-    """Sum of log p(label token) over the non-ignored label positions, one value per row."""
-    labels = batch["labels"]
-    if encoder_decoder:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=labels).logits
-    else:
-        logits = model(input_ids=batch["input_ids"],
-                       attention_mask=batch["attention_mask"]).logits
-        logits = logits[:, -labels.shape[1]:]  # drop soft-prompt positions, if any
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE,
-                          reduction="none")
-    return -nll.sum(dim=1)
 
 
 def _by_length(items: Sequence[list[int]]) -> list[int]:
@@ -39,7 +22,7 @@ def _by_length(items: Sequence[list[int]]) -> list[int]:
 @torch.no_grad()
 def rank_classify(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list[int]],
                   labels: Sequence[str], batch_size: int, device: torch.device,
-                  autocast: Autocast) -> list[int]:
+                  autocast: Autocast, gather: bool = False) -> list[int]:
     """Index of the most likely label verbalizer for each prompt."""
     label_ids = [encoder.target_ids(label) for label in labels]
     per_batch = max(1, batch_size // len(labels))
@@ -51,7 +34,7 @@ def rank_classify(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list
                                 for i in rows for ids in label_ids]
         batch = {k: v.to(device) for k, v in collate(pairs, encoder.pad_id).items()}
         with autocast():
-            scores = sequence_logprobs(model, batch, encoder.encoder_decoder)
+            scores = sequence_logprobs(model, batch, encoder.encoder_decoder, gather)
         best = scores.view(len(rows), len(labels)).argmax(dim=1).tolist()
         for row, choice in zip(rows, best, strict=True):
             predictions[row] = choice

@@ -24,6 +24,8 @@ from peftbench.training.batches import endless_batches
 from peftbench.training.device import autocast_factory, resolve_device
 from peftbench.training.encoding import TextEncoder, collate
 from peftbench.training.memory import PeakMemory
+from peftbench.training.objective import mean_loss, supports_gathered_logits
+from peftbench.training.precision import store_frozen_in_bf16
 from peftbench.training.provenance import hardware
 
 Event = dict[str, Any]
@@ -46,6 +48,10 @@ def eval_steps(spec: RunSpec, total: int) -> list[int]:
     """Validation points: step 0, every ``eval_every`` steps, and the last step."""
     every = spec.eval_every or max(1, math.ceil(total / spec.num_evals))
     return sorted({0, *range(every, total, every), total})
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def max_new_tokens(encoder: TextEncoder, targets: list[str], cap: int) -> int:
@@ -85,6 +91,8 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     set_seed(spec.seed)
     model = method.apply(loaded.model, args, encoder_decoder=loaded.is_encoder_decoder)
     model.to(device)
+    if spec.precision == "bf16":
+        store_frozen_in_bf16(model)
     trainable, total = count_parameters(model)
     record["params"] = {"trainable": trainable, "total": total,
                         "trainable_pct": 100.0 * trainable / total}
@@ -94,8 +102,11 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
                           spec.max_source_length, spec.max_target_length)
     train_set = [encoder.encode(e.input, e.target) for e in task.train]
     new_tokens = max_new_tokens(encoder, [e.target for e in task.train], spec.max_target_length)
+    gather = not loaded.is_encoder_decoder and supports_gathered_logits(
+        model, _to(collate(train_set[:4], encoder.pad_id), device), autocast)
+    record["run"]["gathered_logits"] = gather
     validation, test = (Evaluator(task.spec, encoder, split, device, autocast,
-                                  spec.batch_size * 2, new_tokens)
+                                  spec.batch_size * 2, new_tokens, gather)
                         for split in (task.validation, task.test))
 
     # 4. optimiser and schedule
@@ -123,9 +134,10 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
             step_loss = 0.0
             for _ in range(spec.grad_accum):
                 micro = next(batches)
-                batch = {k: v.to(device) for k, v in collate(micro, encoder.pad_id).items()}
+                batch = _to(collate(micro, encoder.pad_id), device)
                 with autocast():
-                    loss = model(**batch).loss / spec.grad_accum
+                    loss = mean_loss(model, batch, loaded.is_encoder_decoder, gather)
+                    loss = loss / spec.grad_accum
                 loss.backward()
                 step_loss += loss.item()
                 samples += len(micro)
