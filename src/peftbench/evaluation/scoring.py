@@ -8,6 +8,7 @@ from contextlib import AbstractContextManager
 import torch
 from torch import nn
 
+from peftbench.evaluation import shared_prompt
 from peftbench.tasks.base import Example
 from peftbench.training.encoding import Encoded, TextEncoder, collate, left_pad
 from peftbench.training.objective import sequence_logprobs
@@ -23,18 +24,29 @@ def _by_length(items: Sequence[list[int]]) -> list[int]:
 def rank_classify(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list[int]],
                   labels: Sequence[str], batch_size: int, device: torch.device,
                   autocast: Autocast, gather: bool = False) -> list[int]:
-    """Index of the most likely label verbalizer for each prompt."""
+    """Index of the most likely label verbalizer for each prompt.
+
+    Each prompt is computed once and shared by its K labels (:mod:`shared_prompt`), except
+    for soft-prompt models, which score the K ``prompt + label`` sequences separately.
+    """
     label_ids = [encoder.target_ids(label) for label in labels]
-    per_batch = max(1, batch_size // len(labels))
+    shared = not shared_prompt.is_prompt_learning(model)
+    per_batch = batch_size if shared else max(1, batch_size // len(labels))
     order = _by_length(prompts)
     predictions = [0] * len(prompts)
     for start in range(0, len(order), per_batch):
         rows = order[start:start + per_batch]
-        pairs: list[Encoded] = [encoder.encode_ids(prompts[i], ids)
-                                for i in rows for ids in label_ids]
-        batch = {k: v.to(device) for k, v in collate(pairs, encoder.pad_id).items()}
         with autocast():
-            scores = sequence_logprobs(model, batch, encoder.encoder_decoder, gather)
+            if shared:
+                score = (shared_prompt.encoder_decoder_scores if encoder.encoder_decoder
+                         else shared_prompt.decoder_scores)
+                scores = score(model, [prompts[i] for i in rows], label_ids, encoder.pad_id,
+                               device)
+            else:
+                pairs: list[Encoded] = [encoder.encode_ids(prompts[i], ids)
+                                        for i in rows for ids in label_ids]
+                batch = {k: v.to(device) for k, v in collate(pairs, encoder.pad_id).items()}
+                scores = sequence_logprobs(model, batch, encoder.encoder_decoder, gather)
         best = scores.view(len(rows), len(labels)).argmax(dim=1).tolist()
         for row, choice in zip(rows, best, strict=True):
             predictions[row] = choice
