@@ -147,7 +147,14 @@ def models() -> None:
     console.print(table)
 
 
-from peftbench import cli_sweep; cli_sweep.register(app)  # noqa: E402, E702, I001
+def _register_commands() -> None:
+    from peftbench import cli_analysis, cli_sweep
+
+    cli_sweep.register(app)
+    cli_analysis.register(app)
+
+
+_register_commands()
 
 
 def main() -> None:

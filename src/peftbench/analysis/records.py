@@ -1,0 +1,250 @@
+"""Run records -> benchmark cells: grouping, learning-rate selection and seed statistics.
+
+A *cell* is one (model, task, method, train size): the runs of every learning rate /
+method-argument configuration tried there. The configuration with the best mean
+*validation* score over seeds is selected (never test); the cell's numbers are that
+configuration's runs, averaged over seeds with their spread. Failed and diverged runs are
+kept apart (:func:`split_runs`) and never averaged into scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+Record = dict[str, Any]
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (None for a single value) and count."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float | None]) -> Stat:
+        xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if not xs:
+            return cls(None, None, 0)
+        return cls(statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None, len(xs))
+
+
+# -- reading one record ----------------------------------------------------------------------
+def config(record: Record) -> dict[str, Any]:
+    return record["run"]["config"]
+
+
+def run_hash(record: Record) -> str:
+    return str(record["run"].get("hash", "?"))
+
+
+def model_name(record: Record) -> str:
+    return str((record.get("model") or {}).get("name") or config(record)["model"])
+
+
+def task_name(record: Record) -> str:
+    return str((record.get("task") or {}).get("name") or config(record)["task"])
+
+
+def task_type(record: Record) -> str:
+    return str((record.get("task") or {}).get("type") or "unknown")
+
+
+def method(record: Record) -> str:
+    return str(config(record)["method"])
+
+
+def seed(record: Record) -> int:
+    return int(config(record).get("seed") or 0)
+
+
+def train_size(record: Record) -> int | None:
+    """The configured train size, else the number of training examples actually used."""
+    size = config(record).get("train_size")
+    if size is None:
+        size = ((record.get("task") or {}).get("sizes") or {}).get("train")
+    return int(size) if size is not None else None
+
+
+def learning_rate(record: Record) -> float | None:
+    lr = record["run"].get("lr", config(record).get("lr"))
+    return float(lr) if lr is not None else None
+
+
+def method_args(record: Record) -> dict[str, Any]:
+    """The method arguments as configured (what to pass to ``--method-arg``)."""
+    return dict(config(record).get("method_args") or {})
+
+
+def resolved_args(record: Record) -> dict[str, Any]:
+    """The method arguments with the method's defaults filled in, when recorded."""
+    return dict(record["run"].get("method_args") or method_args(record))
+
+
+def metric(record: Record) -> str | None:
+    scores = record.get("scores") or {}
+    return scores.get("primary") or (record.get("task") or {}).get("primary_metric")
+
+
+def score(record: Record, split: str) -> float | None:
+    """The primary metric on ``split`` ("val" or "test"), at the best validation step."""
+    values = (record.get("scores") or {}).get(split) or {}
+    value = values.get(metric(record) or "")
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+def peak_memory_mb(record: Record) -> float | None:
+    """Peak GPU memory when the run used a GPU, else the process's peak resident memory."""
+    eff = record.get("efficiency") or {}
+    value = eff.get("peak_gpu_mb") or eff.get("peak_rss_mb")
+    return float(value) if value is not None else None
+
+
+def efficiency(record: Record, key: str) -> float | None:
+    value = (record.get("efficiency") or {}).get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def params(record: Record, key: str) -> float | None:
+    value = (record.get("params") or {}).get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def is_ok(record: Record) -> bool:
+    """A completed run with a primary score: the only kind that enters averages."""
+    return record.get("status") == "completed" and (score(record, "test") is not None
+                                                     or score(record, "val") is not None)
+
+
+def split_runs(records: Iterable[Record]) -> tuple[list[Record], list[Record]]:
+    """(usable runs, failed / diverged / score-less runs)."""
+    ok, bad = [], []
+    for record in records:
+        (ok if is_ok(record) else bad).append(record)
+    return ok, bad
+
+
+def final_score(record: Record) -> float | None:
+    """The run's reported score: test at the best validation checkpoint, else validation."""
+    value = score(record, "test")
+    return value if value is not None else score(record, "val")
+
+
+# -- cells -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellKey:
+    model: str
+    task: str
+    method: str
+    train_size: int
+
+
+@dataclass
+class Cell:
+    """One (model, task, method, train size) with its selected configuration's runs."""
+
+    key: CellKey
+    task_type: str
+    metric: str | None
+    runs: list[Record]  # the selected configuration's runs, one per seed
+    lr: float | None
+    method_args: dict[str, Any]
+    resolved_args: dict[str, Any] = field(default_factory=dict)
+    configs_tried: int = 1
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def score(self) -> Stat:
+        return self.stats["score"]
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(seed(r) for r in self.runs)
+
+
+def _config_key(record: Record) -> str:
+    return json.dumps({"lr": learning_rate(record), "args": config(record).get("method_args")},
+                      sort_keys=True, default=str)
+
+
+STAT_GETTERS: dict[str, Callable[[Record], float | None]] = {
+    "score": final_score,
+    "val": lambda r: score(r, "val"),
+    "trainable": lambda r: params(r, "trainable"),
+    "trainable_pct": lambda r: params(r, "trainable_pct"),
+    "total": lambda r: params(r, "total"),
+    "train_seconds": lambda r: efficiency(r, "train_seconds"),
+    "tokens_per_second": lambda r: efficiency(r, "tokens_per_second"),
+    "memory_mb": peak_memory_mb,
+    "adapter_bytes": lambda r: efficiency(r, "adapter_bytes"),
+}
+
+
+def _select(configs: dict[str, list[Record]]) -> tuple[str, list[Record]]:
+    """The configuration with the best mean validation score (then more seeds, then lr)."""
+    def rank(item: tuple[str, list[Record]]) -> tuple[float, int, float]:
+        val = Stat.of(score(r, "val") if score(r, "val") is not None else final_score(r)
+                      for r in item[1]).mean
+        lr = learning_rate(item[1][0]) or 0.0
+        return (val if val is not None else -math.inf, len(item[1]), -lr)
+    return max(configs.items(), key=rank)
+
+
+def build_cells(records: Iterable[Record]) -> list[Cell]:
+    """Usable runs grouped into cells, each with its selected configuration and stats.
+
+    Runs without a train size are skipped. Cells are sorted by model, task, size, method
+    (full fine-tuning first).
+    """
+    groups: dict[CellKey, dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        size = train_size(record)
+        if not is_ok(record) or size is None:
+            continue
+        key = CellKey(model_name(record), task_name(record), method(record), size)
+        groups[key][_config_key(record)].append(record)
+    cells = []
+    for key, configs in groups.items():
+        _, runs = _select(configs)
+        runs = sorted(runs, key=seed)
+        cell = Cell(key=key, task_type=task_type(runs[0]), metric=metric(runs[0]), runs=runs,
+                    lr=learning_rate(runs[0]), method_args=method_args(runs[0]),
+                    resolved_args=resolved_args(runs[0]), configs_tried=len(configs))
+        cell.stats = {name: Stat.of(get(r) for r in runs) for name, get in STAT_GETTERS.items()}
+        cells.append(cell)
+    return sorted(cells, key=lambda c: (c.key.model, c.key.task, c.key.train_size,
+                                        method_order(c.key.method)))
+
+
+def method_order(name: str) -> tuple[int, str]:
+    """Full fine-tuning first, then alphabetical."""
+    return (0 if name == FULL else 1, name)
+
+
+def index(cells: Iterable[Cell]) -> dict[CellKey, Cell]:
+    return {c.key: c for c in cells}
+
+
+def baseline(cells_by_key: dict[CellKey, Cell], key: CellKey) -> Cell | None:
+    """Full fine-tuning's cell for the same model, task and train size, if measured."""
+    return cells_by_key.get(CellKey(key.model, key.task, FULL, key.train_size))
+
+
+def score_target(reference: float, fraction: float = 0.95) -> float:
+    """``fraction`` of a reference score, defined for negative scores too:
+    ``reference - (1 - fraction) * |reference|`` (= ``fraction * reference`` when positive;
+    below the reference when it is negative, e.g. MCC)."""
+    return reference - (1.0 - fraction) * abs(reference)
+
+
+def within_target(value: float, reference: float, fraction: float = 0.95) -> bool:
+    """``value`` reaches ``fraction`` of ``reference`` (see :func:`score_target`)."""
+    return value >= score_target(reference, fraction) - 1e-9

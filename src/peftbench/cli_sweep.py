@@ -1,0 +1,180 @@
+"""``peftbench run`` (a suite, into the results store) and ``peftbench results`` (export)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from peftbench.errors import UsageError
+from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
+from peftbench.sweep.plan import PlannedRun
+
+console = Console(soft_wrap=True)
+# when piped, rich assumes 80 columns: let tables be as wide as their content instead
+table_console = console if console.is_terminal else Console(width=240)
+FORMATS = ("table", "csv", "json")
+
+
+def run(
+    suite: Annotated[str, typer.Argument(
+        help="a shipped suite (smoke, quickstart, paper) or the path to a suite YAML")
+    ] = "quickstart",
+    db: Annotated[Path, typer.Option(help="results database (SQLite), created if missing")
+                  ] = Path(DEFAULT_DB),
+    backend: Annotated[str, typer.Option(help="local | ray")] = "local",
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="runs at a time (default: the suite's execution.workers, else 1 for "
+                    "local, as resources allow for ray)")
+    ] = None,
+    cpus_per_run: Annotated[int | None, typer.Option(
+        min=1, help="CPU threads per run (default: the suite's execution.cpus_per_run, "
+                    "else CPUs / workers for local, 1 for ray)")
+    ] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="address of a running Ray cluster (default: start a local Ray)")] = None,
+    out_dir: Annotated[Path | None, typer.Option(
+        help="folder for the runs' adapters and result.json, one subfolder per run hash "
+             "(default: runs/<suite>)")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="run the suite on this model instead of its own")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="folder with the tasks' data files")
+                        ] = None,
+    dry_run: Annotated[bool, typer.Option(
+        help="check the suite, list its runs and what is stored; run nothing")] = False,
+    quiet: Annotated[bool, typer.Option(help="no live progress display")] = False,
+) -> None:
+    """Run a suite: every run not yet done, each in its own process; results into --db.
+
+    Completed and diverged runs are final and skipped next time; failed and interrupted
+    runs are redone. Exit status: 0 no run failed; 10 + N when N runs failed (at most 110);
+    2 bad suite or option.
+    """
+    from peftbench.sweep import check_names, execute_runs, expand, load_suite, plan_runs
+    from peftbench.sweep.driver import BACKENDS, exit_code, runs_to_do
+    from peftbench.sweep.progress import SweepProgress
+    from peftbench.sweep.worker import call_in_fork_server
+
+    if backend not in BACKENDS:
+        raise UsageError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}.")
+    if ray_address and backend != "ray":
+        raise UsageError("--ray-address needs --backend ray.")
+    if backend == "ray":
+        from peftbench.sweep.ray_backend import require_ray
+
+        require_ray()
+    loaded = load_suite(suite)
+    name = loaded.spec.name
+    workers = workers or loaded.spec.execution.workers
+    cpus_per_run = cpus_per_run or loaded.spec.execution.cpus_per_run
+    specs = expand(loaded, model=model,
+                   data_dir=str(data_dir.expanduser().resolve()) if data_dir else None)
+    runs = plan_runs(specs, out_dir or Path("runs") / name)
+    with ResultStore(db) as store:
+        todo = runs_to_do(store, runs)
+        if todo or dry_run:
+            # unknown task, method or method argument: exit 2 before anything runs. Checked
+            # in the runs' fork server, which imports torch & co. once for everything.
+            call_in_fork_server(check_names, loaded)
+        if dry_run:
+            _print_plan(store, runs)
+            return
+        store.add_to_suite(name, [run.run_hash for run in runs])
+        failed: list[tuple[PlannedRun, dict]] = []
+        progress = SweepProgress(console, f"suite {name}" + (f" on {model}" if model else ""),
+                                 todo, skipped=len(runs) - len(todo), enabled=not quiet)
+
+        def finished(run: PlannedRun, record: dict) -> None:
+            progress.finished(run, record)
+            if record["status"] == "failed":
+                failed.append((run, record))
+
+        try:
+            with progress:
+                counts = execute_runs(todo, store, name, backend=backend, workers=workers,
+                                      cpus_per_run=cpus_per_run, ray_address=ray_address,
+                                      on_event=progress.event, on_finished=finished)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: {sum(progress.counts.values())} runs stored this "
+                          "time; the runs in progress left no result. Run the suite again "
+                          "to finish it.")
+            sys.exit(130)
+    ran = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
+    console.print(f"[bold]{escape(name)}[/]: {len(runs)} runs, {len(runs) - len(todo)} already "
+                  f"done; this time: {ran}.", highlight=False)
+    for run, record in failed:
+        first = (record.get("error") or "?").splitlines()[0]
+        console.print(f"[red]failed[/] {escape(run.long_label)} ({run.run_hash}): "
+                      f"{escape(first)}",
+                      highlight=False)
+    console.print(f"results: peftbench results --db {escape(str(db))} --suite {escape(name)}",
+                  highlight=False)
+    code = exit_code(len(failed))
+    if code:
+        # SystemExit, not typer.Exit: in non-standalone mode (cli.main) click returns the
+        # code of a typer.Exit instead of exiting with it
+        sys.exit(code)
+
+
+def _print_plan(store: ResultStore, runs: list[PlannedRun]) -> None:
+    statuses = store.statuses(run.run_hash for run in runs)
+    table = Table("#", "run", "hash", "stored", title=f"{len(runs)} runs")
+    for index, run in enumerate(runs, 1):
+        status = statuses.get(run.run_hash, "-")
+        table.add_row(str(index), escape(run.long_label), run.run_hash, status)
+    table_console.print(table)
+
+
+def results(
+    db: Annotated[Path, typer.Option(help="results database (SQLite)")] = Path(DEFAULT_DB),
+    format: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
+    suite: Annotated[str | None, typer.Option(help="only the runs of this suite")] = None,
+) -> None:
+    """Export stored results: a table, CSV (one line per run) or JSON (full run records)."""
+    if format not in FORMATS:
+        raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}.")
+    with ResultStore(db, must_exist=True) as store:
+        if suite is not None and suite not in store.suites():
+            known = ", ".join(store.suites()) or "none yet"
+            raise UsageError(f"--suite {suite!r}: no such suite in {db} (suites: {known}).")
+        records = store.records(suite)
+    if format == "json":
+        write_json(records, sys.stdout)
+    elif format == "csv":
+        write_csv(records, sys.stdout)
+    else:
+        _print_table(records)
+
+
+def _fmt(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _print_table(records: list[dict]) -> None:
+    table = Table("model", "task", "method", "n", "seed", "lr", "status", "metric", "val",
+                  "test", "train %", "train s", title=f"{len(records)} runs",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for record in records:
+        row = flat_row(record)
+        colour = {"completed": "green", "diverged": "yellow"}.get(row["status"], "red")
+        table.add_row(escape(str(row["model"])), escape(str(row["task"])), row["method"],
+                      _fmt(row["train_size"] or "all"), _fmt(row["seed"]),
+                      "-" if row["lr"] is None else f"{row['lr']:g}",
+                      f"[{colour}]{row['status']}[/]", _fmt(row["primary_metric"]),
+                      _fmt(row["val_score"]), _fmt(row["test_score"]),
+                      _fmt(row["trainable_pct"], 3), _fmt(row["train_seconds"], 1))
+    table_console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` and ``results`` to the ``peftbench`` app."""
+    app.command("run")(run)
+    app.command("results")(results)

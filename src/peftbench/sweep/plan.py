@@ -1,0 +1,38 @@
+"""A run of a sweep: its spec and the folder its adapter and result.json go to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from peftbench.config import RunSpec
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    spec: RunSpec
+    out_dir: Path
+
+    @property
+    def run_hash(self) -> str:
+        return self.spec.run_hash()
+
+    @property
+    def label(self) -> str:
+        """``lora          tiny-random-llama/toy_cls n=64 s=0``"""
+        spec = self.spec
+        size = "all" if spec.train_size is None else str(spec.train_size)
+        model = Path(spec.model).name if "/" in spec.model else spec.model
+        return f"{spec.method:<13} {model}/{Path(spec.task).stem} n={size} s={spec.seed}"
+
+    @property
+    def long_label(self) -> str:
+        """:attr:`label` with the learning rate, when the suite sets one."""
+        lr = self.spec.lr
+        return self.label + (f" lr={lr:g}" if lr is not None else "")
+
+
+def plan_runs(specs: list[RunSpec], out_root: Path) -> list[PlannedRun]:
+    """Each run in ``out_root/<run_hash>/`` (an absolute path: Ray workers may run elsewhere)."""
+    root = Path(out_root).expanduser().resolve()
+    return [PlannedRun(spec, root / spec.run_hash()) for spec in specs]

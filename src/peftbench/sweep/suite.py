@@ -1,0 +1,320 @@
+"""Suites: YAML files describing a grid of runs, validated with the line of every mistake.
+
+A suite names the grid axes (models x tasks x train sizes x seeds x methods, plus an
+optional per-method learning-rate grid) and the other :class:`RunSpec` fields: ``defaults``,
+updated by ``task_overrides[task]``, then by ``method_overrides[method]`` (``method_args``
+merged key by key), then by ``lr_grid[method]``. Unknown keys and bad values are
+:class:`UsageError`s that say ``file:line: key: what is wrong``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from peftbench.config import RunSpec
+from peftbench.errors import UsageError, did_you_mean
+
+# RunSpec fields that are grid axes: set by the suite's lists, not in defaults/overrides.
+AXES = {"model": "models", "task": "tasks", "method": "methods", "train_size": "train_sizes",
+        "seed": "seeds"}
+SETTABLE = [name for name in RunSpec.model_fields if name not in AXES]
+
+KeyPath = tuple[str | int, ...]
+
+
+class Execution(BaseModel):
+    """How the suite runs by default (``peftbench run`` flags override)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    workers: int | None = Field(default=None, ge=1, description="runs at a time")
+    cpus_per_run: int | None = Field(default=None, ge=1, description="torch threads per run")
+
+
+class SuiteSpec(BaseModel):
+    """The content of a suite YAML file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="the suite's name: results are filed under it")
+    description: str = ""
+    models: list[str] = Field(min_length=1)
+    tasks: list[str] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)
+    train_sizes: list[Annotated[int, Field(ge=1)] | None] = Field(
+        default=[None], min_length=1, description="examples drawn from train; null = all")
+    seeds: list[int] = Field(default=[0], min_length=1)
+    defaults: dict[str, Any] = Field(default_factory=dict,
+                                     description="RunSpec fields for every run")
+    task_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="RunSpec fields per task (over defaults)")
+    method_overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="RunSpec fields per method (over task_overrides)")
+    lr_grid: dict[str, list[Annotated[float, Field(gt=0)]]] = Field(
+        default_factory=dict, description="per-method learning rates: one run for each")
+    execution: Execution = Field(default_factory=Execution)
+
+
+class Suite(BaseModel):
+    """A validated suite and where it came from (for messages)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    spec: SuiteSpec
+    source: str
+    text: str
+
+
+# -- locating mistakes in the YAML text --------------------------------------------------
+class _Locator:
+    """Maps a key path (``("defaults", "lr")``) to ``file:line`` using the YAML node tree."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+
+    def line(self, path: KeyPath, at_key: bool = False) -> int:
+        node = self.root
+        if node is None:
+            return 1
+        for part in path:
+            child = None
+            if isinstance(node, yaml.MappingNode):
+                for key, value in node.value:
+                    if key.value == str(part):
+                        child = key if at_key and part == path[-1] else value
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) \
+                    and part < len(node.value):
+                child = node.value[part]
+            if child is None:
+                break
+            node = child
+        return node.start_mark.line + 1
+
+    def where(self, path: KeyPath, at_key: bool = False) -> str:
+        return f"{self.source}:{self.line(path, at_key)}"
+
+    def duplicate_keys(self) -> list[str]:
+        """``file:line: key`` for keys given twice in one mapping (YAML keeps the last)."""
+        found, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, yaml.MappingNode):
+                seen: set[str] = set()
+                for key, value in node.value:
+                    if key.value in seen:
+                        found.append(f"{self.source}:{key.start_mark.line + 1}: key "
+                                     f"'{key.value}' given twice")
+                    seen.add(key.value)
+                    stack.append(value)
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend(node.value)
+        return found
+
+
+def _dotted(path: KeyPath) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _problem(locate: _Locator, path: KeyPath, message: str, at_key: bool = False) -> str:
+    return f"{locate.where(path, at_key)}: {_dotted(path)}: {message}"
+
+
+# -- validation ----------------------------------------------------------------------------
+def _schema_problems(exc: ValidationError, locate: _Locator) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        path = tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            key, parent = str(path[-1]), path[:-1]
+            choices = list(SuiteSpec.model_fields) if not parent else []
+            hint = did_you_mean(key, choices) if choices else ""
+            problems.append(_problem(locate, path, f"unknown key '{key}'.{hint}", at_key=True))
+        elif error["type"] == "missing":
+            problems.append(f"{locate.where(path[:-1])}: missing required key "
+                            f"'{_dotted(path)}'")
+        else:
+            problems.append(_problem(locate, path, f"{error['msg']} (got {error['input']!r})"))
+    return problems
+
+
+def _field_problems(values: dict[str, Any], path: KeyPath, locate: _Locator) -> list[str]:
+    """Check a ``defaults`` / ``*_overrides`` mapping: RunSpec fields, valid values."""
+    problems = []
+    for key in values:
+        if key in AXES:
+            problems.append(_problem(locate, (*path, key), f"'{key}' is a grid axis: list it "
+                                     f"under '{AXES[key]}' instead.", at_key=True))
+        elif key not in RunSpec.model_fields:
+            problems.append(_problem(locate, (*path, key), f"unknown key '{key}'."
+                                     f"{did_you_mean(key, SETTABLE)}", at_key=True))
+    valid = {k: v for k, v in values.items() if k in SETTABLE}
+    try:
+        RunSpec(model="m", task="t", method="x", **valid)
+    except ValidationError as exc:
+        for error in exc.errors():
+            problems.append(_problem(locate, (*path, *error["loc"]),
+                                     f"{error['msg']} (got {error['input']!r})"))
+    return problems
+
+
+def _settings_problems(data: dict[str, Any], locate: _Locator) -> list[str]:
+    """Field problems in ``defaults`` and the overrides (checked even when other parts of
+    the file are wrong, so one pass reports everything)."""
+    problems = []
+    if isinstance(data.get("defaults"), dict):
+        problems += _field_problems(data["defaults"], ("defaults",), locate)
+    for section in ("task_overrides", "method_overrides"):
+        if isinstance(data.get(section), dict):
+            for key, values in data[section].items():
+                if isinstance(values, dict):
+                    problems += _field_problems(values, (section, key), locate)
+    return problems
+
+
+def _grid_problems(spec: SuiteSpec, locate: _Locator) -> list[str]:
+    problems = []
+    for axis in ("models", "tasks", "methods", "train_sizes", "seeds"):
+        seen: set[Any] = set()
+        for index, value in enumerate(getattr(spec, axis)):
+            if value in seen:
+                problems.append(_problem(locate, (axis, index), f"duplicate entry {value!r}"))
+            seen.add(value)
+    for section, names, axis in (("task_overrides", spec.tasks, "tasks"),
+                                 ("method_overrides", spec.methods, "methods")):
+        for name in getattr(spec, section):
+            if name not in names:
+                problems.append(_problem(locate, (section, name), f"'{name}' is not one of "
+                                         f"this suite's {axis} ({', '.join(names)}).",
+                                         at_key=True))
+    for method, lrs in spec.lr_grid.items():
+        if method not in spec.methods:
+            problems.append(_problem(locate, ("lr_grid", method), f"'{method}' is not one of "
+                                     f"this suite's methods ({', '.join(spec.methods)}).",
+                                     at_key=True))
+        if not lrs:
+            problems.append(_problem(locate, ("lr_grid", method), "empty learning-rate list"))
+        if len(set(lrs)) != len(lrs):
+            problems.append(_problem(locate, ("lr_grid", method), "duplicate learning rates"))
+        if "lr" in spec.method_overrides.get(method, {}):
+            problems.append(_problem(locate, ("method_overrides", method, "lr"),
+                                     f"conflicts with lr_grid.{method}: give one or the other.",
+                                     at_key=True))
+    return problems
+
+
+def check_names(suite: Suite) -> None:
+    """Check task names, method names and method arguments against the registries.
+
+    Imports the methods (torch, peft): call it before a sweep, not for a quick parse.
+    """
+    from peftbench.methods import get_method
+    from peftbench.tasks import get_spec
+
+    where = _Locator(suite.text, suite.source).where
+    spec = suite.spec
+    problems = []
+    for index, task in enumerate(spec.tasks):
+        try:
+            get_spec(task)
+        except UsageError as exc:
+            problems.append(f"{where(('tasks', index))}: tasks[{index}]: {exc}")
+    for index, name in enumerate(spec.methods):
+        try:
+            method = get_method(name)
+        except UsageError as exc:
+            problems.append(f"{where(('methods', index))}: methods[{index}]: {exc}")
+            continue
+        for task in spec.tasks:
+            try:
+                method.resolve_args(run_fields(spec, task, name).get("method_args", {}))
+            except UsageError as exc:
+                path = next((p for p in (("method_overrides", name), ("task_overrides", task),
+                                         ("defaults",))
+                             if "method_args" in _section(spec, p)), ("defaults",))
+                path = (*path, "method_args")
+                problems.append(f"{where(path)}: {_dotted(path)}: {exc}")
+                break
+    if problems:
+        raise UsageError("suite " + suite.spec.name + ":\n" + "\n".join(problems))
+
+
+def _section(spec: SuiteSpec, path: KeyPath) -> dict[str, Any]:
+    if path == ("defaults",):
+        return spec.defaults
+    return getattr(spec, str(path[0])).get(path[1], {})
+
+
+def run_fields(spec: SuiteSpec, task: str, method: str) -> dict[str, Any]:
+    """The RunSpec fields of ``task`` x ``method``: defaults < task_overrides <
+    method_overrides, ``method_args`` merged key by key (the lr grid comes on top)."""
+    layers = [spec.defaults, spec.task_overrides.get(task, {}),
+              spec.method_overrides.get(method, {})]
+    fields: dict[str, Any] = {}
+    args: dict[str, Any] = {}
+    for layer in layers:
+        fields.update(layer)
+        args.update(layer.get("method_args", {}))
+    if args:
+        fields["method_args"] = args
+    return fields
+
+
+# -- loading ---------------------------------------------------------------------------------
+def shipped_suites() -> list[str]:
+    """Names of the suites that come with peftbench."""
+    folder = resources.files("peftbench").joinpath("suites")
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def parse_suite(text: str, source: str, default_name: str = "suite") -> Suite:
+    """Validate suite YAML ``text``; ``source`` names it in messages (``file``)."""
+    try:
+        locate = _Locator(text, source)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UsageError(f"{source}{line}: not valid YAML: "
+                         f"{getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}:1: a suite is a YAML mapping with keys "
+                         f"{', '.join(SuiteSpec.model_fields)}.")
+    problems = locate.duplicate_keys()
+    data.setdefault("name", default_name)
+    problems += _settings_problems(data, locate)
+    try:
+        spec = SuiteSpec.model_validate(data)
+    except ValidationError as exc:
+        problems += _schema_problems(exc, locate)
+    else:
+        problems += _grid_problems(spec, locate)
+    if problems:
+        problems.sort(key=lambda text: int(text[len(source) + 1:].split(":", 1)[0] or 0))
+        raise UsageError("invalid suite:\n" + "\n".join(problems))
+    return Suite(spec=spec, source=source, text=text)
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    """A shipped suite by name (``smoke``, ``quickstart``, ``paper``) or a YAML file."""
+    text_name = str(name_or_path)
+    path = Path(text_name).expanduser()
+    if path.is_file() or text_name.endswith((".yaml", ".yml")) or "/" in text_name:
+        if not path.is_file():
+            raise UsageError(f"suite file not found: {path}")
+        return parse_suite(path.read_text(), str(path), default_name=path.stem)
+    names = shipped_suites()
+    if text_name not in names:
+        raise UsageError(f"unknown suite '{text_name}'.{did_you_mean(text_name, names)} "
+                         "Or give the path to a suite YAML.")
+    shipped = resources.files("peftbench").joinpath("suites", f"{text_name}.yaml")
+    return parse_suite(shipped.read_text(), str(shipped), default_name=text_name)

@@ -1,0 +1,132 @@
+"""`peftbench recommend / analyze / reference`: results from a database, a JSON file or the
+shipped reference; clear errors (exit 2) for missing or empty results."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from analysis_fakes import fake_suite, make_record
+from peftbench import reference
+from peftbench.store import ResultStore
+
+
+def cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    from peftbench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftbench", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, " ".join(captured.err.split())  # rich wraps long errors
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("db") / "results.sqlite"
+    records = fake_suite(tasks=("rotten_tomatoes", "cola", "news_headlines"),
+                         sizes=(100, 1000), seeds=(0, 1))
+    records.append(make_record(method="lora", seed=9, status="diverged",
+                               error="training loss became nan at step 3"))
+    with ResultStore(path) as store:
+        for record in records:
+            store.save(record, suite="fake")
+    return path
+
+
+def test_recommend_from_a_database(capsys, monkeypatch, db):
+    code, out, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                         "--train-size", "300", "--db", str(db))
+    assert code == 0, err
+    assert "recommended" in out and "confidence" in out and "evidence" in out
+    assert f"Results database {db}" in out
+
+
+def test_recommend_json_has_configuration_evidence_and_confidence(capsys, monkeypatch, db):
+    code, out, err = cli(capsys, monkeypatch, "recommend", "--task-type", "generation",
+                         "--train-size", "1000", "--db", str(db), "--prefer", "accuracy",
+                         "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["scale"] == "medium" and data["prefer"] == "accuracy"
+    assert data["recommended"]["method"] in {"full", "lora", "ia3", "prompt_tuning", "bitfit"}
+    assert data["recommended"]["lr"] > 0
+    assert data["confidence"]["level"] == "medium"  # one generation task measured
+    assert [e["task"] for e in data["evidence"]] == ["news_headlines"]
+    assert data["source"]["kind"] == "database"
+
+
+def test_caps_that_exclude_everything_are_a_usage_error(capsys, monkeypatch, db):
+    code, _, err = cli(capsys, monkeypatch, "recommend", "--task-type", "generation",
+                       "--train-size", "100", "--db", str(db), "--max-trainable-params", "5")
+    assert code == 2 and "no measured method fits the caps" in err
+
+
+def test_reference_build_and_recommend_from_the_shipped_reference(capsys, monkeypatch, db,
+                                                                  tmp_path):
+    out_file = tmp_path / "fake.json"
+    code, out, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(db), "--suite",
+                         "fake", "--out", str(out_file))
+    assert code == 0, err
+    data = json.loads(out_file.read_text())
+    assert data["format"] == "peftbench-reference" and data["suite"] == "fake"
+    assert data["model"] == "smollm2-135m" and data["date"] == "2026-05-01"
+    assert len(data["runs"]) == 61 and data["git_sha"] == "9a602a3"
+    monkeypatch.setattr(reference, "shipped", lambda: [out_file])
+    code, out, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                         "--train-size", "100")
+    assert code == 0, err
+    assert "Reference results shipped with peftbench: suite fake, model smollm2-135m, " \
+           "2026-05-01" in out
+    # the same file works as --db
+    code, out, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                         "--train-size", "100", "--db", str(out_file), "--json")
+    assert code == 0, err
+    assert json.loads(out)["source"]["suite"] == "fake"
+
+
+def test_missing_reference_is_a_clear_usage_error(capsys, monkeypatch):
+    monkeypatch.setattr(reference, "shipped", lambda: [])
+    code, out, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                         "--train-size", "100")
+    assert code == 2
+    assert "no reference results are shipped" in err and "reference build" in err
+    assert "Traceback" not in out + err
+
+
+def test_empty_missing_or_malformed_results_are_usage_errors(capsys, monkeypatch, tmp_path):
+    empty = tmp_path / "empty.sqlite"
+    ResultStore(empty).close()
+    code, _, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                       "--train-size", "100", "--db", str(empty))
+    assert code == 2 and "no runs" in err
+    code, _, err = cli(capsys, monkeypatch, "report", "--db", str(tmp_path / "nope.sqlite"),
+                       "--out", str(tmp_path / "r.html"))
+    assert code == 2 and "no such results database" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "records"}')
+    code, _, err = cli(capsys, monkeypatch, "analyze", "--db", str(bad))
+    assert code == 2 and "not a peftbench reference file" in err
+    code, _, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                       "--train-size", "100", "--db", str(bad.with_name("x.sqlite")),
+                       "--reference", "quickstart")
+    assert code == 2 and "give one of them" in err
+
+
+def test_analyze_prints_the_tables_and_json(capsys, monkeypatch, db):
+    code, out, err = cli(capsys, monkeypatch, "analyze", "--db", str(db))
+    assert code == 0, err
+    for title in ("Convergence", "Claim", "Data requirement per task type", "Decision table",
+                  "Failed and diverged runs"):
+        assert title in out
+    code, out, err = cli(capsys, monkeypatch, "analyze", "--db", str(db), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["tables"]["failed"]["rows"][0][5] == "diverged"
+    verdicts = {row[3] for row in data["tables"]["claim"]["rows"]}
+    assert verdicts <= {"supported", "not supported", "mixed", "insufficient data"}

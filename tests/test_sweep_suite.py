@@ -1,0 +1,188 @@
+"""Suites: schema validation with file:line messages, and deterministic grid expansion."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from peftbench.errors import UsageError
+from peftbench.sweep import check_names, expand, load_suite, shipped_suites
+
+SUITE = """\
+name: grid
+models: [tiny-random-llama, tiny-random-t5]
+tasks: [toy_cls]
+methods: [lora, prompt_tuning, bitfit]
+train_sizes: [64, 128]
+seeds: [0, 1]
+defaults: {max_steps: 5, batch_size: 8, method_args: {}}
+method_overrides:
+  prompt_tuning: {lr: 0.1, method_args: {num_virtual_tokens: 10}}
+lr_grid: {lora: [1.0e-3, 3e-3]}
+"""
+
+
+def write(tmp_path, text: str, name: str = "suite.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(tmp_path, text: str) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(UsageError) as info:
+        load_suite(path)
+    return str(info.value)
+
+
+def test_grid_is_ordered_merged_and_complete(tmp_path):
+    specs = expand(load_suite(write(tmp_path, SUITE)))
+    # 2 models x 1 task x 2 sizes x 2 seeds x (2 lora lrs + prompt_tuning + bitfit)
+    assert len(specs) == 2 * 2 * 2 * 4
+    assert len({s.run_hash() for s in specs}) == len(specs)
+    first = [(s.model, s.train_size, s.seed, s.method, s.lr) for s in specs[:5]]
+    assert first == [("tiny-random-llama", 64, 0, "lora", 1e-3),
+                     ("tiny-random-llama", 64, 0, "lora", 3e-3),
+                     ("tiny-random-llama", 64, 0, "prompt_tuning", 0.1),
+                     ("tiny-random-llama", 64, 0, "bitfit", None),
+                     ("tiny-random-llama", 64, 1, "lora", 1e-3)]
+    tuning = specs[2]
+    assert tuning.method_args == {"num_virtual_tokens": 10}
+    assert all(s.max_steps == 5 and s.batch_size == 8 for s in specs)
+    assert [s.run_hash() for s in specs] == [s.run_hash() for s in
+                                             expand(load_suite(tmp_path / "suite.yaml"))]
+
+
+def test_overrides_merge_defaults_then_task_then_method_then_lr_grid(tmp_path):
+    suite = load_suite(write(tmp_path, """\
+        models: [m]
+        tasks: [toy_cls, toy_gen]
+        methods: [lora, bitfit]
+        defaults: {max_steps: 5, lr: 0.5, num_evals: 2, method_args: {r: 2}}
+        task_overrides:
+          toy_gen: {max_steps: 7, lr: 0.25, method_args: {alpha: 4, r: 3}}
+        method_overrides:
+          lora: {num_evals: 3, method_args: {r: 4}}
+        lr_grid: {bitfit: [0.125]}
+        """))
+    runs = {(s.task, s.method): s for s in expand(suite)}
+    assert runs["toy_cls", "lora"].max_steps == 5 and runs["toy_gen", "lora"].max_steps == 7
+    assert runs["toy_cls", "lora"].lr == 0.5 and runs["toy_gen", "lora"].lr == 0.25
+    assert runs["toy_gen", "bitfit"].lr == 0.125 and runs["toy_gen", "bitfit"].num_evals == 2
+    assert runs["toy_gen", "lora"].num_evals == 3
+    assert runs["toy_gen", "lora"].method_args == {"r": 4, "alpha": 4}
+    assert runs["toy_cls", "bitfit"].method_args == {"r": 2}
+
+
+def test_model_and_data_dir_overrides(tmp_path):
+    suite = load_suite(write(tmp_path, SUITE))
+    plain = expand(suite)
+    other = expand(suite, model="smollm2-135m", data_dir=str(tmp_path))
+    assert {s.model for s in other} == {"smollm2-135m"} and len(other) == len(plain) // 2
+    assert all(s.data_dir == str(tmp_path) for s in other)
+    # the data folder is where data is, not what is computed: same identity
+    moved = expand(suite, data_dir=str(tmp_path))
+    assert [s.run_hash() for s in moved] == [s.run_hash() for s in plain]
+
+
+def test_unknown_keys_are_named_with_file_and_line(tmp_path):
+    message = error_of(tmp_path, SUITE.replace("seeds: [0, 1]", "seeds: [0, 1]\nseed_list: [3]")
+                       .replace("max_steps: 5", "max_stepz: 5"))
+    path = tmp_path / "suite.yaml"
+    assert f"{path}:7: seed_list: unknown key 'seed_list'" in message
+    assert f"{path}:8: defaults.max_stepz: unknown key 'max_stepz'" in message
+    assert "Did you mean 'max_steps'?" in message
+
+
+def test_unknown_key_in_overrides_and_axis_keys(tmp_path):
+    message = error_of(tmp_path, """\
+        models: [m]
+        tasks: [t]
+        methods: [lora]
+        method_overrides:
+          lora:
+            learning_rate: 0.1
+        defaults:
+          seed: 3
+        """)
+    assert ":6: method_overrides.lora.learning_rate: unknown key 'learning_rate'" in message
+    assert ":8: defaults.seed: 'seed' is a grid axis: list it under 'seeds'" in message
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (("train_sizes: [64, 128]", "train_sizes: [64, 0]"), ":5: train_sizes[1]: Input should be "
+                                                         "greater than or equal to 1 (got 0)"),
+    (("lora: [1.0e-3, 3e-3]", "lora: [1.0e-3, -3]"), ":10: lr_grid.lora[1]: Input should be "
+                                                     "greater than 0"),
+    (("batch_size: 8", "batch_size: many"), ":7: defaults.batch_size: Input should be a valid "
+                                            "integer"),
+    (("seeds: [0, 1]", "seeds: [0, 0]"), ":6: seeds[1]: duplicate entry 0"),
+    (("{lr: 0.1,", "{precision: fp8,"), ":9: method_overrides.prompt_tuning.precision: Input "
+                                        "should be 'bf16' or 'fp32'"),
+    (("prompt_tuning: {", "ia3: {"), ":9: method_overrides.ia3: 'ia3' is not one of this "
+                                     "suite's methods"),
+    (("method_overrides:", "task_overrides: {toy_gen: {}}\nmethod_overrides:"),
+     ":8: task_overrides.toy_gen: 'toy_gen' is not one of this suite's tasks"),
+    (("method_overrides:", "task_overrides: {toy_cls: {max_steps: 0}}\nmethod_overrides:"),
+     ":8: task_overrides.toy_cls.max_steps: Input should be greater than or equal to 1"),
+    (("lr_grid: {lora", "lr_grid: {full: [0.1], lora"), ":10: lr_grid.full: 'full' is"
+                                                          " not one of"),
+    (("tasks: [toy_cls]", "tasks: []"), ":3: tasks: List should have at least 1 item"),
+    (("name: grid", "name: a/b"), ":1: name: String should match pattern"),
+])
+def test_bad_values_are_named_with_file_and_line(tmp_path, change, expected):
+    message = error_of(tmp_path, SUITE.replace(*change))
+    assert str(tmp_path / "suite.yaml") + expected in message, message
+
+
+def test_lr_both_in_grid_and_override_is_an_error(tmp_path):
+    message = error_of(tmp_path, SUITE.replace("prompt_tuning: {lr: 0.1", "lora: {lr: 0.1"))
+    assert ":9: method_overrides.lora.lr: conflicts with lr_grid.lora" in message
+
+
+def test_missing_key_duplicate_key_and_bad_yaml(tmp_path):
+    assert "missing required key 'methods'" in error_of(
+        tmp_path, "models: [m]\ntasks: [t]\n")
+    assert ":3: key 'models' given twice" in error_of(
+        tmp_path, "models: [m]\ntasks: [t]\nmodels: [n]\nmethods: [lora]\n")
+    assert "suite.yaml:2: not valid YAML" in error_of(tmp_path, "models: [m\ntasks: [t]\n")
+    assert "a suite is a YAML mapping" in error_of(tmp_path, "- just a list\n")
+
+
+def test_unknown_suite_names_and_files(tmp_path):
+    with pytest.raises(UsageError, match="Did you mean 'smoke'"):
+        load_suite("smoek")
+    with pytest.raises(UsageError, match="suite file not found"):
+        load_suite(tmp_path / "nope.yaml")
+
+
+def test_check_names_catches_unknown_method_task_and_argument(tmp_path):
+    text = SUITE.replace("bitfit]", "bitfitt]").replace("[toy_cls]", "[toy_cls, toy_clss]")
+    text = text.replace("num_virtual_tokens: 10", "num_virtual_tokenz: 10")
+    with pytest.raises(UsageError) as info:
+        check_names(load_suite(write(tmp_path, text)))
+    message = str(info.value)
+    assert ":3: tasks[1]: unknown task 'toy_clss'" in message
+    assert ":4: methods[2]: unknown method 'bitfitt'" in message
+    assert ":9: method_overrides.prompt_tuning.method_args:" in message
+    assert "num_virtual_tokenz" in message
+
+
+@pytest.mark.parametrize("name", ["smoke", "quickstart", "paper"])
+def test_shipped_suites_are_valid(name):
+    assert name in shipped_suites()
+    suite = load_suite(name)
+    check_names(suite)
+    specs = expand(suite)
+    spec = suite.spec
+    assert len(specs) == (len(spec.models) * len(spec.tasks) * len(spec.train_sizes)
+                          * len(spec.seeds) * len(spec.methods))
+    assert set(spec.methods) == {"full", "lora", "ia3", "prompt_tuning", "bitfit"}
+
+
+def test_paper_suite_is_the_reference_grid():
+    spec = load_suite("paper").spec
+    assert spec.models == ["google/flan-t5-base"]
+    assert spec.tasks == ["ag_news", "cola", "e2e_nlg", "samsum"]
+    assert spec.train_sizes == [100, 1000, 10000] and len(spec.seeds) == 3
