@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.peftbench-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install run test test-fast lint smoke clean
+.PHONY: install browser run test test-fast lint smoke clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# the report's browser test needs Chromium; installed when apt-get can (else that test skips)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium) \
+	  >/dev/null 2>&1 || echo "note: chromium not installed; the report browser test will skip"; }
+
 run: install
 	$(VENV)/bin/peftbench run quickstart
 
-test: install
+test: install browser
 	$(PY) -m pytest -q
 
 test-fast: install
