@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftbench.training.encoding import IGNORE, left_pad
+from peftbench.training.objective import last_position
 
 
 def is_prompt_learning(model: nn.Module) -> bool:
@@ -56,7 +57,8 @@ def decoder_scores(model: nn.Module, prompts: Sequence[list[int]],
     prompt_mask = batch["attention_mask"]
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=batch["input_ids"], attention_mask=prompt_mask,
-                position_ids=positions, use_cache=True, logits_to_keep=1)
+                position_ids=positions, use_cache=True,
+                logits_to_keep=last_position(prompt_mask))
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts label token 0
     labels, label_mask = (t.to(device) for t in _label_matrix(label_ids, pad_id))
     scores = first[:, labels[:, 0]]  # (B, K)

@@ -33,7 +33,7 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], encoder_decoder:
         mask = targets_all != IGNORE
         if gather:
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=True, logits_to_keep=1)
+                        output_hidden_states=True, logits_to_keep=last_position(labels))
             hidden = out.hidden_states[-1][:, -labels.shape[1]:]  # drop soft-prompt positions
             selected = model.get_output_embeddings()(hidden[:, :-1][mask])
         else:
@@ -44,6 +44,13 @@ def token_nll(model: nn.Module, batch: dict[str, torch.Tensor], encoder_decoder:
     rows = mask.nonzero()[:, 0]
     nll = F.cross_entropy(selected.float(), targets, reduction="none")
     return nll, rows
+
+
+def last_position(like: torch.Tensor) -> torch.Tensor:
+    """``logits_to_keep`` for the last position only, as an index tensor: an int slice hands
+    the LM head a non-contiguous input, and torch then copies the whole output embedding
+    once per row (about 1 GB per SmolLM2 batch)."""
+    return torch.tensor([-1], device=like.device)
 
 
 def mean_loss(model: nn.Module, batch: dict[str, torch.Tensor], encoder_decoder: bool,
