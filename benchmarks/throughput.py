@@ -1,0 +1,471 @@
+"""Training throughput: Hugging Face Trainer (default, tuned) against peftbench's own loop.
+
+    python benchmarks/throughput.py --model smollm2-135m [--out throughput.json]
+    python benchmarks/throughput.py --model tiny-random-llama --steps 3      # quick check
+    python benchmarks/throughput.py --profile lora                          # where time goes
+
+For every method it trains the same examples, batches and steps three ways, each in its own
+process (so peak RSS is per configuration), and reports tokens/s, the ratios between the
+variants, model FLOPs utilisation against this machine's measured bf16 matmul peak, peak
+RSS, and a step-by-step comparison of the first losses of peftbench against the default
+Trainer (the speed must not come from computing something else). See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput_metrics import (
+    FLOPS_FORMULA,
+    loss_check,
+    matmul_peak_gflops,
+    ratio,
+    rep_stats,
+)
+from throughput_worker import REFERENCE, VARIANTS, WorkerConfig, run_worker
+
+METHODS = ("full", "lora", "ia3", "prompt_tuning", "bitfit")
+LABELS = {"trainer_default": "(a) Trainer default", "trainer_tuned": "(b) Trainer tuned",
+          "peftbench": "(c) peftbench", REFERENCE: "(a') Trainer default + bf16, loss reference"}
+SHORT = {"trainer_default": "(a) default", "trainer_tuned": "(b) tuned",
+         "peftbench": "(c) peftbench"}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Training throughput of peftbench against the Hugging Face Trainer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="peftbench model name")
+    p.add_argument("--task", default="rotten_tomatoes",
+                   help="peftbench task (e.g. rotten_tomatoes; cola with --data-dir)")
+    p.add_argument("--data-dir", default=None, help="task data folder (e.g. ../shared/data/cola)")
+    p.add_argument("--train-size", type=int, default=512,
+                   help="training examples drawn (rounded down to a multiple of the batch)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed repetition")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the repetitions")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="max prompt tokens (peftbench max_source_length; default RunSpec's)")
+    p.add_argument("--max-target-length", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all usable cores)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
+                   help="peftbench variant's precision (default: RunSpec's, bf16)")
+    p.add_argument("--loss-steps", type=int, default=20, help="losses compared, from step 1")
+    p.add_argument("--loss-rtol", type=float, default=0.03)
+    p.add_argument("--loss-atol", type=float, default=0.01)
+    p.add_argument("--bf16-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run (a') = (a) + bf16=True for the first --loss-steps steps, "
+                        "to tell bf16's own effect on the losses from peftbench's")
+    p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the peak matmuls")
+    p.add_argument("--peak-reps", type=int, default=5)
+    p.add_argument("--out", default=None, help="write the results as JSON to this file")
+    p.add_argument("--log-dir", default=None, help="keep each worker's output here")
+    p.add_argument("--profile", metavar="METHOD", default=None,
+                   help="only profile a few steps of METHOD and print the top ops")
+    p.add_argument("--profile-variant", choices=VARIANTS, default="peftbench")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--profile-rows", type=int, default=30)
+    p.add_argument("--profile-trace", default=None, help="also write a Chrome trace here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def worker_config(args: argparse.Namespace, method: str, variant: str) -> WorkerConfig:
+    return WorkerConfig(
+        model=args.model, task=args.task, method=method, variant=variant,
+        data_dir=str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None,
+        train_size=args.train_size, batch_size=args.batch_size,
+        warmup=args.warmup, reps=args.reps, steps=args.steps, seed=args.seed,
+        threads=args.threads or usable_cores(), precision=args.precision,
+        max_source_length=args.seq_len, max_target_length=args.max_target_length,
+        loss_steps=args.loss_steps)
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import psutil
+    import torch
+
+    cpu, flags = platform.processor(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", "x86_64"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line
+    except OSError:
+        pass
+    versions = {}
+    for name in ("torch", "transformers", "peft", "accelerate", "peftbench"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version(name)
+        except Exception:  # not installed as a distribution
+            versions[name] = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        sha, dirty = None, None
+    return {
+        "cpu": cpu,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "logical_cpus": os.cpu_count(),
+        "usable_cores": usable_cores(),
+        "torch_threads": threads,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "git_sha": sha,
+        "src_dirty": dirty,
+        "mkldnn_bf16_supported": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported",
+                                              lambda: None)()),
+    }
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def spawn(cfg: WorkerConfig, log_dir: Path) -> dict[str, Any]:
+    """Run one configuration in a fresh Python process; its JSON result, or an error."""
+    stem = f"{cfg.method}-{cfg.variant}"
+    config_path, out_path = log_dir / f"{stem}.config.json", log_dir / f"{stem}.result.json"
+    log_path = log_dir / f"{stem}.log"
+    config_path.write_text(json.dumps(asdict(cfg)))
+    out_path.unlink(missing_ok=True)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="warning")
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(config_path),
+               "--worker-out", str(out_path)]
+    tick = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                              check=False)
+    wall = time.perf_counter() - tick
+    if proc.returncode != 0 or not out_path.exists():
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        return {"error": f"worker exited with {proc.returncode}", "log_tail": tail,
+                "process_seconds": wall}
+    result = json.loads(out_path.read_text())
+    result["process_seconds"] = wall
+    return result
+
+
+def worker_main(config_path: str, out_path: str) -> None:
+    cfg = WorkerConfig(**json.loads(Path(config_path).read_text()))
+    result = run_worker(cfg)
+    Path(out_path).write_text(json.dumps(result, indent=1))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarise(method: str, runs: dict[str, dict[str, Any]], peak_bf16: float,
+              args: argparse.Namespace) -> dict[str, Any]:
+    full = method == "full"
+    reference = runs.pop(REFERENCE, None)
+    stats = {v: rep_stats(r, full, peak_bf16) for v, r in runs.items() if "error" not in r}
+    tps = {v: stats[v]["tokens_per_s"] if v in stats else None for v in runs}
+    out: dict[str, Any] = {
+        "tokens_per_s": tps,
+        "ratio_vs_default": {v: ratio(t, tps.get("trainer_default")) for v, t in tps.items()},
+        "ratio_vs_tuned": {v: ratio(t, tps.get("trainer_tuned")) for v, t in tps.items()},
+        "mfu": {v: stats[v]["mfu"] if v in stats else None for v in runs},
+        "mfu_strict": {v: stats[v]["mfu_strict"] if v in stats else None for v in runs},
+        "achieved_gflops": {v: stats[v]["achieved_gflops"] if v in stats else None
+                            for v in runs},
+        "rep_spread": {v: stats[v]["spread"] if v in stats else None for v in runs},
+        "peak_rss_mb": {v: r.get("peak_rss_mb") for v, r in runs.items()},
+        "train_peak_rss_mb": {v: r.get("train_peak_rss_mb") for v, r in runs.items()},
+        "params": next((r["params"] for r in runs.values() if "params" in r), None),
+        "lr": next((r["lr"] for r in runs.values() if "lr" in r), None),
+        "flops_formula": "6*N_total*P" if full else "(4*N_total + 2*N_trainable)*P",
+        "errors": {v: r for v, r in runs.items() if "error" in r},
+    }
+    a, c = runs.get("trainer_default", {}), runs.get("peftbench", {})
+    if "losses" in a and "losses" in c:
+        ref_losses = reference.get("losses") if reference else None
+        out["loss_check"] = loss_check(a["losses"], c["losses"], args.loss_steps,
+                                       args.loss_rtol, args.loss_atol, ref_losses)
+        out["loss_check"]["precision_trainer"] = a.get("precision")
+        out["loss_check"]["precision_peftbench"] = c.get("precision")
+    else:
+        out["loss_check"] = None
+    out["runs"] = {v: {**r, "rep_stats": stats.get(v)} for v, r in runs.items()}
+    if reference is not None:
+        out["runs"][REFERENCE] = reference
+        if "error" in reference:
+            out["errors"][REFERENCE] = reference
+    return out
+
+
+def targets(methods: dict[str, Any]) -> dict[str, Any]:
+    """The lead's targets, evaluated on this run (informative: this run may be noisy)."""
+    lora, full = methods.get("lora"), methods.get("full")
+    out: dict[str, Any] = {}
+    if lora:
+        vs_default = lora["ratio_vs_default"].get("peftbench")
+        vs_tuned = lora["ratio_vs_tuned"].get("peftbench")
+        mfu = lora["mfu"].get("peftbench")
+        out["lora_vs_default_ge_3x"] = {"value": vs_default,
+                                        "met": vs_default is not None and vs_default >= 3}
+        out["lora_vs_tuned_ge_1.5x"] = {"value": vs_tuned,
+                                        "met": vs_tuned is not None and vs_tuned >= 1.5}
+        out["lora_mfu_ge_60pct"] = {"value": mfu, "met": mfu is not None and mfu >= 0.6}
+    if lora and full:
+        a, b = lora["peak_rss_mb"].get("peftbench"), full["peak_rss_mb"].get("peftbench")
+        value = ratio(a, b)
+        out["lora_rss_le_0.6x_full"] = {"value": value, "met": value is not None and value <= 0.6}
+    return out
+
+
+def pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    peaks, settings = report["peaks"], report["settings"]
+    console.print(f"[bold]peak[/]: fp32 {peaks['fp32']['gflops_best']:.0f} GFLOP/s, bf16 "
+                  f"{peaks['bf16']['gflops_best']:.0f} GFLOP/s ({peaks['bf16']['n']}x"
+                  f"{peaks['bf16']['n']} matmul, {peaks['bf16']['threads']} threads, best of "
+                  f"{peaks['bf16']['reps']}, higher of before/after the runs: bf16 "
+                  f"{peaks['bf16'].get('gflops_best_before', 0):.0f} / "
+                  f"{peaks['bf16'].get('gflops_best_after', 0):.0f})")
+    console.print(f"[bold]setup[/]: {settings['model']} on {settings['task']}, batch "
+                  f"{settings['batch_size']}, {settings['warmup']} warm-up + "
+                  f"{settings['reps']} x {settings['steps']} timed steps, load average "
+                  f"{report['load_average']['before'][0]:.2f} -> "
+                  f"{report['load_average']['after'][0]:.2f} on "
+                  f"{report['machine']['usable_cores']} cores")
+
+    table = Table(title="Training throughput (median of repetitions)")
+    for column in ("method", "variant", "tokens/s", "x (a)", "x (b)", "MFU", "MFU strict",
+                   "peak RSS MB", "train RSS MB", "rep spread"):
+        table.add_column(column, justify="left" if column in ("method", "variant") else "right")
+    for method, m in report["methods"].items():
+        for variant in m["tokens_per_s"]:
+            if variant in m["errors"]:
+                table.add_row(method, SHORT[variant], "[red]failed[/]", *["-"] * 7)
+                continue
+            table.add_row(
+                method, SHORT[variant],
+                fmt(m["tokens_per_s"][variant], ".0f"),
+                fmt(m["ratio_vs_default"][variant], ".2f", "x"),
+                fmt(m["ratio_vs_tuned"][variant], ".2f", "x"),
+                fmt(None if m["mfu"][variant] is None else 100 * m["mfu"][variant], ".1f", "%"),
+                fmt(None if m["mfu_strict"][variant] is None
+                    else 100 * m["mfu_strict"][variant], ".1f", "%"),
+                fmt(m["peak_rss_mb"][variant], ".0f"),
+                fmt(m["train_peak_rss_mb"][variant], ".0f"),
+                fmt(m["rep_spread"][variant], ".2f"),
+            )
+        table.add_section()
+    console.print(table)
+
+    checks = {k: m["loss_check"] for k, m in report["methods"].items() if m["loss_check"]}
+    if checks:
+        summary = Table(title="Loss check: (c) peftbench against (a) Trainer default")
+        for column in ("method", "steps", "max |diff|", "mean |diff|", "max rel", "step-1 rel",
+                       "(a') max rel", "(a') step-1 rel", "fixed tol.", "passed"):
+            summary.add_column(column, justify="left" if column == "method" else "right")
+        for method, check in checks.items():
+            summary.add_row(method, str(check["steps_compared"]),
+                            fmt(check["max_abs_diff"], ".2e"), fmt(check["mean_abs_diff"], ".2e"),
+                            fmt(100 * check["max_rel_diff"], ".3g", "%"),
+                            fmt(100 * check["first_step_rel_diff"], ".3g", "%"),
+                            fmt(pct(check.get("reference_max_rel_diff")), ".3g", "%"),
+                            fmt(pct(check.get("reference_first_step_rel_diff")), ".3g", "%"),
+                            "yes" if check["passed_fixed_tolerance"] else "no",
+                            "[green]yes[/]" if check["passed"] else "[red]NO[/]")
+        console.print(summary)
+        first = next(iter(checks.values()))
+        console.print(f"rule: {first['rule']}; precision (a): {first['precision_trainer']}, "
+                      f"(c): {first['precision_peftbench']}")
+        losses = Table(title="First losses: (a) Trainer default fp32, (a') (a) + bf16, "
+                       "(c) peftbench")
+        losses.add_column("step", justify="right")
+        for method in checks:
+            for tag in ("a", "a'", "c"):
+                losses.add_column(f"{method} {tag}", justify="right")
+        longest = max(check["steps_compared"] for check in checks.values())
+        for step in range(longest):
+            row = [str(step + 1)]
+            for check in checks.values():
+                for key in ("losses_trainer", "losses_reference_bf16", "losses_peftbench"):
+                    values = check.get(key) or []
+                    row.append(fmt(values[step] if step < len(values) else None, ".4f"))
+            losses.add_row(*row)
+        console.print(losses)
+
+    for method, m in report["methods"].items():
+        for variant, error in m["errors"].items():
+            console.print(f"[red]{method} / {variant} failed[/]: {error['error']}")
+            console.print("\n".join(error.get("log_tail", [])))
+    if report["targets"]:
+        parts = [f"{name}: {fmt(t['value'], '.2f')} ({'met' if t['met'] else 'not met'})"
+                 for name, t in report["targets"].items()]
+        console.print("[bold]targets[/] " + "; ".join(parts))
+    console.print(f"[dim]{report['noise_note']}[/]")
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def run_profile(args: argparse.Namespace) -> None:
+    cfg = worker_config(args, args.profile, args.profile_variant)
+    cfg.profile_steps = args.profile_steps
+    cfg.profile_rows = args.profile_rows
+    cfg.profile_trace = args.profile_trace
+    result = run_worker(cfg)
+    steps = result["step_seconds"]
+    profiled = steps[cfg.warmup:]
+    print(f"{args.profile} / {args.profile_variant}: {cfg.warmup} warm-up steps, "
+          f"{len(profiled)} profiled steps of "
+          + ", ".join(f"{s:.2f}" for s in profiled) + " s (the profiler adds overhead); "
+          f"gathered logits: {result.get('gathered_logits')}, precision: {result['precision']}")
+    print("\nTop ops by self CPU time:")
+    print(result.get("profile_table") or "(no profile recorded)")
+    print("\nBy input shape:")
+    print(result.get("profile_by_shape") or "")
+    if args.profile_trace:
+        print(f"Chrome trace written to {args.profile_trace}")
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+    threads = args.threads or usable_cores()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_before = os.getloadavg()
+    machine = machine_info(threads)
+    console.print(f"measuring matmul peak ({args.peak_n}x{args.peak_n}, {threads} threads)...")
+    peaks = {d: matmul_peak_gflops(d, n=args.peak_n, reps=args.peak_reps, threads=threads)
+             for d in ("fp32", "bf16")}
+    keep = Path(args.log_dir) if args.log_dir else None
+    tmp = None if keep else tempfile.TemporaryDirectory(prefix="throughput-")
+    log_dir = keep or Path(tmp.name)  # type: ignore[union-attr]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    all_runs: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        for method in methods:
+            runs = all_runs.setdefault(method, {})
+            for variant in variants:
+                console.print(f"{method} / {LABELS[variant]} ...", end=" ")
+                run = spawn(worker_config(args, method, variant), log_dir)
+                runs[variant] = run
+                if "error" in run:
+                    console.print(f"[red]{run['error']}[/]")
+                else:
+                    tps = rep_stats(run, method == "full", None)["tokens_per_s"]
+                    console.print(f"{fmt(tps, '.0f')} tokens/s (setup {run['setup_seconds']:.0f}"
+                                  f" s, training {run['train_wall_seconds']:.0f} s, peak RSS "
+                                  f"{run['peak_rss_mb']:.0f} MB)")
+            if (args.bf16_reference and "trainer_default" in variants
+                    and "peftbench" in variants):
+                console.print(f"{method} / {LABELS[REFERENCE]} ...", end=" ")
+                run = spawn(worker_config(args, method, REFERENCE), log_dir)
+                runs[REFERENCE] = run
+                console.print(f"[red]{run['error']}[/]" if "error" in run
+                              else f"{len(run.get('losses', []))} losses")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    load_after = os.getloadavg()
+
+    # a busy machine can only make the peak look lower: measure it again after the runs
+    # and use the higher of the two for MFU
+    console.print("measuring matmul peak again...")
+    for dtype in ("fp32", "bf16"):
+        again = matmul_peak_gflops(dtype, n=args.peak_n, reps=args.peak_reps, threads=threads)
+        peaks[dtype]["gflops_best_before"] = peaks[dtype]["gflops_best"]
+        peaks[dtype]["gflops_best_after"] = again["gflops_best"]
+        peaks[dtype]["gflops_best"] = max(peaks[dtype]["gflops_best"], again["gflops_best"])
+    summaries = {method: summarise(method, runs, peaks["bf16"]["gflops_best"], args)
+                 for method, runs in all_runs.items()}
+
+    report = {
+        "benchmark": "peftbench training throughput (benchmarks/throughput.py)",
+        "started_at": started,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "load_average": {"before": load_before, "after": load_after},
+        "noise_note": (f"load average before/after: {load_before[0]:.2f}/{load_after[0]:.2f} "
+                       f"on {machine['usable_cores']} cores; a load near or above the core "
+                       "count while measuring means other jobs shared the cores and the "
+                       "numbers are noisy"),
+        "peaks": peaks,
+        "settings": {
+            "model": args.model, "task": args.task, "data_dir": args.data_dir,
+            "train_size": args.train_size, "batch_size": args.batch_size, "steps": args.steps,
+            "reps": args.reps, "warmup": args.warmup, "seq_len": args.seq_len,
+            "max_target_length": args.max_target_length, "seed": args.seed,
+            "threads": threads, "peftbench_precision": args.precision or "RunSpec default",
+            "methods": methods, "variants": variants,
+        },
+        "flops_formula": FLOPS_FORMULA,
+        "methods": summaries,
+    }
+    report["targets"] = targets(summaries)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.worker, args.worker_out)
+        return
+    if args.profile:
+        run_profile(args)
+        return
+    report = run_benchmark(args)
+    print_report(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+        print(f"results written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""Pure helpers of benchmarks/throughput.py: matmul peak, FLOPs formulas, rates, loss check.
+
+Nothing here loads a model or trains; everything takes and returns plain values so the
+numbers in the report can be recomputed by hand from the JSON.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any
+
+# --------------------------------------------------------------------------- peak
+
+
+def matmul_peak_gflops(dtype_name: str, n: int = 2048, inner: int = 10, reps: int = 5,
+                       threads: int | None = None) -> dict[str, Any]:
+    """Best-of-``reps`` GFLOP/s of ``inner`` back-to-back n x n matmuls (2 n^3 FLOPs each)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
+    for _ in range(3):  # warm-up: thread pool, oneDNN kernel selection, caches
+        torch.mm(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        tick = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - tick)
+    flops = 2.0 * n**3 * inner
+    return {
+        "dtype": dtype_name,
+        "n": n,
+        "matmuls_per_rep": inner,
+        "reps": reps,
+        "threads": torch.get_num_threads(),
+        "gflops_best": flops / min(times) / 1e9,
+        "gflops_median": flops / statistics.median(times) / 1e9,
+    }
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+FLOPS_FORMULA = {
+    "tokens": "non-pad tokens (attention_mask sum) of the batches trained on",
+    "positions": "P = tokens + num_virtual_tokens per row (prompt tuning runs its soft prompt "
+                 "through every layer; 0 for the other methods)",
+    "standard": "model FLOPs = 6 * N_total * P for full fine-tuning; "
+                "(4 * N_total + 2 * N_trainable) * P for PEFT with a frozen base "
+                "(forward 2N, backward activation gradients 2N, weight gradients only for the "
+                "trainable parameters 2*N_trainable). N_total counts every parameter once "
+                "(tied embeddings once), including the embedding/LM head. Attention-score "
+                "FLOPs (about 4*layers*d_model*context per token forward, under 2% here) "
+                "are left out, as in the usual 6N approximation.",
+    "strict": "required FLOPs: the transformer body (N_body = N_total minus embedding/head "
+              "tables) over all P positions, the LM head (N_head = vocab x d_model) only at "
+              "the T positions that predict a target token, because the loss needs no logits "
+              "elsewhere. Full: 6*N_body*P + 6*N_head*T. PEFT: 4*N_body*P + 4*N_head*T + "
+              "2*N_trainable*P. The same formula for every variant, so a trainer that skips "
+              "the prompt-position logits gets no credit for skipping them.",
+    "mfu": "achieved FLOP/s (FLOPs of a repetition / its wall seconds) divided by the measured "
+           "bf16 2048x2048 matmul peak; median over repetitions",
+}
+
+
+def step_flops(params: dict[str, int], full: bool, positions: int,
+               targets: int) -> dict[str, float]:
+    """Standard and strict model FLOPs for ``positions`` processed and ``targets`` predicted."""
+    n_total, n_train = params["total"], params["trainable"]
+    n_body, n_head = params["body"], params["head"]
+    if full:
+        standard = 6.0 * n_total * positions
+        strict = 6.0 * n_body * positions + 6.0 * n_head * targets
+    else:
+        standard = (4.0 * n_total + 2.0 * n_train) * positions
+        strict = 4.0 * n_body * positions + 4.0 * n_head * targets + 2.0 * n_train * positions
+    return {"standard": standard, "strict": strict}
+
+
+# --------------------------------------------------------------------------- rates
+
+
+def rep_stats(run: dict[str, Any], full: bool, peak_gflops: float | None) -> dict[str, Any]:
+    """Per-repetition tokens/s and MFU of one worker's run, and their medians."""
+    reps = []
+    for rep in run["reps"]:
+        seconds = rep["seconds"]
+        flops = step_flops(run["params"], full, rep["positions"], rep["targets"])
+        entry = {
+            "seconds": seconds,
+            "tokens": rep["tokens"],
+            "tokens_per_s": rep["tokens"] / seconds,
+            "achieved_gflops": flops["standard"] / seconds / 1e9,
+            "achieved_gflops_strict": flops["strict"] / seconds / 1e9,
+        }
+        if peak_gflops:
+            entry["mfu"] = entry["achieved_gflops"] / peak_gflops
+            entry["mfu_strict"] = entry["achieved_gflops_strict"] / peak_gflops
+        reps.append(entry)
+
+    def median(key: str) -> float | None:
+        values = [r[key] for r in reps if key in r]
+        return statistics.median(values) if values else None
+
+    return {
+        "reps": reps,
+        "tokens_per_s": median("tokens_per_s"),
+        "mfu": median("mfu"),
+        "mfu_strict": median("mfu_strict"),
+        "achieved_gflops": median("achieved_gflops"),
+        "spread": (max(r["tokens_per_s"] for r in reps) / min(r["tokens_per_s"] for r in reps)
+                   if reps else None),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# --------------------------------------------------------------------------- loss check
+
+
+def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
+               rtol: float = 0.03, atol: float = 0.01, reference: list[float] | None = None,
+               ref_factor: float = 2.0) -> dict[str, Any]:
+    """Compare the first ``steps`` losses of peftbench (c) with the default Trainer (a).
+
+    Fixed bf16 tolerance: ``|c - a| <= atol + rtol * |a|`` at every step. With ``reference``
+    (a'), the default Trainer with standard bf16 autocast in the same order, a step may also
+    deviate up to ``ref_factor`` times as much as a' does there:
+    ``|c - a| <= atol + max(rtol * |a|, ref_factor * |a' - a|)``. Adam's first updates are
+    close to sign(gradient), so bf16 rounding of small gradient components changes the
+    trajectory by a few percent in the first steps even for standard mixed precision.
+    """
+    k = min(steps, len(trainer), len(peftbench))
+    a, c = trainer[:k], peftbench[:k]
+    abs_diffs = [abs(x - y) for x, y in zip(a, c, strict=True)]
+    rel_diffs = [d / max(abs(x), 1e-12) for d, x in zip(abs_diffs, a, strict=True)]
+    fixed = [atol + rtol * abs(x) for x in a]
+    finite = all(math.isfinite(v) for v in a + c)
+    passed_fixed = bool(k) and finite and all(d <= t for d, t in zip(abs_diffs, fixed,
+                                                                     strict=True))
+    out: dict[str, Any] = {
+        "steps_compared": k,
+        "rule": f"|c - a| <= {atol} + {rtol} * |a| at every step (a: Trainer default fp32, "
+                "c: peftbench)",
+        "rtol": rtol,
+        "atol": atol,
+        "max_abs_diff": max(abs_diffs) if k else None,
+        "mean_abs_diff": sum(abs_diffs) / k if k else None,
+        "max_rel_diff": max(rel_diffs) if k else None,
+        "first_step_rel_diff": rel_diffs[0] if k else None,
+        "passed_fixed_tolerance": passed_fixed,
+        "passed": passed_fixed,
+        "losses_trainer": a,
+        "losses_peftbench": c,
+    }
+    if reference is not None and len(reference) >= k and k:
+        r = reference[:k]
+        ref_diffs = [abs(x - y) for x, y in zip(a, r, strict=True)]
+        allowed = [atol + max(rtol * abs(x), ref_factor * d)
+                   for x, d in zip(a, ref_diffs, strict=True)]
+        out.update({
+            "rule": f"|c - a| <= {atol} + max({rtol} * |a|, {ref_factor} * |a' - a|) at every "
+                    "step (a: Trainer default fp32, a': the same with bf16=True, "
+                    "c: peftbench)",
+            "ref_factor": ref_factor,
+            "reference_max_abs_diff": max(ref_diffs),
+            "reference_max_rel_diff": max(d / max(abs(x), 1e-12)
+                                          for d, x in zip(ref_diffs, a, strict=True)),
+            "reference_first_step_rel_diff": ref_diffs[0] / max(abs(a[0]), 1e-12),
+            "passed": finite and all(d <= t for d, t in zip(abs_diffs, allowed, strict=True)),
+            "losses_reference_bf16": r,
+        })
+    return out

@@ -1,0 +1,585 @@
+"""One (method, variant) configuration of benchmarks/throughput.py, run in its own process.
+
+Variants:
+
+- ``trainer_default``  Hugging Face ``Trainer`` with ``TrainingArguments`` defaults, except
+  what must be set to train the same thing (see :func:`trainer_arguments`); fp32.
+- ``trainer_tuned``    the same plus the usual speed flags: bf16 autocast, length-grouped
+  sampling, sensible dataloader settings, no per-step logging or progress bar.
+- ``trainer_bf16``     optional reference: ``trainer_default`` plus ``bf16=True`` (standard
+  autocast mixed precision with fp32 weights), same order: how far bf16 alone moves losses.
+- ``peftbench``        peftbench's own training step, built from its ``training/`` blocks in
+  the order ``training/loop.py`` uses them (see :func:`run_peftbench`).
+
+Every variant builds the model the same way (same base, ``set_seed``, the method via
+``peftbench.methods``) and sees the same tokenised examples; the default Trainer also sees
+them in peftbench's batch order, so its losses can be compared step by step.
+
+Timing: wall-clock between the ends of optimizer steps (everything a step costs: data,
+collation, forward, backward, clipping, optimizer, scheduler, logging). ``warmup`` steps are
+dropped, then ``reps`` repetitions of ``steps`` steps are timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+VARIANTS = ("trainer_default", "trainer_tuned", "peftbench")
+# optional: Trainer defaults + bf16=True, in peftbench's order; a reference for how far
+# standard bf16 mixed precision alone moves the losses away from fp32 (loss check only)
+REFERENCE = "trainer_bf16"
+ALL_VARIANTS = (*VARIANTS, REFERENCE)
+
+
+@dataclass
+class WorkerConfig:
+    model: str
+    task: str
+    method: str
+    variant: str
+    data_dir: str | None = None
+    train_size: int = 512
+    batch_size: int = 16
+    warmup: int = 3
+    reps: int = 3
+    steps: int = 10
+    seed: int = 0
+    threads: int = 0
+    precision: str | None = None  # peftbench variant: bf16 | fp32 (default: RunSpec's)
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+    loss_steps: int = 20
+    profile_steps: int = 0  # > 0: profile this many steps after warm-up instead of timing reps
+    profile_rows: int = 30
+    profile_trace: str | None = None
+
+    @property
+    def total_steps(self) -> int:
+        if self.profile_steps:
+            return self.warmup + self.profile_steps
+        return self.warmup + self.reps * self.steps
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class RssSampler(threading.Thread):
+    """Samples this process's RSS every ``interval`` s; keeps the peak of the training phase."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._halt = threading.Event()
+        self.training = False
+        self.train_peak = 0
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            if self.training:
+                self.train_peak = max(self.train_peak, self._process.memory_info().rss)
+            self._halt.wait(self._interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def lifetime_peak_rss_mb() -> float:
+    """The process's lifetime peak RSS (ru_maxrss, KiB on Linux), in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class StepClock:
+    """Step-end timestamps plus tokens/targets/positions of each step's batches.
+
+    ``add_batch`` is called for every micro-batch, ``step_end`` after each optimizer step.
+    With ``profile_steps`` it starts a torch profiler after ``warmup`` steps and stops it
+    ``profile_steps`` steps later.
+    """
+
+    def __init__(self, cfg: WorkerConfig, virtual_tokens: int, encoder_decoder: bool,
+                 rss: RssSampler | None) -> None:
+        self.cfg = cfg
+        self.virtual_tokens = virtual_tokens
+        self.encoder_decoder = encoder_decoder
+        self.rss = rss
+        self.start: float | None = None
+        self.ends: list[float] = []
+        self.tokens: list[int] = []
+        self.targets: list[int] = []
+        self.positions: list[int] = []
+        self._pending = [0, 0, 0]
+        self.profiler = None
+        self.profile_table: str | None = None
+        self.profile_by_shape: str | None = None
+
+    def begin(self) -> None:
+        if self.rss is not None:
+            self.rss.training = True
+        self.start = time.perf_counter()
+        if self.cfg.profile_steps and self.cfg.warmup == 0:
+            self._start_profiler()
+
+    def add_batch(self, batch: dict[str, Any]) -> None:
+        mask, labels = batch["attention_mask"], batch["labels"]
+        tokens = int(mask.sum())
+        predicted = labels if self.encoder_decoder else labels[:, 1:]
+        self._pending[0] += tokens
+        self._pending[1] += int((predicted != -100).sum())
+        self._pending[2] += tokens + self.virtual_tokens * mask.shape[0]
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.tokens.append(self._pending[0])
+        self.targets.append(self._pending[1])
+        self.positions.append(self._pending[2])
+        self._pending = [0, 0, 0]
+        done = len(self.ends)
+        if self.cfg.profile_steps:
+            if done == self.cfg.warmup:
+                self._start_profiler()
+            elif done == self.cfg.warmup + self.cfg.profile_steps:
+                self._stop_profiler()
+
+    def end(self) -> None:
+        if self.rss is not None:
+            self.rss.training = False
+        if self.profiler is not None:
+            self._stop_profiler()
+
+    def _start_profiler(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+        self.profiler.__enter__()
+
+    def _stop_profiler(self) -> None:
+        prof, self.profiler = self.profiler, None
+        if prof is None:
+            return
+        prof.__exit__(None, None, None)
+        averages = prof.key_averages()
+        self.profile_table = averages.table(sort_by="self_cpu_time_total",
+                                            row_limit=self.cfg.profile_rows)
+        self.profile_by_shape = prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=min(15, self.cfg.profile_rows))
+        if self.cfg.profile_trace:
+            prof.export_chrome_trace(self.cfg.profile_trace)
+
+    @property
+    def profiling(self) -> bool:
+        return self.profiler is not None
+
+    def summary(self) -> dict[str, Any]:
+        """Per-step and per-repetition numbers (repetitions only when not profiling)."""
+        starts = [self.start, *self.ends[:-1]]
+        step_seconds = [e - s for s, e in zip(starts, self.ends, strict=True)]
+        reps = []
+        if not self.cfg.profile_steps:
+            for r in range(self.cfg.reps):
+                lo = self.cfg.warmup + r * self.cfg.steps  # steps lo+1 .. lo+steps (1-based)
+                hi = lo + self.cfg.steps
+                if hi > len(self.ends):
+                    break
+                begin = self.ends[lo - 1] if lo > 0 else self.start
+                reps.append({
+                    "steps": self.cfg.steps,
+                    "seconds": self.ends[hi - 1] - begin,
+                    "tokens": sum(self.tokens[lo:hi]),
+                    "targets": sum(self.targets[lo:hi]),
+                    "positions": sum(self.positions[lo:hi]),
+                })
+        return {"step_seconds": step_seconds, "step_tokens": self.tokens,
+                "step_targets": self.targets, "step_positions": self.positions, "reps": reps}
+
+
+def reseed(seed: int, step: int) -> None:
+    """Same global RNG state before every step in every variant: identical dropout masks.
+
+    Only LoRA (dropout 0.05) draws random numbers during a step here; the Trainer also draws
+    one number when it creates its dataloader iterator, which would otherwise shift them.
+    """
+    import torch
+
+    torch.manual_seed(seed * 1_000_003 + step)
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    spec: Any  # RunSpec with the benchmark's settings: the source of peftbench's defaults
+    loaded: Any
+    method: Any
+    model: Any
+    encoder: Any
+    train_set: list
+    lr: float
+    notes: list[str]
+
+
+def build(cfg: WorkerConfig) -> Setup:
+    """Data, model and method, built as ``training/loop.py`` builds them."""
+    from transformers import set_seed
+
+    from peftbench.config import RunSpec
+    from peftbench.methods import get_method
+    from peftbench.models import load_model
+    from peftbench.tasks import load_task
+    from peftbench.training.encoding import TextEncoder
+
+    overrides: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed,
+                                 "max_steps": cfg.total_steps, "data_dir": cfg.data_dir,
+                                 "train_size": cfg.train_size, "device": "cpu"}
+    if cfg.precision:
+        overrides["precision"] = cfg.precision
+    if cfg.max_source_length:
+        overrides["max_source_length"] = cfg.max_source_length
+    if cfg.max_target_length:
+        overrides["max_target_length"] = cfg.max_target_length
+    spec = RunSpec(model=cfg.model, task=cfg.task, method=cfg.method, **overrides)
+
+    set_seed(spec.seed)
+    task = load_task(spec.task, data_dir=spec.data_dir, train_size=spec.train_size,
+                     seed=spec.seed)
+    loaded = load_model(spec.model, seed=spec.seed)
+    method = get_method(spec.method)
+    args = method.resolve_args(spec.method_args)
+    set_seed(spec.seed)
+    model = method.apply(loaded.model, args, encoder_decoder=loaded.is_encoder_decoder)
+
+    encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder,
+                          spec.max_source_length, spec.max_target_length)
+    train_set = [encoder.encode(e.input, e.target) for e in task.train]
+    notes = []
+    extra = len(train_set) % spec.batch_size
+    if extra:  # full batches only, so a flat example order cuts into peftbench's batches
+        train_set = train_set[: len(train_set) - extra]
+        notes.append(f"dropped {extra} training examples to make {len(train_set)}, a "
+                     f"multiple of the batch size {spec.batch_size}")
+    if not train_set:
+        raise SystemExit(f"fewer training examples than one batch ({spec.batch_size})")
+    return Setup(spec, loaded, method, model, encoder, train_set,
+                 spec.lr or method.default_lr, notes)
+
+
+def describe_params(model) -> dict[str, int]:
+    """Parameter counts for the FLOPs formulas (shared tensors counted once)."""
+    from peftbench.methods import count_parameters
+
+    trainable, total = count_parameters(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    embed = base.get_input_embeddings()
+    n_head = head.weight.numel() if head is not None else 0
+    n_embed = embed.weight.numel() if embed is not None else 0
+    tied = head is not None and embed is not None and head.weight is embed.weight
+    tables = n_embed if tied else n_embed + n_head
+    return {"trainable": trainable, "total": total, "head": n_head, "embed": n_embed,
+            "tied": int(tied), "body": total - tables}
+
+
+def virtual_tokens(model) -> int:
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and getattr(config, "is_prompt_learning", False):
+        return int(config.num_virtual_tokens)
+    return 0
+
+
+def warmup_steps(spec) -> int:
+    """peftbench's LR warm-up: ``ceil(warmup_ratio * total_steps)`` (as in training/loop.py)."""
+    return math.ceil(spec.warmup_ratio * spec.max_steps)
+
+
+# --------------------------------------------------------------------------- peftbench
+
+
+def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str, Any]:
+    """peftbench's training step, replicated from ``training/loop.py`` step for step.
+
+    ``train()`` there is one function (data, model, validation, test, saving), with no entry
+    point for "N optimizer steps", so its step is rebuilt here from the same building blocks
+    in the same order: ``store_frozen_in_bf16`` after the method, ``TextEncoder``,
+    ``supports_gathered_logits``, AdamW over trainable parameters with the RunSpec weight
+    decay, linear warm-up schedule, ``endless_batches`` -> ``collate`` -> autocast
+    ``mean_loss`` -> backward -> ``loss.item()`` -> clip -> step -> schedule ->
+    ``zero_grad(set_to_none=True)``. Additions: ``reseed`` before each step, the clock, and
+    (only when profiling) ``record_function`` labels.
+    """
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from peftbench.training.batches import endless_batches
+    from peftbench.training.device import autocast_factory, resolve_device
+    from peftbench.training.encoding import collate
+    from peftbench.training.objective import mean_loss, supports_gathered_logits
+    from peftbench.training.precision import store_frozen_in_bf16
+
+    spec, loaded, model, encoder = setup.spec, setup.loaded, setup.model, setup.encoder
+    device = resolve_device(spec.device)
+    autocast = autocast_factory(device, spec.precision)
+    model.to(device)
+    if spec.precision == "bf16":
+        store_frozen_in_bf16(model)
+
+    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    train_set = setup.train_set
+    gather = not loaded.is_encoder_decoder and supports_gathered_logits(
+        model, to_device(collate(train_set[:4], encoder.pad_id)), autocast)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=spec.weight_decay)
+    total_steps = spec.max_steps
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(spec), total_steps)
+
+    batches = endless_batches(train_set, spec.batch_size, spec.seed)
+    losses: list[float] = []
+
+    def phase(name: str) -> contextlib.AbstractContextManager:
+        if clock.profiling:
+            return torch.profiler.record_function(f"peftbench::{name}")
+        return contextlib.nullcontext()
+
+    model.train()
+    clock.begin()
+    for step in range(1, total_steps + 1):
+        reseed(spec.seed, step)
+        step_loss = 0.0
+        for _ in range(spec.grad_accum):
+            with phase("data"):
+                micro = next(batches)
+                batch = to_device(collate(micro, encoder.pad_id))
+            with phase("forward"), autocast():
+                loss = mean_loss(model, batch, loaded.is_encoder_decoder, gather)
+                loss = loss / spec.grad_accum
+            with phase("backward"):
+                loss.backward()
+            step_loss += loss.item()
+            clock.add_batch(batch)
+        if not math.isfinite(step_loss):
+            raise RuntimeError(f"training loss became {step_loss} at step {step}")
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        clock.step_end()
+    clock.end()
+    return {"losses": losses, "gathered_logits": gather,
+            "precision": "bf16 autocast (frozen weights stored in bf16)"
+            if spec.precision == "bf16" else "fp32",
+            "optimizer": "torch.optim.AdamW (defaults: single-tensor on CPU)",
+            "warmup_steps": warmup_steps(spec)}
+
+
+# --------------------------------------------------------------------------- Trainer
+
+
+class ExampleDataset:
+    """A map-style torch dataset over peftbench-encoded examples, in a fixed order."""
+
+    def __init__(self, examples: list) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"input_ids": list(example.input_ids),
+                "attention_mask": [1] * len(example.input_ids),
+                "labels": list(example.labels)}
+
+
+def ordered_examples(setup: Setup) -> list:
+    """The examples of peftbench's first ``total_steps`` batches, flattened in order."""
+    from peftbench.training.batches import endless_batches
+
+    batches = endless_batches(setup.train_set, setup.spec.batch_size, setup.spec.seed)
+    flat = []
+    for _ in range(setup.spec.max_steps):
+        batch = next(batches)
+        assert len(batch) == setup.spec.batch_size, "partial batch: train size not a multiple"
+        flat.extend(batch)
+    return flat
+
+
+def dataloader_workers(threads: int) -> int:
+    """Worker processes for the tuned Trainer: none on small machines (collation is cheap and
+    a worker would take a core from the matmuls), two otherwise."""
+    return 0 if threads <= 4 else 2
+
+
+def trainer_arguments(cfg: WorkerConfig, setup: Setup, out_dir: str, tuned: bool,
+                      bf16: bool = False):
+    """``TrainingArguments``: defaults, plus only what must be set (and the tuned flags)."""
+    from transformers import TrainingArguments
+
+    spec = setup.spec
+    kwargs: dict[str, Any] = {
+        "output_dir": out_dir,
+        "per_device_train_batch_size": spec.batch_size,
+        "max_steps": spec.max_steps,
+        "learning_rate": setup.lr,  # the method's peftbench default
+        # same LR schedule as peftbench (linear, warm-up ceil(0.06 * steps)); Trainer's
+        # own default is no warm-up, which would make the losses incomparable
+        "warmup_steps": warmup_steps(spec),
+        "logging_steps": 1,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": spec.seed,
+        "use_cpu": True,  # the benchmark is a CPU benchmark: same device as peftbench
+        # the dataset is already in peftbench's batch order: do not reshuffle it
+        "train_sampling_strategy": "sequential",
+    }
+    if spec.weight_decay != 0.0 or spec.max_grad_norm != 1.0:  # Trainer defaults: 0.0, 1.0
+        kwargs.update(weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm)
+    if bf16:
+        kwargs["bf16"] = True
+    if tuned:
+        workers = dataloader_workers(cfg.threads)
+        kwargs.update(
+            bf16=True,
+            train_sampling_strategy="group_by_length",
+            dataloader_num_workers=workers,
+            dataloader_persistent_workers=workers > 0,
+            dataloader_pin_memory=False,  # CPU training: nothing to pin for
+            logging_steps=spec.max_steps,
+            disable_tqdm=True,
+        )
+    return TrainingArguments(**kwargs)
+
+
+def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
+                bf16: bool = False) -> dict[str, Any]:
+    """Hugging Face Trainer on the same model, examples and (default variant) order."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
+
+    losses: list[float] = []
+    seed = setup.spec.seed
+
+    class Observe(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            clock.begin()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            reseed(seed, state.global_step + 1)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.step_end()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class StopAfterLossSteps(TrainerCallback):
+        """The bf16 reference only feeds the loss check: stop it after ``loss_steps``
+        (``max_steps`` stays the full run's, so the LR schedule is the same)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= cfg.loss_steps:
+                control.should_training_stop = True
+
+    class CountingTrainer(Trainer):
+        """Trainer that only reads each batch's token counts before training on it."""
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            clock.add_batch(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    model, tokenizer = setup.model, setup.loaded.tokenizer
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, padding=True,
+                                      label_pad_token_id=-100)
+    dataset = ExampleDataset(ordered_examples(setup))
+    with tempfile.TemporaryDirectory(prefix="throughput-trainer-") as out_dir:
+        args = trainer_arguments(cfg, setup, out_dir, tuned, bf16)
+        trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
+                                  data_collator=collator, processing_class=tokenizer,
+                                  callbacks=[Observe()] + ([StopAfterLossSteps()] if bf16 else []))
+        trainer.train()
+    clock.end()
+    optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
+                     else trainer.optimizer).__name__
+    return {"losses": losses,
+            "precision": "bf16 autocast (fp32 weights)" if tuned or bf16 else "fp32",
+            "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})",
+            "warmup_steps": warmup_steps(setup.spec),
+            "training_arguments": {k: str(v) for k, v in args.to_dict().items()
+                                   if k in TRAINER_ARGS_SHOWN}}
+
+
+TRAINER_ARGS_SHOWN = {
+    "per_device_train_batch_size", "max_steps", "learning_rate", "warmup_steps",
+    "lr_scheduler_type", "optim", "weight_decay", "max_grad_norm", "bf16", "fp16",
+    "train_sampling_strategy", "dataloader_num_workers", "dataloader_pin_memory",
+    "logging_steps", "seed", "use_cpu", "disable_tqdm",
+}
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
+    """Build, train and measure one configuration; the result is JSON-ready."""
+    import torch
+
+    if cfg.variant not in ALL_VARIANTS:
+        raise SystemExit(f"unknown variant {cfg.variant!r}: one of {', '.join(ALL_VARIANTS)}")
+    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    cfg.threads = torch.get_num_threads()
+    rss = RssSampler()
+    rss.start()
+    tick = time.perf_counter()
+    setup = build(cfg)
+    params = describe_params(setup.model)
+    clock = StepClock(cfg, virtual_tokens(setup.model), setup.loaded.is_encoder_decoder, rss)
+    setup_seconds = time.perf_counter() - tick
+    runners: dict[str, Callable[[], dict[str, Any]]] = {
+        "peftbench": lambda: run_peftbench(cfg, setup, clock),
+        "trainer_default": lambda: run_trainer(cfg, setup, clock, tuned=False),
+        "trainer_tuned": lambda: run_trainer(cfg, setup, clock, tuned=True),
+        REFERENCE: lambda: run_trainer(cfg, setup, clock, tuned=False, bf16=True),
+    }
+    tick = time.perf_counter()
+    details = runners[cfg.variant]()
+    train_seconds = time.perf_counter() - tick
+    rss.stop()
+    result = {
+        "config": asdict(cfg),
+        "model": setup.loaded.name,
+        "encoder_decoder": setup.loaded.is_encoder_decoder,
+        "lr": setup.lr,
+        "total_steps": setup.spec.max_steps,
+        "train_examples": len(setup.train_set),
+        "notes": setup.notes,
+        "params": params,
+        "virtual_tokens": clock.virtual_tokens,
+        "setup_seconds": setup_seconds,
+        "train_wall_seconds": train_seconds,
+        "peak_rss_mb": lifetime_peak_rss_mb(),
+        "train_peak_rss_mb": round(rss.train_peak / 2**20, 1),
+        **clock.summary(),
+        **details,
+    }
+    result["losses"] = result["losses"][: max(cfg.loss_steps, 0)]
+    if clock.profile_table is not None:
+        result["profile_table"] = clock.profile_table
+        result["profile_by_shape"] = clock.profile_by_shape
+    return result
