@@ -53,8 +53,8 @@ def run(
     """Run a suite: every run not yet done, each in its own process; results into --db.
 
     Completed and diverged runs are final and skipped next time; failed and interrupted
-    runs are redone. Exit status: 0 no run failed; 10 + N when N runs failed (at most 110);
-    2 bad suite or option.
+    runs are redone. Exit status: 0 no run failed; 10 + N when N runs failed (at most
+    110); 2 bad suite or option (nothing run); 130 interrupted.
     """
     from peftbench.sweep import check_names, execute_runs, expand, load_suite, plan_runs
     from peftbench.sweep.driver import BACKENDS, exit_code, runs_to_do

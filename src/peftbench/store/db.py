@@ -94,11 +94,13 @@ class ResultStore:
                              f"{version}, this one knows {SCHEMA_VERSION}); upgrade peftbench.")
         if version == SCHEMA_VERSION:
             return
-        with self._transaction() as conn:
-            for statement in DDL.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        try:
+            self._conn.executescript(f"BEGIN IMMEDIATE; {DDL}; "
+                                     f"PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
 
     # -- writing -----------------------------------------------------------------------
     def save(self, record: dict[str, Any], suite: str | None = None) -> None:
@@ -123,10 +125,8 @@ class ResultStore:
             "started_at": run.get("started_at"), "finished_at": run.get("finished_at"),
             "stored_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        for key, column in RECORD_JSON_COLUMNS.items():
-            value = record.get(key)
-            row[column] = None if value is None and key in ("task", "model") else _dumps(
-                value if value is not None else {})
+        for key, column in RECORD_JSON_COLUMNS.items():  # NULL: the record has no such key
+            row[column] = _dumps(record[key]) if key in record else None
         known = {*RECORD_JSON_COLUMNS, *RECORD_SCALAR_KEYS, "curve"}
         extra = {k: v for k, v in record.items() if k not in known}
         row["extra_json"] = _dumps(extra) if extra else None

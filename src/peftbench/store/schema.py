@@ -33,11 +33,12 @@ CREATE TABLE IF NOT EXISTS runs (
     started_at       TEXT,
     finished_at      TEXT,
     stored_at        TEXT NOT NULL,
+    -- the rest of the record, as JSON; NULL where the record has no such key
     run_json         TEXT NOT NULL,     -- record["run"]: hash, resolved config, times, lr ...
-    params_json      TEXT NOT NULL,
-    scores_json      TEXT NOT NULL,
-    efficiency_json  TEXT NOT NULL,
-    provenance_json  TEXT NOT NULL,
+    params_json      TEXT,
+    scores_json      TEXT,
+    efficiency_json  TEXT,
+    provenance_json  TEXT,
     task_json        TEXT,              -- record["task"] (absent when the run failed early)
     model_json       TEXT,              -- record["model"]
     extra_json       TEXT               -- any other top-level keys (e.g. traceback)

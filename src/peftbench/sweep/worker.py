@@ -155,13 +155,18 @@ def run_isolated(spec: RunSpec, out_dir: Path, on_event: EventSink | None = None
     is aborting, see :func:`kill_all`): an interrupted run has no result and is redone.
     """
     stop = stop or threading.Event()
-    emit = on_event or (lambda event: None)
+    if stop.is_set():
+        return None
+
+    def emit(event: Event) -> None:
+        if on_event is not None:
+            with contextlib.suppress(Exception):  # a display problem must not fail the run
+                on_event(event)
+
     out_dir = Path(out_dir).resolve()
     shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of an interrupted attempt
     out_dir.mkdir(parents=True)
     started = _now()
-    if stop.is_set():
-        return None
     context = _fork_context()
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=_child, name=f"peftbench-run-{spec.run_hash()}",
