@@ -64,7 +64,9 @@ def decoder_scores(model: nn.Module, prompts: Sequence[list[int]],
     scores = first[:, labels[:, 0]]  # (B, K)
     if labels.shape[1] == 1:
         return scores
-    cache = out.past_key_values
+    # transformers 5.2x renamed past_key_values to cache; reading the old name warns (and
+    # .get with a default would read it eagerly)
+    cache = out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401
     cache.batch_repeat_interleave(k)
     follow = labels[:, :-1].repeat(n, 1)  # (B*K, L-1): inputs that predict tokens 1..L-1
     follow_mask = label_mask[:, :-1].repeat(n, 1).long()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,10 @@ def task_type(encoder_decoder: bool) -> TaskType:
 def wrap(model: nn.Module, config: PeftConfig, method: str) -> nn.Module:
     """``get_peft_model`` with configuration mistakes turned into a clear UsageError."""
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                    category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules that match nothing
         raise UsageError(f"method '{method}': peft rejected the configuration: {exc}") from None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from peftbench.errors import UsageError
 from peftbench.models.base import LoadedModel
 from peftbench.models.fingerprint import dir_fingerprint
+from peftbench.models.quiet import no_weight_progress
 from peftbench.models.setup import prepare
 
 PROBE_TIMEOUT_S = 3.0
@@ -63,8 +65,10 @@ def hub_reachable(endpoint: str | None = None, timeout: float = PROBE_TIMEOUT_S)
 def _load(source: str, *, local_files_only: bool) -> tuple[Any, Any, Any]:
     config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(source, config=config, dtype=torch.float32,
-                                 local_files_only=local_files_only)
+    quiet = no_weight_progress() if Path(source).is_dir() else nullcontext()
+    with quiet:  # a local folder loads in a second; downloads keep their progress bars
+        model = auto.from_pretrained(source, config=config, dtype=torch.float32,
+                                     local_files_only=local_files_only)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     return config, model, tokenizer
 

@@ -163,9 +163,12 @@ def load_smollm2() -> LoadedModel:
     """SmolLM2-135M-Instruct on CPU in fp32 with its tokenizer (chat template included)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from peftbench.models.quiet import no_weight_progress
+
     folder, meta = ensure_checkpoint()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                 local_files_only=True)
+    with no_weight_progress():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     prepare(model, tokenizer, NAME)
     return LoadedModel(

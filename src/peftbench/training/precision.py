@@ -1,21 +1,49 @@
-"""Mixed precision done once: frozen weights stored in bf16, trainable ones kept in fp32.
+"""Mixed precision done once: frozen matrices stored in bf16, everything else fp32.
 
-Under bf16 autocast every matmul runs in bf16 anyway; storing the frozen base weights in
-bf16 removes the per-step re-cast of the whole model and halves its memory. Trainable
-parameters (and so AdamW's state) stay fp32 for exact accumulation of small updates.
+Under bf16 autocast every matmul runs in bf16 anyway; storing the frozen base weight
+matrices in bf16 removes the per-step re-cast of the whole model and halves its memory.
+Trainable parameters (and so AdamW's state) stay fp32 for exact accumulation of small
+updates. Frozen vectors (norm weights, biases) stay fp32: they are tiny, and the norms
+compute in fp32. The input embedding's output is returned in fp32, so the residual stream
+is fp32 exactly as under plain autocast with fp32 weights (Trainer ``bf16=True``): with a
+bf16 embedding table the whole residual stream would otherwise run in bf16, which moved
+the first losses about twice as far from fp32 as standard mixed precision does.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+_HOOK_ATTRIBUTE = "_peftbench_fp32_embedding_hook"
+
+
+def _output_to_fp32(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+    if isinstance(output, torch.Tensor) and output.dtype == torch.bfloat16:
+        return output.float()
+    return output
+
+
+def embeddings_output_fp32(model: nn.Module) -> None:
+    """Make every embedding table return fp32 (idempotent).
+
+    All of them, not only ``get_input_embeddings()``: T5's encoder and decoder hold their
+    own modules sharing one table, and its relative position bias is an embedding too.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and not hasattr(module, _HOOK_ATTRIBUTE):
+            setattr(module, _HOOK_ATTRIBUTE, module.register_forward_hook(_output_to_fp32))
+
 
 def store_frozen_in_bf16(model: nn.Module) -> int:
-    """Cast frozen floating-point parameters to bf16 in place; returns how many elements."""
+    """Cast frozen floating-point matrices to bf16 in place; returns how many elements."""
     cast = 0
     for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point() and param.dtype != torch.bfloat16:
+        if (not param.requires_grad and param.is_floating_point() and param.dim() >= 2
+                and param.dtype != torch.bfloat16):
             param.data = param.data.to(torch.bfloat16)
             cast += param.numel()
+    embeddings_output_fp32(model)
     return cast
