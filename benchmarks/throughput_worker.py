@@ -300,33 +300,32 @@ def virtual_tokens(model) -> int:
 
 
 def warmup_steps(spec) -> int:
-    """peftbench's LR warm-up: ``ceil(warmup_ratio * total_steps)`` (as in training/loop.py)."""
-    return math.ceil(spec.warmup_ratio * spec.max_steps)
+    """peftbench's LR warm-up for the whole run (``training.step.warmup_steps``)."""
+    from peftbench.training import step
+
+    return step.warmup_steps(spec, spec.max_steps)
 
 
 # --------------------------------------------------------------------------- peftbench
 
 
 def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str, Any]:
-    """peftbench's training step, replicated from ``training/loop.py`` step for step.
+    """peftbench's own training step: ``training.step.train_step``, as ``loop.py`` calls it.
 
-    ``train()`` there is one function (data, model, validation, test, saving), with no entry
-    point for "N optimizer steps", so its step is rebuilt here from the same building blocks
-    in the same order: ``store_frozen_in_bf16`` after the method, ``TextEncoder``,
-    ``supports_gathered_logits``, AdamW over trainable parameters with the RunSpec weight
-    decay, linear warm-up schedule, ``endless_batches`` -> ``collate`` -> autocast
-    ``mean_loss`` -> backward -> ``loss.item()`` -> clip -> step -> schedule ->
-    ``zero_grad(set_to_none=True)``. Additions: ``reseed`` before each step, the clock, and
-    (only when profiling) ``record_function`` labels.
+    Built as ``training/loop.py`` builds it: ``store_frozen_in_bf16`` after the method,
+    ``supports_gathered_logits``, ``build_optimization`` (fused AdamW, warm-up + linear
+    decay), ``endless_batches``. Additions: ``reseed`` before each step, the clock (which
+    counts each micro-batch's tokens through ``on_batch``), and, only when profiling,
+    ``record_function`` labels around the step's phases.
     """
     import torch
-    from transformers import get_linear_schedule_with_warmup
 
     from peftbench.training.batches import endless_batches
     from peftbench.training.device import autocast_factory, resolve_device
     from peftbench.training.encoding import collate
-    from peftbench.training.objective import mean_loss, supports_gathered_logits
+    from peftbench.training.objective import supports_gathered_logits
     from peftbench.training.precision import store_frozen_in_bf16
+    from peftbench.training.step import build_optimization, train_step
 
     spec, loaded, model, encoder = setup.spec, setup.loaded, setup.model, setup.encoder
     device = resolve_device(spec.device)
@@ -335,18 +334,10 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
     if spec.precision == "bf16":
         store_frozen_in_bf16(model)
 
-    def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
     train_set = setup.train_set
-    gather = not loaded.is_encoder_decoder and supports_gathered_logits(
-        model, to_device(collate(train_set[:4], encoder.pad_id)), autocast)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=setup.lr, weight_decay=spec.weight_decay)
-    total_steps = spec.max_steps
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(spec), total_steps)
-
+    probe = {k: v.to(device) for k, v in collate(train_set[:4], encoder.pad_id).items()}
+    gather = not loaded.is_encoder_decoder and supports_gathered_logits(model, probe, autocast)
+    opt = build_optimization(model, setup.lr, spec, spec.max_steps)
     batches = endless_batches(train_set, spec.batch_size, spec.seed)
     losses: list[float] = []
 
@@ -357,34 +348,20 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
 
     model.train()
     clock.begin()
-    for step in range(1, total_steps + 1):
+    for step in range(1, spec.max_steps + 1):
         reseed(spec.seed, step)
-        step_loss = 0.0
-        for _ in range(spec.grad_accum):
-            with phase("data"):
-                micro = next(batches)
-                batch = to_device(collate(micro, encoder.pad_id))
-            with phase("forward"), autocast():
-                loss = mean_loss(model, batch, loaded.is_encoder_decoder, gather)
-                loss = loss / spec.grad_accum
-            with phase("backward"):
-                loss.backward()
-            step_loss += loss.item()
-            clock.add_batch(batch)
-        if not math.isfinite(step_loss):
-            raise RuntimeError(f"training loss became {step_loss} at step {step}")
-        with phase("optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
+        result = train_step(model, batches, encoder.pad_id, spec, opt, device, autocast,
+                            loaded.is_encoder_decoder, gather, on_batch=clock.add_batch,
+                            phase=phase)
+        if not math.isfinite(result.loss):
+            raise RuntimeError(f"training loss became {result.loss} at step {step}")
+        losses.append(result.loss)
         clock.step_end()
     clock.end()
     return {"losses": losses, "gathered_logits": gather,
-            "precision": "bf16 autocast (frozen weights stored in bf16)"
+            "precision": "bf16 autocast (frozen matrices stored in bf16, fp32 residual stream)"
             if spec.precision == "bf16" else "fp32",
-            "optimizer": "torch.optim.AdamW (defaults: single-tensor on CPU)",
+            "optimizer": opt.description,
             "warmup_steps": warmup_steps(spec)}
 
 

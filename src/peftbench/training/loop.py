@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import get_linear_schedule_with_warmup, set_seed
+from transformers import set_seed
 
 from peftbench.config import RunSpec
 from peftbench.evaluation.evaluator import Evaluator
@@ -24,9 +24,10 @@ from peftbench.training.batches import endless_batches
 from peftbench.training.device import autocast_factory, resolve_device
 from peftbench.training.encoding import TextEncoder, collate
 from peftbench.training.memory import PeakMemory
-from peftbench.training.objective import mean_loss, supports_gathered_logits
+from peftbench.training.objective import supports_gathered_logits
 from peftbench.training.precision import store_frozen_in_bf16
 from peftbench.training.provenance import hardware
+from peftbench.training.step import build_optimization, train_step
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -110,14 +111,10 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
                         for split in (task.validation, task.test))
 
     # 4. optimiser and schedule
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = spec.lr or method.default_lr
     record["run"]["lr"] = lr
-    # fused AdamW: one kernel over all parameters (the default loops tensor by tensor)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay, fused=True)
     total_steps = plan_steps(spec, len(train_set))
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, math.ceil(spec.warmup_ratio * total_steps), total_steps)
+    opt = build_optimization(model, lr, spec, total_steps)
     checkpoints = set(eval_steps(spec, total_steps))
     record["run"]["total_steps"] = total_steps
 
@@ -132,26 +129,15 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     for step in range(total_steps + 1):
         if step > 0:
             tick = time.perf_counter()
-            step_loss = 0.0
-            for _ in range(spec.grad_accum):
-                micro = next(batches)
-                batch = _to(collate(micro, encoder.pad_id), device)
-                with autocast():
-                    loss = mean_loss(model, batch, loaded.is_encoder_decoder, gather)
-                    loss = loss / spec.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-                samples += len(micro)
-                tokens += int(batch["attention_mask"].sum())
-            if not math.isfinite(step_loss):
-                raise Diverged(f"training loss became {step_loss} at step {step}")
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            result = train_step(model, batches, encoder.pad_id, spec, opt, device, autocast,
+                                loaded.is_encoder_decoder, gather)
+            if not math.isfinite(result.loss):
+                raise Diverged(f"training loss became {result.loss} at step {step}")
+            samples += result.samples
+            tokens += result.tokens
             train_seconds += time.perf_counter() - tick
-            losses.append(step_loss)
-            emit({"type": "step", "step": step, "total": total_steps, "loss": step_loss})
+            losses.append(result.loss)
+            emit({"type": "step", "step": step, "total": total_steps, "loss": result.loss})
         if step in checkpoints:
             tick = time.perf_counter()
             scores = validation.evaluate(model)
