@@ -24,6 +24,8 @@ browser:
 
 run: install
 	$(VENV)/bin/peftbench run quickstart
+	$(VENV)/bin/peftbench results --suite quickstart
+	$(VENV)/bin/peftbench report --suite quickstart --out quickstart-report.html
 
 test: install browser
 	$(PY) -m pytest -q
