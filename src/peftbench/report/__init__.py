@@ -23,8 +23,9 @@ def report_meta(analysis: Analysis, source: str, command: str) -> dict[str, Any]
              ("methods", str(len({c.key.method for c in cells}))),
              ("train sizes", ", ".join(f"{s:,}" for s in sorted({c.key.train_size
                                                                 for c in cells})) or "-"),
-             ("seeds", ", ".join(str(s) for s in sorted({s for c in cells for s in c.seeds}))
-              or "-"),
+             # the values, labelled as such: a card "0 / seeds" read as "no seeds"
+             ("seed values", ", ".join(str(s) for s in sorted({s for c in cells
+                                                                for s in c.seeds})) or "-"),
              ("models", ", ".join(sorted({c.key.model for c in cells})) or "-")]
     return {"source": source, "command": command, "version": __version__,
             "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
