@@ -47,7 +47,8 @@ def test_llama_counts_match_hand_computed():
     assert count_parameters(loaded.model) == (base, base)  # full: everything, tied counted once
 
     expected = {
-        "lora": layers * (r * (h + h) + r * (h + kv)),  # q_proj and v_proj
+        # all-linear: q, o (h -> h), k, v (h -> kv), gate, up (h -> inter), down (inter -> h)
+        "lora": layers * r * (2 * (h + h) + 2 * (h + kv) + 3 * (h + inter)),
         "ia3": layers * (kv + kv + inter),  # k, v (output side), down_proj (input side)
         "prompt_tuning": 20 * h,
         "bitfit": layers * (h + kv + kv + h + inter + inter + h),  # q k v o gate up down
@@ -55,6 +56,9 @@ def test_llama_counts_match_hand_computed():
     for method, trainable in expected.items():
         _, model = _apply("tiny-random-llama", method)
         assert count_parameters(model) == (trainable, base + trainable), method
+    _, model = _apply("tiny-random-llama", "lora", target_modules="q_proj,v_proj")  # the study's
+    study = layers * (r * (h + h) + r * (h + kv))
+    assert count_parameters(model) == (study, base + study)
 
 
 def test_t5_counts_match_hand_computed():
@@ -66,7 +70,8 @@ def test_t5_counts_match_hand_computed():
     attention_blocks = c.num_layers + 2 * c.num_decoder_layers  # self + cross in decoder
     ffn_blocks = c.num_layers + c.num_decoder_layers
     expected = {
-        "lora": attention_blocks * 2 * r * (d + inner),  # q and v
+        # all-linear: q k v o in every attention block, wi_0 wi_1 wo in every FFN
+        "lora": attention_blocks * 4 * r * (d + inner) + ffn_blocks * 3 * r * (d + ff),
         "ia3": attention_blocks * 2 * inner + ffn_blocks * ff,  # k, v; wo (input side)
         "prompt_tuning": 20 * d,
         "bitfit": attention_blocks * (3 * inner + d) + ffn_blocks * (2 * ff + d),

@@ -15,7 +15,8 @@ class Method(ABC):
     """One fine-tuning method. Subclasses declare a name, a default LR and their arguments.
 
     ``defaults`` lists every accepted ``--method-arg`` with its default value; a user value
-    must have a compatible type (``None`` defaults accept a list or a string).
+    must have a compatible type (``None`` defaults, and the keys in ``free_form``, accept a
+    list or a string, ``"a,b"`` meaning ``[a, b]``).
     """
 
     name: ClassVar[str]
@@ -23,6 +24,7 @@ class Method(ABC):
     default_lr: ClassVar[float]
     defaults: ClassVar[dict[str, Any]] = {}
     arg_help: ClassVar[dict[str, str]] = {}
+    free_form: ClassVar[frozenset[str]] = frozenset()
 
     def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults updated with ``overrides``; unknown keys and wrong types are errors."""
@@ -34,7 +36,8 @@ class Method(ABC):
                     f"--method-arg {key}={value!r}: method '{self.name}' has no argument "
                     f"'{key}'. Its arguments are: {known}."
                 )
-            args[key] = _coerce(self.name, key, value, self.defaults[key])
+            default = None if key in self.free_form else self.defaults[key]
+            args[key] = _coerce(self.name, key, value, default)
         return args
 
     @abstractmethod

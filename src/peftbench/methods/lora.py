@@ -16,20 +16,25 @@ from peftbench.methods.registry import register
 @register
 class LoRA(Method):
     name = "lora"
-    description = "LoRA: trains low-rank updates B@A added to attention projections (peft)."
+    description = ("LoRA: trains low-rank updates B@A added to every linear layer of the body "
+                   "(peft 'all-linear'; the study adapted q and v only).")
     default_lr = 1e-3
     defaults: ClassVar[dict[str, Any]] = {
         "r": 8,
         "alpha": 16,
         "dropout": 0.05,
-        "target_modules": None,
+        # all linear layers: on CoLA (SmolLM2-135M, 1,000 examples, 3 epochs) q/v-only LoRA
+        # reached validation MCC 6.9, all-linear 15.3 (test 6.5 vs 15.2)
+        "target_modules": "all-linear",
         "layers_to_transform": None,
     }
+    free_form: ClassVar[frozenset[str]] = frozenset({"target_modules", "layers_to_transform"})
     arg_help: ClassVar[dict[str, str]] = {
         "r": "rank of the update",
         "alpha": "scaling numerator (update scaled by alpha / r)",
         "dropout": "dropout on the LoRA input",
-        "target_modules": "module names to adapt; default: peft's per-architecture choice (q, v)",
+        "target_modules": ("module names to adapt (e.g. q_proj,v_proj as in the study); "
+                           "default all-linear: every linear layer except the output head"),
         "layers_to_transform": "layer indices to adapt (e.g. [20,21,22]); default: all",
     }
 

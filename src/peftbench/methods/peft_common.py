@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,19 @@ def task_type(encoder_decoder: bool) -> TaskType:
     return TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM
 
 
+@contextmanager
+def _no_peft_deprecation_warning() -> Iterator[None]:
+    """peft reads ``is_gradient_checkpointing``, a property transformers 5 deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        yield
+
+
 def wrap(model: nn.Module, config: PeftConfig, method: str) -> nn.Module:
     """``get_peft_model`` with configuration mistakes turned into a clear UsageError."""
     try:
-        with warnings.catch_warnings():  # peft reads a property transformers 5 deprecated
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                                    category=FutureWarning)
+        with _no_peft_deprecation_warning():
             return get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules that match nothing
         raise UsageError(f"method '{method}': peft rejected the configuration: {exc}") from None
@@ -32,4 +41,5 @@ def save_adapter(model: nn.Module, out_dir: Path) -> None:
 
 
 def load_adapter(base: nn.Module, out_dir: Path, **_: Any) -> nn.Module:
-    return PeftModel.from_pretrained(base, str(out_dir))
+    with _no_peft_deprecation_warning():
+        return PeftModel.from_pretrained(base, str(out_dir))
