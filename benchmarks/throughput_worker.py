@@ -236,10 +236,10 @@ def build(cfg: WorkerConfig) -> Setup:
     from transformers import set_seed
 
     from peftbench.config import RunSpec
-    from peftbench.methods import get_method
     from peftbench.models import load_model
     from peftbench.tasks import load_task
     from peftbench.training.encoding import TextEncoder
+    from peftbench.training.model_prep import attach_method
 
     overrides: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed,
                                  "max_steps": cfg.total_steps, "data_dir": cfg.data_dir,
@@ -256,10 +256,7 @@ def build(cfg: WorkerConfig) -> Setup:
     task = load_task(spec.task, data_dir=spec.data_dir, train_size=spec.train_size,
                      seed=spec.seed)
     loaded = load_model(spec.model, seed=spec.seed)
-    method = get_method(spec.method)
-    args = method.resolve_args(spec.method_args)
-    set_seed(spec.seed)
-    model = method.apply(loaded.model, args, encoder_decoder=loaded.is_encoder_decoder)
+    method, _, model = attach_method(spec, loaded)  # as training/loop.py, fp32 until placed
 
     encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder,
                           spec.max_source_length, spec.max_target_length)
@@ -300,7 +297,7 @@ def virtual_tokens(model) -> int:
 
 
 def warmup_steps(spec) -> int:
-    """peftbench's LR warm-up for the whole run (``training.step.warmup_steps``)."""
+    """peftbench's LR warm-up over this worker's whole run (its ``max_steps``)."""
     from peftbench.training import step
 
     return step.warmup_steps(spec, spec.max_steps)
@@ -312,9 +309,9 @@ def warmup_steps(spec) -> int:
 def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str, Any]:
     """peftbench's own training step: ``training.step.train_step``, as ``loop.py`` calls it.
 
-    Built as ``training/loop.py`` builds it: ``store_frozen_in_bf16`` after the method,
-    ``supports_gathered_logits``, ``build_optimization`` (fused AdamW, warm-up + linear
-    decay), ``endless_batches``. Additions: ``reseed`` before each step, the clock (which
+    Prepared with the loop's own functions: ``place_for_training`` (bf16 storage),
+    ``use_gathered_logits``, ``build_optimization`` (fused AdamW, warm-up + linear decay),
+    ``endless_batches``. Additions: ``reseed`` before each step, the clock (which
     counts each micro-batch's tokens through ``on_batch``), and, only when profiling,
     ``record_function`` labels around the step's phases.
     """
@@ -322,21 +319,16 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
 
     from peftbench.training.batches import endless_batches
     from peftbench.training.device import autocast_factory, resolve_device
-    from peftbench.training.encoding import collate
-    from peftbench.training.objective import supports_gathered_logits
-    from peftbench.training.precision import store_frozen_in_bf16
+    from peftbench.training.model_prep import place_for_training, use_gathered_logits
     from peftbench.training.step import build_optimization, train_step
 
     spec, loaded, model, encoder = setup.spec, setup.loaded, setup.model, setup.encoder
     device = resolve_device(spec.device)
     autocast = autocast_factory(device, spec.precision)
-    model.to(device)
-    if spec.precision == "bf16":
-        store_frozen_in_bf16(model)
-
+    place_for_training(model, spec, device)
     train_set = setup.train_set
-    probe = {k: v.to(device) for k, v in collate(train_set[:4], encoder.pad_id).items()}
-    gather = not loaded.is_encoder_decoder and supports_gathered_logits(model, probe, autocast)
+    gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
+                                 loaded.is_encoder_decoder)
     opt = build_optimization(model, setup.lr, spec, spec.max_steps)
     batches = endless_batches(train_set, spec.batch_size, spec.seed)
     losses: list[float] = []
@@ -361,7 +353,7 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
     return {"losses": losses, "gathered_logits": gather,
             "precision": "bf16 autocast (frozen matrices stored in bf16, fp32 residual stream)"
             if spec.precision == "bf16" else "fp32",
-            "optimizer": opt.description,
+            "optimizer": f"{type(opt.optimizer).__name__}(fused={opt.optimizer.defaults['fused']})",
             "warmup_steps": warmup_steps(spec)}
 
 

@@ -52,5 +52,9 @@ def test_recommend_answers_from_the_shipped_reference(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert code == 0
     answer = json.loads(out)
+    shipped = _shipped_quickstart()
     assert answer["source"]["suite"] == "quickstart"
+    assert answer["source"]["git_sha"] == shipped["git_sha"]  # answered from that very file
+    assert answer["evidence"] and all(row["task"] == "rotten_tomatoes"
+                                      for row in answer["evidence"])
     assert answer["recommended"]["method"] in {"full", "lora", "ia3", "prompt_tuning", "bitfit"}

@@ -149,6 +149,8 @@ def test_bf16_keeps_the_residual_stream_fp32_as_plain_autocast_does(name):
         store_frozen_in_bf16(model)
         store_frozen_in_bf16(model)  # idempotent: one hook, not two
         stored = model(input_ids=ids, output_hidden_states=True, **extra)
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert embeddings and all(len(m._forward_hooks) == 1 for m in embeddings)
     key = "decoder_hidden_states" if name.endswith("t5") else "hidden_states"
     assert stored[key][0].dtype == torch.float32
     assert stored[key][-1].dtype == reference[key][-1].dtype

@@ -14,6 +14,7 @@ do not fit a shared cache, use the naive path.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Sequence
 
@@ -33,7 +34,12 @@ def is_prompt_learning(model: nn.Module) -> bool:
 def _cache_argument(model: nn.Module) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older), as the model takes it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(type(base).forward).parameters
+    return _cache_argument_of(type(base))
+
+
+@functools.cache
+def _cache_argument_of(model_class: type) -> str:  # once per class, not per eval batch
+    parameters = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 

@@ -72,6 +72,11 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a collated batch to ``device``."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def left_pad(prompts: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Pad prompts on the left (decoder-only generation continues from the right edge)."""
     width = max(len(p) for p in prompts)

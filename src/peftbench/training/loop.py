@@ -12,20 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import set_seed
 
 from peftbench.config import RunSpec
 from peftbench.evaluation.evaluator import Evaluator
-from peftbench.methods import count_parameters, get_method
+from peftbench.methods import count_parameters
 from peftbench.models import load_model
 from peftbench.tasks import load_task
 from peftbench.training.batches import endless_batches
 from peftbench.training.device import autocast_factory, resolve_device
-from peftbench.training.encoding import TextEncoder, collate
+from peftbench.training.encoding import TextEncoder
 from peftbench.training.memory import PeakMemory
-from peftbench.training.objective import supports_gathered_logits
-from peftbench.training.precision import store_frozen_in_bf16
+from peftbench.training.model_prep import attach_method, place_for_training, use_gathered_logits
 from peftbench.training.provenance import hardware
 from peftbench.training.step import build_optimization, train_step
 
@@ -49,10 +47,6 @@ def eval_steps(spec: RunSpec, total: int) -> list[int]:
     """Validation points: step 0, every ``eval_every`` steps, and the last step."""
     every = spec.eval_every or max(1, math.ceil(total / spec.num_evals))
     return sorted({0, *range(every, total, every), total})
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def max_new_tokens(encoder: TextEncoder, targets: list[str], cap: int) -> int:
@@ -86,14 +80,9 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     record["provenance"]["model_fingerprint"] = loaded.fingerprint
 
     # 2. the method turns the base model into the model to train
-    method = get_method(spec.method)
-    args = method.resolve_args(spec.method_args)
+    method, args, model = attach_method(spec, loaded)
     record["run"]["method_args"] = args
-    set_seed(spec.seed)
-    model = method.apply(loaded.model, args, encoder_decoder=loaded.is_encoder_decoder)
-    model.to(device)
-    if spec.precision == "bf16":
-        store_frozen_in_bf16(model)
+    place_for_training(model, spec, device)
     trainable, total = count_parameters(model)
     record["params"] = {"trainable": trainable, "total": total,
                         "trainable_pct": 100.0 * trainable / total}
@@ -103,8 +92,8 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
                           spec.max_source_length, spec.max_target_length)
     train_set = [encoder.encode(e.input, e.target) for e in task.train]
     new_tokens = max_new_tokens(encoder, [e.target for e in task.train], spec.max_target_length)
-    gather = not loaded.is_encoder_decoder and supports_gathered_logits(
-        model, _to(collate(train_set[:4], encoder.pad_id), device), autocast)
+    gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
+                                 loaded.is_encoder_decoder)
     record["run"]["gathered_logits"] = gather
     validation, test = (Evaluator(task.spec, encoder, split, device, autocast,
                                   spec.batch_size * 2, new_tokens, gather)

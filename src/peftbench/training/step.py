@@ -10,14 +10,14 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from peftbench.config import RunSpec
-from peftbench.training.encoding import Encoded, collate
+from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.objective import mean_loss
 
 Batch = dict[str, torch.Tensor]
@@ -35,7 +35,6 @@ class Optimization:
     params: list[nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    description: str = field(default="")
 
 
 def build_optimization(model: nn.Module, lr: float, spec: RunSpec,
@@ -45,7 +44,7 @@ def build_optimization(model: nn.Module, lr: float, spec: RunSpec,
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=spec.weight_decay, fused=True)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps(spec, total_steps),
                                                 total_steps)
-    return Optimization(params, optimizer, scheduler, "torch.optim.AdamW(fused=True)")
+    return Optimization(params, optimizer, scheduler)
 
 
 @dataclass
@@ -74,8 +73,7 @@ def train_step(model: nn.Module, batches: Iterator[Sequence[Encoded]], pad_id: i
     for _ in range(spec.grad_accum):
         with phase("data"):
             micro = next(batches)
-            batch = {k: v.to(device, non_blocking=True)
-                     for k, v in collate(micro, pad_id).items()}
+            batch = to_device(collate(micro, pad_id), device)
         with phase("forward"), autocast():
             loss = mean_loss(model, batch, encoder_decoder, gather) / spec.grad_accum
         with phase("backward"):
