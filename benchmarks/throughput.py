@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="training examples drawn (rounded down to a multiple of the batch)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="method argument for every method that has it, as `peftbench train "
+                        "--method-arg` (e.g. target_modules=q_proj,v_proj); repeatable")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed repetition")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
@@ -101,7 +104,16 @@ def worker_config(args: argparse.Namespace, method: str, variant: str) -> Worker
         warmup=args.warmup, reps=args.reps, steps=args.steps, seed=args.seed,
         threads=args.threads or usable_cores(), precision=args.precision,
         max_source_length=args.seq_len, max_target_length=args.max_target_length,
-        loss_steps=args.loss_steps)
+        loss_steps=args.loss_steps, method_args=method_args_for(method, args.method_arg))
+
+
+def method_args_for(method: str, pairs: list[str]) -> dict[str, Any]:
+    """The ``--method-arg`` values that ``method`` accepts (others keep their defaults)."""
+    from peftbench.cli import parse_method_args
+    from peftbench.methods import get_method
+
+    accepted = get_method(method).defaults
+    return {k: v for k, v in parse_method_args(pairs).items() if k in accepted}
 
 
 # --------------------------------------------------------------------------- machine

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 VARIANTS = ("trainer_default", "trainer_tuned", "peftbench")
@@ -58,6 +58,7 @@ class WorkerConfig:
     max_source_length: int | None = None
     max_target_length: int | None = None
     loss_steps: int = 20
+    method_args: dict[str, Any] = field(default_factory=dict)  # overrides of method defaults
     profile_steps: int = 0  # > 0: profile this many steps after warm-up instead of timing reps
     profile_rows: int = 30
     profile_trace: str | None = None
@@ -243,7 +244,8 @@ def build(cfg: WorkerConfig) -> Setup:
 
     overrides: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed,
                                  "max_steps": cfg.total_steps, "data_dir": cfg.data_dir,
-                                 "train_size": cfg.train_size, "device": "cpu"}
+                                 "train_size": cfg.train_size, "device": "cpu",
+                                 "method_args": cfg.method_args}
     if cfg.precision:
         overrides["precision"] = cfg.precision
     if cfg.max_source_length:

@@ -186,3 +186,21 @@ def test_paper_suite_is_the_reference_grid():
     assert spec.models == ["google/flan-t5-base"]
     assert spec.tasks == ["ag_news", "cola", "e2e_nlg", "samsum"]
     assert spec.train_sizes == [100, 1000, 10000] and len(spec.seeds) == 3
+
+
+def test_run_hash_covers_resolved_method_defaults(monkeypatch):
+    """A run that relied on a default is another run once the default changes."""
+    from peftbench.config import RunSpec
+    from peftbench.methods import get_method
+
+    implicit = RunSpec(model="m", task="t", method="lora")
+    explicit = RunSpec(model="m", task="t", method="lora", lr=get_method("lora").default_lr,
+                       method_args={"r": 8, "target_modules": "all-linear"})
+    assert implicit.run_hash() == explicit.run_hash()
+    assert implicit.run_hash() != RunSpec(model="m", task="t", method="lora",
+                                          method_args={"r": 16}).run_hash()
+    before = implicit.run_hash()
+    monkeypatch.setitem(get_method("lora").defaults, "target_modules", "q_proj,v_proj")
+    assert implicit.run_hash() != before
+    monkeypatch.setattr(type(get_method("lora")), "default_lr", 5e-4)
+    assert explicit.run_hash() != implicit.run_hash()  # explicit lr kept, default lr moved

@@ -47,8 +47,20 @@ class RunSpec(BaseModel):
         return value
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define what is computed (paths and device left out)."""
-        return {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
+        """The fields that define what is computed (paths and device left out), with the
+        method's arguments and learning rate *resolved*: a run that relied on a default is
+        a different run once that default changes, so a store never counts it as done."""
+        fields = {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
+        from peftbench.errors import UsageError
+        from peftbench.methods import get_method
+
+        try:
+            method = get_method(self.method)
+            fields["method_args"] = method.resolve_args(self.method_args)
+        except UsageError:  # unknown method or argument: reported when the run starts
+            return fields
+        fields["lr"] = self.lr if self.lr is not None else method.default_lr
+        return fields
 
     def run_hash(self) -> str:
         """A short stable hash of :meth:`identity`: the run's id in results stores."""

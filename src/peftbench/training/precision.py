@@ -47,3 +47,21 @@ def store_frozen_in_bf16(model: nn.Module) -> int:
             cast += param.numel()
     embeddings_output_fp32(model)
     return cast
+
+
+def lora_inputs_uncast(model: nn.Module) -> int:
+    """Stop LoRA layers from copying a bf16 input to fp32 before the adapter; returns how many.
+
+    peft casts a layer's input to the adapter weights' dtype (fp32 here) before dropout and
+    ``lora_A``; under bf16 autocast ``lora_A`` casts it straight back to bf16, so that is two
+    copies and an fp32 activation kept for the backward per adapted layer, for nothing. Only
+    for use under autocast (bf16 mode), where the adapter's matmuls run in bf16 either way.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
+            changed += 1
+    return changed

@@ -1,0 +1,122 @@
+"""FastDropout: the same distribution as nn.Dropout, cheaper masks, used only in bf16 on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from peftbench.config import RunSpec
+from peftbench.methods import get_method
+from peftbench.models import load_model
+from peftbench.training.dropout import FastDropout, random_int16, use_fast_dropout
+from peftbench.training.model_prep import place_for_training
+
+
+def _sigmas(observed: float, p: float, n: int) -> float:
+    return abs(observed - p) / math.sqrt(p * (1 - p) / n)
+
+
+def test_random_int16_every_slice_of_a_word_is_uniform():
+    """All four 16-bit pieces of each 64-bit draw must be uniform (a [0, 2**63) draw would
+    leave the top piece non-negative)."""
+    torch.manual_seed(0)
+    bits = random_int16(torch.Size([4 * 200_000]), torch.device("cpu")).view(-1, 4)
+    for piece in range(4):
+        negative = (bits[:, piece] < 0).double().mean().item()
+        assert _sigmas(negative, 0.5, bits.shape[0]) < 5, (piece, negative)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_keeps_each_element_with_probability_one_minus_p_and_rescales(dtype, p):
+    torch.manual_seed(1)
+    dropout = FastDropout(p).train()
+    x = torch.full((1000, 1000), 3.0, dtype=dtype)
+    out = dropout(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    kept = out != 0
+    assert _sigmas(1 - kept.double().mean().item(), p, x.numel()) < 5
+    assert torch.all(out[kept] == (x[kept].float() * dropout.scale).to(dtype))
+    assert abs(dropout.scale * (1 - round(p * 65536) / 65536) - 1) < 1e-12  # unbiased
+
+
+def test_backward_uses_the_forward_mask():
+    torch.manual_seed(2)
+    x = torch.randn(64, 300, requires_grad=True)
+    out = FastDropout(0.2).train()(x)
+    out.backward(torch.ones_like(out))
+    expected = (out.detach() != 0).float() * (1 / (1 - round(0.2 * 65536) / 65536))
+    assert torch.equal(x.grad, expected)
+
+
+def test_seeded_masks_repeat_and_successive_masks_differ():
+    dropout = FastDropout(0.5).train()
+    x = torch.ones(10_000)
+    torch.manual_seed(3)
+    first, second = dropout(x), dropout(x)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x), first)
+    assert not torch.equal(first, second)
+
+
+def test_eval_p0_and_p1_behave_like_nn_dropout():
+    x = torch.randn(8, 8)
+    assert FastDropout(0.5).eval()(x) is x
+    assert FastDropout(0.0).train()(x) is x
+    assert torch.equal(FastDropout(1.0).train()(x), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        FastDropout(1.5)
+
+
+def test_use_fast_dropout_replaces_lora_dropout_and_keeps_the_state_dict():
+    loaded = load_model("tiny-random-llama", seed=0)
+    lora = get_method("lora")
+    model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False).train()
+    before = set(model.state_dict())
+    plain = [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
+    assert plain  # LoRA's dropout on each adapted layer
+    assert use_fast_dropout(model) == len(plain)
+    fast = [m for m in model.modules() if isinstance(m, FastDropout)]
+    assert len(fast) == len(plain) and all(m.training and m.p == 0.05 for m in fast)
+    assert not [m for m in model.modules() if type(m) is nn.Dropout and m.p > 0]
+    assert set(model.state_dict()) == before
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_only_bf16_mode_on_cpu_takes_the_fast_path(precision):
+    from peft.tuners.lora import LoraLayer
+
+    loaded = load_model("tiny-random-llama", seed=0)
+    lora = get_method("lora")
+    model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False)
+    spec = RunSpec(model="tiny-random-llama", task="toy_cls", method="lora",
+                   precision=precision, device="cpu")
+    place_for_training(model, spec, torch.device("cpu"))
+    fast = any(isinstance(m, FastDropout) for m in model.modules())
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    assert fast == (precision == "bf16")
+    assert all(m.cast_input_dtype_enabled == (precision == "fp32") for m in layers)
+
+
+def test_lora_without_the_fp32_input_copy_computes_the_same_under_autocast():
+    """Dropping peft's fp32 copy of the adapter input only removes casts: same outputs."""
+    from peftbench.training.precision import lora_inputs_uncast, store_frozen_in_bf16
+
+    loaded = load_model("tiny-random-llama", seed=0)
+    lora = get_method("lora")
+    model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; make the adapter contribute
+            torch.nn.init.normal_(param, std=0.5)
+    store_frozen_in_bf16(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(input_ids=ids).logits.float()
+        assert lora_inputs_uncast(model) > 0
+        uncast = model(input_ids=ids).logits.float()
+    scale = reference.abs().max().item()
+    assert (uncast - reference).abs().max().item() <= 0.02 * scale
