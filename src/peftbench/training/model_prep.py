@@ -17,7 +17,11 @@ from peftbench.models.base import LoadedModel
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.objective import supports_gathered_logits
-from peftbench.training.precision import lora_inputs_uncast, store_frozen_in_bf16
+from peftbench.training.precision import (
+    copy_out_of_checkpoint,
+    lora_inputs_uncast,
+    store_frozen_in_bf16,
+)
 
 
 def attach_method(spec: RunSpec, loaded: LoadedModel) -> tuple[Method, dict[str, Any], nn.Module]:
@@ -31,14 +35,16 @@ def attach_method(spec: RunSpec, loaded: LoadedModel) -> tuple[Method, dict[str,
 
 def place_for_training(model: nn.Module, spec: RunSpec, device: torch.device) -> None:
     """Move to ``device``. bf16 mode is the fast path: frozen matrices stored in bf16 once,
-    LoRA inputs not copied to fp32 and, on CPU, dropout with cheap masks
-    (:mod:`~peftbench.training.dropout`). fp32 mode changes nothing: it is the exact
-    reference that must match a plain Hugging Face run step for step."""
+    LoRA inputs not copied to fp32 and, on CPU, the checkpoint file's mapping released and
+    dropout with cheap masks (:mod:`~peftbench.training.dropout`). fp32 mode changes
+    nothing: it is the exact reference that must match a plain Hugging Face run step for
+    step."""
     model.to(device)
     if spec.precision == "bf16":
         store_frozen_in_bf16(model)
         lora_inputs_uncast(model)
         if device.type == "cpu":
+            copy_out_of_checkpoint(model)
             use_fast_dropout(model)
 
 

@@ -1,4 +1,5 @@
-"""FastDropout: the same distribution as nn.Dropout, cheaper masks, used only in bf16 on CPU."""
+"""The bf16 CPU fast path: FastDropout (same distribution as nn.Dropout, cheaper masks), no fp32
+copy of LoRA inputs, the checkpoint mapping released; fp32 mode untouched."""
 
 from __future__ import annotations
 
@@ -120,3 +121,31 @@ def test_lora_without_the_fp32_input_copy_computes_the_same_under_autocast():
         uncast = model(input_ids=ids).logits.float()
     scale = reference.abs().max().item()
     assert (uncast - reference).abs().max().item() <= 0.02 * scale
+
+
+def _mapped(path) -> bool:
+    return str(path) in open("/proc/self/maps").read()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="Linux only")
+def test_bf16_placement_lets_the_memory_mapped_checkpoint_go(tmp_path):
+    """fp32 tensors left after the bf16 cast must not keep the checkpoint file mapped (its
+    pages, read once by the cast, would stay in the process's RSS)."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_model("tiny-random-llama", seed=0)
+    loaded.model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    lora = get_method("lora")
+    model = lora.apply(base, lora.resolve_args({}), encoder_decoder=False)
+    gc.collect()
+    assert _mapped(weights)  # transformers memory-maps safetensors
+    spec = RunSpec(model="tiny-random-llama", task="toy_cls", method="lora", device="cpu")
+    place_for_training(model, spec, torch.device("cpu"))
+    gc.collect()
+    assert not _mapped(weights)
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
