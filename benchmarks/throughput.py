@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="method argument for every method that has it, as `peftbench train "
                         "--method-arg` (e.g. target_modules=q_proj,v_proj); repeatable")
+    p.add_argument("--compile", action="store_true",
+                   help="peftbench variant: torch.compile the training forward (`--compile` "
+                        "of peftbench train); compilation happens in the warm-up steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed repetition")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
@@ -104,7 +107,8 @@ def worker_config(args: argparse.Namespace, method: str, variant: str) -> Worker
         warmup=args.warmup, reps=args.reps, steps=args.steps, seed=args.seed,
         threads=args.threads or usable_cores(), precision=args.precision,
         max_source_length=args.seq_len, max_target_length=args.max_target_length,
-        loss_steps=args.loss_steps, method_args=method_args_for(method, args.method_arg))
+        loss_steps=args.loss_steps, method_args=method_args_for(method, args.method_arg),
+        compile=args.compile and variant == "peftbench")
 
 
 def method_args_for(method: str, pairs: list[str]) -> dict[str, Any]:

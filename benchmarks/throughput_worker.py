@@ -59,6 +59,7 @@ class WorkerConfig:
     max_target_length: int | None = None
     loss_steps: int = 20
     method_args: dict[str, Any] = field(default_factory=dict)  # overrides of method defaults
+    compile: bool = False  # peftbench variant: torch.compile the training forward
     profile_steps: int = 0  # > 0: profile this many steps after warm-up instead of timing reps
     profile_rows: int = 30
     profile_trace: str | None = None
@@ -245,7 +246,7 @@ def build(cfg: WorkerConfig) -> Setup:
     overrides: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed,
                                  "max_steps": cfg.total_steps, "data_dir": cfg.data_dir,
                                  "train_size": cfg.train_size, "device": "cpu",
-                                 "method_args": cfg.method_args}
+                                 "method_args": cfg.method_args, "compile": cfg.compile}
     if cfg.precision:
         overrides["precision"] = cfg.precision
     if cfg.max_source_length:
@@ -321,7 +322,11 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
 
     from peftbench.training.batches import endless_batches
     from peftbench.training.device import autocast_factory, resolve_device
-    from peftbench.training.model_prep import place_for_training, use_gathered_logits
+    from peftbench.training.model_prep import (
+        forward_for_training,
+        place_for_training,
+        use_gathered_logits,
+    )
     from peftbench.training.step import build_optimization, train_step
 
     spec, loaded, model, encoder = setup.spec, setup.loaded, setup.model, setup.encoder
@@ -332,6 +337,7 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
     gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
                                  loaded.is_encoder_decoder)
     opt = build_optimization(model, setup.lr, spec, spec.max_steps)
+    forward_model = forward_for_training(model, spec)
     batches = endless_batches(train_set, spec.batch_size, spec.seed)
     losses: list[float] = []
 
@@ -344,7 +350,7 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
     clock.begin()
     for step in range(1, spec.max_steps + 1):
         reseed(spec.seed, step)
-        result = train_step(model, batches, encoder.pad_id, spec, opt, device, autocast,
+        result = train_step(forward_model, batches, encoder.pad_id, spec, opt, device, autocast,
                             loaded.is_encoder_decoder, gather, on_batch=clock.add_batch,
                             phase=phase)
         if not math.isfinite(result.loss):

@@ -8,8 +8,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-# Fields that say *where* things are, not *what* is computed: left out of the run identity.
-_NON_IDENTITY_FIELDS = frozenset({"data_dir", "device"})
+# Fields that say *where* or *how* things run, not *what* is computed: left out of the run
+# identity (recorded in every result's config all the same).
+_NON_IDENTITY_FIELDS = frozenset({"data_dir", "device", "compile"})
 
 
 class RunSpec(BaseModel):
@@ -38,6 +39,7 @@ class RunSpec(BaseModel):
     max_target_length: int = Field(default=128, ge=1)
     precision: Literal["bf16", "fp32"] = "bf16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(default=False, description="torch.compile the training forward")
     data_dir: str | None = None
 
     @field_validator("method_args")

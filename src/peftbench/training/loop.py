@@ -23,7 +23,12 @@ from peftbench.training.batches import endless_batches
 from peftbench.training.device import autocast_factory, resolve_device
 from peftbench.training.encoding import TextEncoder
 from peftbench.training.memory import PeakMemory
-from peftbench.training.model_prep import attach_method, place_for_training, use_gathered_logits
+from peftbench.training.model_prep import (
+    attach_method,
+    forward_for_training,
+    place_for_training,
+    use_gathered_logits,
+)
 from peftbench.training.provenance import hardware
 from peftbench.training.step import build_optimization, train_step
 
@@ -108,6 +113,7 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     record["run"]["total_steps"] = total_steps
 
     # 5. the loop
+    forward_model = forward_for_training(model, spec)
     batches = endless_batches(train_set, spec.batch_size, spec.seed)
     curve = record["curve"]
     best_score, best_state, best_step = -math.inf, None, 0
@@ -118,7 +124,7 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     for step in range(total_steps + 1):
         if step > 0:
             tick = time.perf_counter()
-            result = train_step(model, batches, encoder.pad_id, spec, opt, device, autocast,
+            result = train_step(forward_model, batches, encoder.pad_id, spec, opt, device, autocast,
                                 loaded.is_encoder_decoder, gather)
             if not math.isfinite(result.loss):
                 raise Diverged(f"training loss became {result.loss} at step {step}")

@@ -48,6 +48,15 @@ def place_for_training(model: nn.Module, spec: RunSpec, device: torch.device) ->
             use_fast_dropout(model)
 
 
+def forward_for_training(model: nn.Module, spec: RunSpec) -> nn.Module:
+    """The module the training step calls: ``model`` itself, or with ``spec.compile`` a
+    ``torch.compile`` wrapper sharing its parameters (dynamic shapes: batches vary in
+    length). Evaluation keeps calling ``model``: generation's shapes would recompile."""
+    if not spec.compile:
+        return model
+    return torch.compile(model, dynamic=True)
+
+
 def use_gathered_logits(model: nn.Module, train_set: Sequence[Encoded], pad_id: int,
                         device: torch.device, autocast: Callable[[], AbstractContextManager],
                         encoder_decoder: bool) -> bool:
