@@ -54,9 +54,16 @@ def cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
 
 
 def check_store(db: Path) -> dict[str, dict]:
-    """No corruption, one row per run, every stored run final and with all its curve rows."""
+    """No corruption, one row per run, every stored run final and with all its curve rows.
+
+    A sweep killed while starting up may not have created the store (or its tables) yet.
+    """
+    if not db.exists():
+        return {}
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        if not conn.execute("SELECT name FROM sqlite_master WHERE name = 'runs'").fetchone():
+            return {}
         hashes = [r[0] for r in conn.execute("SELECT run_hash FROM runs")]
         orphans = conn.execute("SELECT COUNT(*) FROM curve WHERE run_hash NOT IN "
                                "(SELECT run_hash FROM runs)").fetchone()[0]

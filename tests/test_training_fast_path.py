@@ -151,6 +151,7 @@ def test_bf16_placement_lets_the_memory_mapped_checkpoint_go(tmp_path):
     assert norms and all(p.dtype == torch.float32 for p in norms)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 def test_compile_trains_the_same_model_and_keeps_the_run_identity(tmp_path):
     """``--compile`` wraps only the training forward: same losses as eager (fp32), same
     run hash (how it runs, not what it computes), and evaluation still works."""
