@@ -63,3 +63,48 @@ def test_generation_metrics_use_the_best_reference():
     assert "nrefs:2" in scores["bleu_signature"]
     low = generation_metrics(["completely different words"], [("the cat sat",)])
     assert low["rougeL"] == 0.0 and low["exact_match"] == 0.0
+
+
+def _soft_prompt_model():
+    loaded = load_model("tiny-random-llama", seed=0)
+    m = get_method("prompt_tuning")
+    model = m.apply(loaded.model, m.resolve_args({"num_virtual_tokens": 4}),
+                    encoder_decoder=False).eval()
+    generator = torch.Generator().manual_seed(0)
+    for param in model.parameters():  # a random tiny model repeats one token: vary it
+        param.data.add_(0.5 * torch.randn(param.shape, generator=generator))
+    enc = TextEncoder(loaded.tokenizer, False, 256, 32)
+    return model, enc, [enc.prompt_ids(p) for p in PROMPTS]
+
+
+def test_soft_prompt_generation_equals_step_by_step_decoding_without_cache():
+    """The cached loop must give the tokens of the plain definition: at each step run the
+    whole soft prompt + prompt + tokens so far through peft's forward and take the argmax."""
+    from peftbench.evaluation.soft_prompt import greedy_generate
+
+    model, enc, prompts = _soft_prompt_model()
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        fast = greedy_generate(model, ids, torch.ones_like(ids), 6, eos_id=-1, pad_id=enc.pad_id)
+        expected = []
+        with torch.no_grad():
+            for _ in range(6):
+                seq = torch.tensor([prompt + expected])
+                logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+                expected.append(int(logits[0, -1].argmax()))
+        assert fast[0].tolist() == expected
+
+
+def test_soft_prompt_generation_of_a_left_padded_row_equals_the_row_alone():
+    from peftbench.evaluation.soft_prompt import greedy_generate
+    from peftbench.training.encoding import left_pad
+
+    model, enc, prompts = _soft_prompt_model()
+    batch = left_pad(prompts, enc.pad_id)
+    together = greedy_generate(model, batch["input_ids"], batch["attention_mask"], 5,
+                               eos_id=-1, pad_id=enc.pad_id)
+    for row, prompt in enumerate(prompts):
+        ids = torch.tensor([prompt])
+        alone = greedy_generate(model, ids, torch.ones_like(ids), 5, eos_id=-1,
+                                pad_id=enc.pad_id)
+        assert together[row].tolist() == alone[0].tolist()

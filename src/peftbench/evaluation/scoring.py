@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from peftbench.evaluation import shared_prompt
+from peftbench.evaluation.soft_prompt import greedy_generate
 from peftbench.tasks.base import Example
 from peftbench.training.encoding import Encoded, TextEncoder, collate, left_pad
 from peftbench.training.objective import sequence_logprobs
@@ -59,6 +60,7 @@ def generate(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list[int]
              autocast: Autocast) -> list[str]:
     """Greedy decoding (KV cache on), batched by similar prompt length."""
     tokenizer = encoder.tokenizer
+    soft_prompt = not encoder.encoder_decoder and shared_prompt.is_prompt_learning(model)
     order = _by_length(prompts)
     outputs = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
@@ -70,10 +72,15 @@ def generate(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list[int]
             batch = left_pad([prompts[i] for i in rows], encoder.pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       num_beams=1, pad_token_id=encoder.pad_id,
-                                       eos_token_id=encoder.eos_id)
-        if not encoder.encoder_decoder:
+            if soft_prompt:  # peft's generate re-inserts the soft prompt at every step
+                generated = greedy_generate(model, batch["input_ids"], batch["attention_mask"],
+                                            max_new_tokens, encoder.eos_id, encoder.pad_id)
+            else:
+                generated = model.generate(**batch, max_new_tokens=max_new_tokens,
+                                           do_sample=False, num_beams=1,
+                                           pad_token_id=encoder.pad_id,
+                                           eos_token_id=encoder.eos_id)
+        if not encoder.encoder_decoder and not soft_prompt:
             generated = generated[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         for row, text in zip(rows, texts, strict=True):
