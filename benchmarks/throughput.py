@@ -120,6 +120,26 @@ def method_args_for(method: str, pairs: list[str]) -> dict[str, Any]:
     return {k: v for k, v in parse_method_args(pairs).items() if k in accepted}
 
 
+def check_method_args(methods: list[str], pairs: list[str]) -> None:
+    """Exit 2 before any measuring on an unknown method, a ``--method-arg`` that no chosen
+    method has, or a value of the wrong type (not a failed worker later)."""
+    from peftbench.cli import parse_method_args
+    from peftbench.errors import UsageError
+    from peftbench.methods import get_method
+
+    try:
+        given = parse_method_args(pairs)
+        for key in given:
+            if not any(key in get_method(m).defaults for m in methods):
+                raise UsageError(f"--method-arg {key}: none of the methods {', '.join(methods)} "
+                                 "has this argument (see `peftbench methods`).")
+        for method in methods:
+            get_method(method).resolve_args(method_args_for(method, pairs))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 # --------------------------------------------------------------------------- machine
 
 
@@ -365,6 +385,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run_profile(args: argparse.Namespace) -> None:
+    check_method_args([args.profile], args.method_arg)
     cfg = worker_config(args, args.profile, args.profile_variant)
     cfg.profile_steps = args.profile_steps
     cfg.profile_rows = args.profile_rows
@@ -393,6 +414,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"--variants: unknown {v!r}; choose from {', '.join(VARIANTS)}")
+    check_method_args(methods, args.method_arg)
     threads = args.threads or usable_cores()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = os.getloadavg()

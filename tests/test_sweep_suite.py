@@ -199,8 +199,11 @@ def test_run_hash_covers_resolved_method_defaults(monkeypatch):
     assert implicit.run_hash() == explicit.run_hash()
     assert implicit.run_hash() != RunSpec(model="m", task="t", method="lora",
                                           method_args={"r": 16}).run_hash()
+    pinned = explicit.run_hash()
     before = implicit.run_hash()
     monkeypatch.setitem(get_method("lora").defaults, "target_modules", "q_proj,v_proj")
     assert implicit.run_hash() != before
+    before = implicit.run_hash()
     monkeypatch.setattr(type(get_method("lora")), "default_lr", 5e-4)
-    assert explicit.run_hash() != implicit.run_hash()  # explicit lr kept, default lr moved
+    assert implicit.run_hash() != before  # the default LR moved
+    assert explicit.run_hash() == pinned  # everything spelled out: no default involved

@@ -52,10 +52,10 @@ class RunSpec(BaseModel):
         """The fields that define what is computed (paths and device left out), with the
         method's arguments and learning rate *resolved*: a run that relied on a default is
         a different run once that default changes, so a store never counts it as done."""
-        fields = {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
         from peftbench.errors import UsageError
-        from peftbench.methods import get_method
+        from peftbench.methods import get_method  # torch and peft: not at import time
 
+        fields = {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
         try:
             method = get_method(self.method)
             fields["method_args"] = method.resolve_args(self.method_args)

@@ -31,7 +31,7 @@ def is_prompt_learning(model: nn.Module) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """``cache`` (transformers >= 5.2x) or ``past_key_values`` (older), as the model takes it."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _cache_argument_of(type(base))
@@ -80,7 +80,7 @@ def decoder_scores(model: nn.Module, prompts: Sequence[list[int]],
     follow_positions = lengths[:, None] + torch.arange(follow.shape[1], device=device)
     attention = torch.cat([prompt_mask.repeat_interleave(k, dim=0), follow_mask], dim=1)
     logits = model(input_ids=follow, attention_mask=attention, position_ids=follow_positions,
-                   use_cache=False, **{_cache_argument(model): cache}).logits
+                   use_cache=False, **{cache_argument(model): cache}).logits
     targets = labels[:, 1:].repeat(n, 1).masked_fill(~label_mask[:, 1:].repeat(n, 1), IGNORE)
     nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE,
                           reduction="none")

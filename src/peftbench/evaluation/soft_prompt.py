@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftbench.evaluation.shared_prompt import _cache_argument
+from peftbench.evaluation.shared_prompt import cache_argument
+from peftbench.training.objective import last_position
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     mask = torch.cat([attention_mask.new_ones(rows, soft.shape[1]), attention_mask], dim=1)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = base(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-               use_cache=True, logits_to_keep=1)
+               use_cache=True, logits_to_keep=last_position(mask))
     finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     tokens: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
@@ -43,6 +44,6 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         positions = positions[:, -1:] + 1
         out = base(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                   use_cache=True, logits_to_keep=1,
-                   **{_cache_argument(model): out.past_key_values})
+                   use_cache=True, logits_to_keep=last_position(mask),
+                   **{cache_argument(model): out.past_key_values})
     return torch.stack(tokens, dim=1)
