@@ -6,9 +6,10 @@
 
 For every method it trains the same examples, batches and steps three ways, each in its own
 process (so peak RSS is per configuration), and reports tokens/s, the ratios between the
-variants, model FLOPs utilisation against this machine's measured bf16 matmul peak, peak
-RSS, and a step-by-step comparison of the first losses of peftbench against the default
-Trainer (the speed must not come from computing something else). See benchmarks/README.md.
+variants, model FLOPs utilisation against this machine's measured matmul peak in the
+precision peftbench computes in (bf16 where the CPU has bf16 units, else fp32), peak RSS,
+and a step-by-step comparison of the first losses of peftbench against the default Trainer
+(the speed must not come from computing something else). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-target-length", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all usable cores)")
-    p.add_argument("--precision", choices=["bf16", "fp32"], default=None,
-                   help="peftbench variant's precision (default: RunSpec's, bf16)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=None,
+                   help="peftbench variant's precision (default: RunSpec's, auto: bf16 where "
+                        "the CPU computes it natively, else fp32)")
     p.add_argument("--loss-steps", type=int, default=20, help="losses compared, from step 1")
     p.add_argument("--loss-rtol", type=float, default=0.03)
     p.add_argument("--loss-atol", type=float, default=0.01)
@@ -225,11 +227,29 @@ def worker_main(config_path: str, out_path: str) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def summarise(method: str, runs: dict[str, dict[str, Any]], peak_bf16: float,
+def compute_precision(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, int]]]:
+    """peftbench's resolved precision (what its variant computes in, so what MFU is measured
+    against) and the size of each peak measurement. A bf16 peak on a CPU that only emulates
+    bf16 (about 1 GFLOP/s on an AVX2 CPU) is measured small: at 2048 it would take minutes."""
+    import torch
+
+    from peftbench.config import RunSpec
+    from peftbench.training.device import has_fast_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    precision = resolve_precision(args.precision or RunSpec.model_fields["precision"].default,
+                                  cpu)
+    full = {"n": args.peak_n, "reps": args.peak_reps}
+    small = {"n": min(args.peak_n, 256), "reps": 2, "inner": 2}
+    return precision, {"fp32": full, "bf16": full if has_fast_bf16(cpu) else small}
+
+
+def summarise(method: str, runs: dict[str, dict[str, Any]], peak: float,
               args: argparse.Namespace) -> dict[str, Any]:
+    """One method's table row data; MFU against ``peak``, the peak of peftbench's precision."""
     full = method == "full"
     reference = runs.pop(REFERENCE, None)
-    stats = {v: rep_stats(r, full, peak_bf16) for v, r in runs.items() if "error" not in r}
+    stats = {v: rep_stats(r, full, peak) for v, r in runs.items() if "error" not in r}
     tps = {v: stats[v]["tokens_per_s"] if v in stats else None for v in runs}
     out: dict[str, Any] = {
         "tokens_per_s": tps,
@@ -298,12 +318,15 @@ def print_report(report: dict[str, Any]) -> None:
 
     console = Console(width=None if sys.stdout.isatty() else 150)
     peaks, settings = report["peaks"], report["settings"]
-    console.print(f"[bold]peak[/]: fp32 {peaks['fp32']['gflops_best']:.0f} GFLOP/s, bf16 "
-                  f"{peaks['bf16']['gflops_best']:.0f} GFLOP/s ({peaks['bf16']['n']}x"
-                  f"{peaks['bf16']['n']} matmul, {peaks['bf16']['threads']} threads, best of "
-                  f"{peaks['bf16']['reps']}, higher of before/after the runs: bf16 "
-                  f"{peaks['bf16'].get('gflops_best_before', 0):.0f} / "
-                  f"{peaks['bf16'].get('gflops_best_after', 0):.0f})")
+    against = peaks.get("mfu_against", "bf16")
+    ref = peaks[against]
+    console.print(f"[bold]peak[/]: fp32 {peaks['fp32']['gflops_best']:.0f} GFLOP/s "
+                  f"({peaks['fp32']['n']}x{peaks['fp32']['n']}), bf16 "
+                  f"{peaks['bf16']['gflops_best']:.1f} GFLOP/s ({peaks['bf16']['n']}x"
+                  f"{peaks['bf16']['n']}); {ref['threads']} threads, best of {ref['reps']}. "
+                  f"peftbench computes in {against}: MFU is against the {against} peak, the "
+                  f"higher of before/after the runs ({ref.get('gflops_best_before', 0):.0f} / "
+                  f"{ref.get('gflops_best_after', 0):.0f})")
     console.print(f"[bold]setup[/]: {settings['model']} on {settings['task']}, batch "
                   f"{settings['batch_size']}, {settings['warmup']} warm-up + "
                   f"{settings['reps']} x {settings['steps']} timed steps, load average "
@@ -419,9 +442,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_before = os.getloadavg()
     machine = machine_info(threads)
-    console.print(f"measuring matmul peak ({args.peak_n}x{args.peak_n}, {threads} threads)...")
-    peaks = {d: matmul_peak_gflops(d, n=args.peak_n, reps=args.peak_reps, threads=threads)
-             for d in ("fp32", "bf16")}
+    precision, peak_sizes = compute_precision(args)
+    console.print(f"peftbench computes in {precision}; measuring matmul peak "
+                  f"({args.peak_n}x{args.peak_n}, {threads} threads)...")
+    peaks = {d: matmul_peak_gflops(d, threads=threads, **size) for d, size in peak_sizes.items()}
     keep = Path(args.log_dir) if args.log_dir else None
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="throughput-")
     log_dir = keep or Path(tmp.name)  # type: ignore[union-attr]
@@ -441,7 +465,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     console.print(f"{fmt(tps, '.0f')} tokens/s (setup {run['setup_seconds']:.0f}"
                                   f" s, training {run['train_wall_seconds']:.0f} s, peak RSS "
                                   f"{run['peak_rss_mb']:.0f} MB)")
-            if (args.bf16_reference and "trainer_default" in variants
+            if (args.bf16_reference and precision == "bf16" and "trainer_default" in variants
                     and "peftbench" in variants):
                 console.print(f"{method} / {LABELS[REFERENCE]} ...", end=" ")
                 run = spawn(worker_config(args, method, REFERENCE), log_dir)
@@ -456,12 +480,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # a busy machine can only make the peak look lower: measure it again after the runs
     # and use the higher of the two for MFU
     console.print("measuring matmul peak again...")
-    for dtype in ("fp32", "bf16"):
-        again = matmul_peak_gflops(dtype, n=args.peak_n, reps=args.peak_reps, threads=threads)
+    for dtype, size in peak_sizes.items():
+        again = matmul_peak_gflops(dtype, threads=threads, **size)
         peaks[dtype]["gflops_best_before"] = peaks[dtype]["gflops_best"]
         peaks[dtype]["gflops_best_after"] = again["gflops_best"]
         peaks[dtype]["gflops_best"] = max(peaks[dtype]["gflops_best"], again["gflops_best"])
-    summaries = {method: summarise(method, runs, peaks["bf16"]["gflops_best"], args)
+    peaks["mfu_against"] = precision
+    summaries = {method: summarise(method, runs, peaks[precision]["gflops_best"], args)
                  for method, runs in all_runs.items()}
 
     report = {
@@ -481,6 +506,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "reps": args.reps, "warmup": args.warmup, "seq_len": args.seq_len,
             "max_target_length": args.max_target_length, "seed": args.seed,
             "threads": threads, "peftbench_precision": args.precision or "RunSpec default",
+            "peftbench_precision_resolved": precision,
             "methods": methods, "variants": variants, "method_args": args.method_arg,
             "peftbench_compile": args.compile,
         },

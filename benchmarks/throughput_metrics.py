@@ -66,7 +66,9 @@ FLOPS_FORMULA = {
               "2*N_trainable*P. The same formula for every variant, so a trainer that skips "
               "the prompt-position logits gets no credit for skipping them.",
     "mfu": "achieved FLOP/s (FLOPs of a repetition / its wall seconds) divided by the measured "
-           "bf16 2048x2048 matmul peak; median over repetitions",
+           "2048x2048 matmul peak in the precision peftbench computes in (peaks.mfu_against: "
+           "bf16 where the CPU has bf16 units, else fp32), for every variant; median over "
+           "repetitions",
 }
 
 

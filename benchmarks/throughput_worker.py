@@ -4,7 +4,8 @@ Variants:
 
 - ``trainer_default``  Hugging Face ``Trainer`` with ``TrainingArguments`` defaults, except
   what must be set to train the same thing (see :func:`trainer_arguments`); fp32.
-- ``trainer_tuned``    the same plus the usual speed flags: bf16 autocast, length-grouped
+- ``trainer_tuned``    the same plus the usual speed flags: bf16 autocast (where the hardware
+  computes bf16 natively, the rule of peftbench's ``precision: auto``), length-grouped
   sampling, sensible dataloader settings, no per-step logging or progress bar.
 - ``trainer_bf16``     optional reference: ``trainer_default`` plus ``bf16=True`` (standard
   autocast mixed precision with fp32 weights), same order: how far bf16 alone moves losses.
@@ -321,7 +322,7 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
     import torch
 
     from peftbench.training.batches import endless_batches
-    from peftbench.training.device import autocast_factory, resolve_device
+    from peftbench.training.device import autocast_factory, resolve_device, resolve_precision
     from peftbench.training.model_prep import (
         forward_for_training,
         place_for_training,
@@ -331,8 +332,9 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
 
     spec, loaded, model, encoder = setup.spec, setup.loaded, setup.model, setup.encoder
     device = resolve_device(spec.device)
-    autocast = autocast_factory(device, spec.precision)
-    place_for_training(model, spec, device)
+    precision = resolve_precision(spec.precision, device)
+    autocast = autocast_factory(device, precision)
+    fast_path = place_for_training(model, precision, device, exact=spec.precision == "fp32")
     train_set = setup.train_set
     gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
                                  loaded.is_encoder_decoder)
@@ -360,7 +362,10 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
     clock.end()
     return {"losses": losses, "gathered_logits": gather,
             "precision": "bf16 autocast (frozen matrices stored in bf16, fp32 residual stream)"
-            if spec.precision == "bf16" else "fp32",
+            if precision == "bf16" else "fp32, exact (torch dropout, peft's LoRA forward)"
+            if spec.precision == "fp32" else "fp32 (FastDropout masks, fused LoRA layers)",
+            "precision_resolved": precision,
+            "fast_path": fast_path,
             "optimizer": f"{type(opt.optimizer).__name__}(fused={opt.optimizer.defaults['fused']})",
             "warmup_steps": warmup_steps(spec)}
 
@@ -403,6 +408,17 @@ def dataloader_workers(threads: int) -> int:
     return 0 if threads <= 4 else 2
 
 
+def tuned_uses_bf16() -> bool:
+    """The tuned Trainer turns bf16 on where the hardware computes it natively, the rule of
+    peftbench's ``precision: auto``: nobody tuning for speed enables bf16 on a CPU that
+    emulates it (about 100x slower than fp32 there)."""
+    import torch
+
+    from peftbench.training.device import has_fast_bf16
+
+    return has_fast_bf16(torch.device("cpu"))
+
+
 def trainer_arguments(cfg: WorkerConfig, setup: Setup, out_dir: str, tuned: bool,
                       bf16: bool = False):
     """``TrainingArguments``: defaults, plus only what must be set (and the tuned flags)."""
@@ -433,7 +449,7 @@ def trainer_arguments(cfg: WorkerConfig, setup: Setup, out_dir: str, tuned: bool
     if tuned:
         workers = dataloader_workers(cfg.threads)
         kwargs.update(
-            bf16=True,
+            bf16=tuned_uses_bf16(),
             train_sampling_strategy="group_by_length",
             dataloader_num_workers=workers,
             dataloader_persistent_workers=workers > 0,
@@ -495,7 +511,8 @@ def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
     optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                      else trainer.optimizer).__name__
     return {"losses": losses,
-            "precision": "bf16 autocast (fp32 weights)" if tuned or bf16 else "fp32",
+            "precision": "bf16 autocast (fp32 weights)"
+            if bf16 or (tuned and tuned_uses_bf16()) else "fp32",
             "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})",
             "warmup_steps": warmup_steps(setup.spec),
             "training_arguments": {k: str(v) for k, v in args.to_dict().items()

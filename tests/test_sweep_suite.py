@@ -119,7 +119,7 @@ def test_unknown_key_in_overrides_and_axis_keys(tmp_path):
                                             "integer"),
     (("seeds: [0, 1]", "seeds: [0, 0]"), ":6: seeds[1]: duplicate entry 0"),
     (("{lr: 0.1,", "{precision: fp8,"), ":9: method_overrides.prompt_tuning.precision: Input "
-                                        "should be 'bf16' or 'fp32'"),
+                                        "should be 'auto', 'bf16' or 'fp32'"),
     (("prompt_tuning: {", "ia3: {"), ":9: method_overrides.ia3: 'ia3' is not one of this "
                                      "suite's methods"),
     (("method_overrides:", "task_overrides: {toy_gen: {}}\nmethod_overrides:"),

@@ -117,6 +117,7 @@ def test_gathered_target_logits_give_the_models_own_loss(method):
         assert torch.allclose(mean_loss(model, batch, False, gather=True), expected, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:precision bf16:RuntimeWarning")  # on AVX2-only CPUs
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_keeps_frozen_weights_bf16_and_trainable_fp32(tmp_path, method):
     from peftbench.training.precision import store_frozen_in_bf16

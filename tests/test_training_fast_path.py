@@ -86,20 +86,21 @@ def test_use_fast_dropout_replaces_lora_dropout_and_keeps_the_state_dict():
     assert set(model.state_dict()) == before
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_only_bf16_mode_on_cpu_takes_the_fast_path(precision):
+@pytest.mark.parametrize(("precision", "exact", "fast", "fused"),
+                         [("bf16", False, True, False), ("fp32", False, True, True),
+                          ("fp32", True, False, False)])
+def test_only_exact_fp32_keeps_torch_dropout_and_peft_lora(precision, exact, fast, fused):
     from peft.tuners.lora import LoraLayer
 
     loaded = load_model("tiny-random-llama", seed=0)
     lora = get_method("lora")
     model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False)
-    spec = RunSpec(model="tiny-random-llama", task="toy_cls", method="lora",
-                   precision=precision, device="cpu")
-    place_for_training(model, spec, torch.device("cpu"))
-    fast = any(isinstance(m, FastDropout) for m in model.modules())
+    applied = place_for_training(model, precision, torch.device("cpu"), exact=exact)
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert layers
-    assert fast == (precision == "bf16")
+    assert any(isinstance(m, FastDropout) for m in model.modules()) == fast
+    assert applied.get("fast_dropout", 0) == (len(layers) if fast else 0)
+    assert applied.get("fused_lora", 0) == (len(layers) if fused else 0)
     assert all(m.cast_input_dtype_enabled == (precision == "fp32") for m in layers)
 
 
@@ -143,8 +144,7 @@ def test_bf16_placement_lets_the_memory_mapped_checkpoint_go(tmp_path):
     model = lora.apply(base, lora.resolve_args({}), encoder_decoder=False)
     gc.collect()
     assert _mapped(weights)  # transformers memory-maps safetensors
-    spec = RunSpec(model="tiny-random-llama", task="toy_cls", method="lora", device="cpu")
-    place_for_training(model, spec, torch.device("cpu"))
+    place_for_training(model, "bf16", torch.device("cpu"))
     gc.collect()
     assert not _mapped(weights)
     norms = [p for n, p in model.named_parameters() if "norm" in n]

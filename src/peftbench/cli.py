@@ -81,7 +81,9 @@ def train(
     eval_every: Annotated[int | None, typer.Option(help="steps between validations")] = None,
     max_eval_examples: Annotated[int | None, typer.Option(
         help="cap on validation/test examples (fixed subset)")] = None,
-    precision: Annotated[str, typer.Option(help="bf16 (mixed) or fp32")] = "bf16",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 where the hardware computes it natively, else fp32), bf16 or fp32"),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     compile_forward: Annotated[bool, typer.Option(
         "--compile", help="torch.compile the training forward (pays on GPUs; on a 2-core "

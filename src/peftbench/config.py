@@ -37,7 +37,8 @@ class RunSpec(BaseModel):
     max_eval_examples: int | None = Field(default=None, ge=1)
     max_source_length: int = Field(default=256, ge=8)
     max_target_length: int = Field(default=128, ge=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        default="auto", description="auto: bf16 where the hardware computes it natively, else fp32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the training forward")
     data_dir: str | None = None

@@ -1,4 +1,4 @@
-"""Device choice and mixed precision."""
+"""Device choice and mixed precision: ``auto`` picks bf16 only where it is fast."""
 
 from __future__ import annotations
 
@@ -20,6 +20,41 @@ def resolve_device(choice: str) -> torch.device:
         raise UsageError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu "
                          "or --device auto.")
     return torch.device(choice)
+
+
+def has_fast_bf16(device: torch.device) -> bool:
+    """True where bf16 matrix products run on hardware made for them.
+
+    CUDA: what torch reports (Ampere and newer). CPU: AVX-512 BF16 or AMX instructions.
+    Without them oneDNN emulates bf16: measured on an AVX2-only AMD EPYC (Zen 3), a
+    512 x 512 bf16 matmul ran at 1.3 GFLOP/s against 131 GFLOP/s in fp32, so bf16 training
+    there would be about 100x slower, not faster.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where :func:`has_fast_bf16`, else ``fp32``; others as given."""
+    if choice == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    if choice not in ("bf16", "fp32"):
+        raise UsageError(f"precision {choice!r}: use auto, bf16 or fp32.")
+    return choice
+
+
+def slow_bf16_warning(choice: str, device: torch.device) -> str | None:
+    """A warning when bf16 was asked for explicitly on hardware that only emulates it."""
+    if choice != "bf16" or has_fast_bf16(device):
+        return None
+    where = "this CPU has no AVX-512 BF16 or AMX" if device.type == "cpu" else \
+        f"{device} does not support bf16"
+    return (f"precision bf16: {where}, so bf16 matrix products are emulated (about 100x "
+            "slower than fp32 on an AVX2 CPU); --precision auto picks fp32 here.")
 
 
 @contextlib.contextmanager

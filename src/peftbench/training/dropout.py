@@ -25,7 +25,7 @@ _LEVELS = 65536  # 16-bit random numbers
 _INT16_MIN = -32768
 
 
-def _masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int,
+def masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int,
                   scale: float) -> torch.Tensor:
     """``x * scale`` where ``bits >= threshold``, else 0, in ``x``'s dtype.
 
@@ -45,12 +45,12 @@ class _MaskedScale(torch.autograd.Function):
                 scale: float) -> torch.Tensor:
         ctx.save_for_backward(bits)
         ctx.threshold, ctx.scale = threshold, scale
-        return _masked_scale(x, bits, threshold, scale)
+        return masked_scale(x, bits, threshold, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (bits,) = ctx.saved_tensors
-        return _masked_scale(grad, bits, ctx.threshold, ctx.scale), None, None, None
+        return masked_scale(grad, bits, ctx.threshold, ctx.scale), None, None, None
 
 
 def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:

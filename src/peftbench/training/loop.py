@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,12 @@ from peftbench.methods import count_parameters
 from peftbench.models import load_model
 from peftbench.tasks import load_task
 from peftbench.training.batches import endless_batches
-from peftbench.training.device import autocast_factory, resolve_device
+from peftbench.training.device import (
+    autocast_factory,
+    resolve_device,
+    resolve_precision,
+    slow_bf16_warning,
+)
 from peftbench.training.encoding import TextEncoder
 from peftbench.training.memory import PeakMemory
 from peftbench.training.model_prep import (
@@ -66,7 +72,12 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     emit = on_event or (lambda event: None)
     memory = PeakMemory()
     device = resolve_device(spec.device)
-    autocast = autocast_factory(device, spec.precision)
+    precision = resolve_precision(spec.precision, device)
+    record["run"]["precision"] = precision
+    if warning := slow_bf16_warning(spec.precision, device):
+        record["run"]["warnings"] = [warning]
+        warnings.warn(warning, RuntimeWarning, stacklevel=2)
+    autocast = autocast_factory(device, precision)
     record["provenance"]["hardware"] = hardware(device)
 
     # 1. data and model, seeded before anything random is built
@@ -87,7 +98,8 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     # 2. the method turns the base model into the model to train
     method, args, model = attach_method(spec, loaded)
     record["run"]["method_args"] = args
-    place_for_training(model, spec, device)
+    record["run"]["fast_path"] = place_for_training(model, precision, device,
+                                                    exact=spec.precision == "fp32")
     trainable, total = count_parameters(model)
     record["params"] = {"trainable": trainable, "total": total,
                         "trainable_pct": 100.0 * trainable / total}

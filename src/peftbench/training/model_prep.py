@@ -16,6 +16,7 @@ from peftbench.methods.base import Method
 from peftbench.models.base import LoadedModel
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
+from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.objective import supports_gathered_logits
 from peftbench.training.precision import (
     copy_out_of_checkpoint,
@@ -33,19 +34,30 @@ def attach_method(spec: RunSpec, loaded: LoadedModel) -> tuple[Method, dict[str,
     return method, args, model
 
 
-def place_for_training(model: nn.Module, spec: RunSpec, device: torch.device) -> None:
-    """Move to ``device``. bf16 mode is the fast path: frozen matrices stored in bf16 once,
-    LoRA inputs not copied to fp32 and, on CPU, the checkpoint file's mapping released and
-    dropout with cheap masks (:mod:`~peftbench.training.dropout`). fp32 mode changes
-    nothing: it is the exact reference that must match a plain Hugging Face run step for
-    step."""
+def place_for_training(model: nn.Module, precision: str, device: torch.device,
+                       exact: bool = False) -> dict[str, int]:
+    """Move to ``device`` and apply the fast path for the resolved ``precision``; returns
+    what was applied (counts of tensors / modules), for the run record.
+
+    bf16: frozen matrices stored in bf16 once, LoRA inputs not copied to fp32 and, on CPU,
+    the checkpoint file's mapping released. On CPU, unless ``exact``: dropout with cheap
+    masks (:mod:`~peftbench.training.dropout`) and, in fp32, plain LoRA layers as one
+    autograd function (:mod:`~peftbench.training.fused_lora`). ``exact`` fp32 (an explicit
+    ``precision: fp32``) changes nothing: it is the reference that must match a plain
+    Hugging Face run step for step, dropout masks included.
+    """
     model.to(device)
-    if spec.precision == "bf16":
-        store_frozen_in_bf16(model)
-        lora_inputs_uncast(model)
+    applied: dict[str, int] = {}
+    if precision == "bf16":
+        applied["frozen_bf16_elements"] = store_frozen_in_bf16(model)
+        applied["lora_inputs_uncast"] = lora_inputs_uncast(model)
         if device.type == "cpu":
-            copy_out_of_checkpoint(model)
-            use_fast_dropout(model)
+            applied["copied_out_of_checkpoint"] = copy_out_of_checkpoint(model)
+    if device.type == "cpu" and not (exact and precision == "fp32"):
+        applied["fast_dropout"] = use_fast_dropout(model)
+        if precision == "fp32":
+            applied["fused_lora"] = fuse_lora_layers(model)
+    return applied
 
 
 def forward_for_training(model: nn.Module, spec: RunSpec) -> nn.Module:

@@ -1,0 +1,126 @@
+"""LoRA layers as one autograd function, for fp32 training on CPUs without bf16 units.
+
+peft computes a LoRA layer as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: a dropout
+over the input, kept in full for ``lora_A``'s weight gradient in every adapted layer, two
+small matmuls, a multiply by ``scaling`` and an add over the whole output, each with its
+own backward. :class:`_LoraLinear` does the same arithmetic with fewer passes over memory:
+
+- the adapter's output is added inside the base matmul's output buffer (``addmm_`` with
+  ``scaling * lora_B``): no separate multiply and add over the output;
+- it keeps the input ``x`` itself for the backward (q, k and v, or gate and up, read the
+  same tensor, so it is kept once) and the dropout's 16-bit random numbers, and rebuilds
+  the dropped input in the backward instead of keeping a 4-byte copy per adapted layer;
+- dropout draws :mod:`~peftbench.training.dropout`'s masks (same distribution as
+  ``nn.Dropout``, other masks), so exact fp32 runs (``precision: fp32``) do not use it.
+
+Only plain LoRA on an fp32 ``nn.Linear`` with one active adapter is fused (no DoRA, no LoRA
+bias, no ``fan_in_fan_out``), and only outside autocast; anything else runs peft's forward.
+The bf16 path keeps peft's forward: a bf16 version was not measured on hardware with bf16
+units, and nothing unmeasured goes into the fast path.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftbench.training.dropout import FastDropout, masked_scale, random_int16
+
+_ORIGINAL_FORWARD = "_peftbench_peft_forward"
+
+
+class _LoraLinear(torch.autograd.Function):
+    """``x W^T (+ bias) + scaling * dropout(x) A^T B^T``; only A and B are trained."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                dropout: FastDropout | None) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        scaled_b = lora_b * scaling
+        bits = None
+        dropped = rows
+        if dropout is not None:
+            bits = random_int16(rows.shape, rows.device)
+            dropped = masked_scale(rows, bits, dropout.threshold, dropout.scale)
+        hidden = dropped @ lora_a.t()
+        out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        out.addmm_(hidden, scaled_b.t())
+        ctx.save_for_backward(x, weight, lora_a, scaled_b, hidden, bits)
+        ctx.scaling, ctx.dropout = scaling, dropout
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, lora_a, scaled_b, hidden, bits = ctx.saved_tensors
+        dropout = ctx.dropout
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_hidden = g @ scaled_b  # (tokens, r)
+        grad_x = grad_bias = grad_a = grad_b = None
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ hidden).mul_(ctx.scaling)
+        if ctx.needs_input_grad[3]:
+            rows = x.reshape(-1, x.shape[-1])
+            dropped = rows if bits is None else masked_scale(rows, bits, dropout.threshold,
+                                                             dropout.scale)
+            grad_a = grad_hidden.t() @ dropped
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+            if bits is None:
+                grad_x.addmm_(grad_hidden, lora_a)
+            else:
+                grad_x += masked_scale(grad_hidden @ lora_a, bits, dropout.threshold,
+                                       dropout.scale)
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _fusable(module: nn.Module) -> bool:
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(module, LoraLinear) or not isinstance(module.get_base_layer(), nn.Linear):
+        return False
+    if getattr(module, "fan_in_fan_out", False) or len(module.active_adapters) != 1:
+        return False
+    name = module.active_adapters[0]
+    if name not in module.lora_A or name in getattr(module, "lora_variant", {}):
+        return False
+    if getattr(module.lora_B[name], "bias", None) is not None:
+        return False
+    return isinstance(module.lora_dropout[name], FastDropout | nn.Identity)
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's forward as one :class:`_LoraLinear` in the plain fp32 case, else peft's own."""
+    base = self.get_base_layer()
+    if (args or kwargs or self.disable_adapters or self.merged
+            or len(self.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type)):
+        return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if not (x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32):
+        return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    active = dropout if isinstance(dropout, FastDropout) and dropout.training else None
+    return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b,
+                             float(self.scaling[name]), active)
+
+
+def fuse_lora_layers(model: nn.Module) -> int:
+    """Route every fusable LoRA layer of ``model`` through :class:`_LoraLinear`; returns how
+    many (idempotent). Call after :func:`~peftbench.training.dropout.use_fast_dropout`. The
+    parameters, and so the saved adapter, stay peft's."""
+    fused = 0
+    for module in model.modules():
+        if not _fusable(module):
+            continue
+        if not hasattr(module, _ORIGINAL_FORWARD):
+            setattr(module, _ORIGINAL_FORWARD, module.forward)
+            module.forward = types.MethodType(_fused_forward, module)
+        fused += 1
+    return fused
