@@ -70,6 +70,7 @@ def test_a_run_records_the_precision_it_computed_in(tmp_path, monkeypatch, fast,
     assert record["status"] == "completed", record["error"]
     assert record["run"]["config"]["precision"] == "auto"
     assert record["run"]["precision"] == expected
+    assert record["provenance"]["hardware"]["precision"] == expected  # shown in reports
     assert "warnings" not in record["run"]
 
 
