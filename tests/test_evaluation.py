@@ -17,8 +17,11 @@ PROMPTS = ["Is this good? yes it is\nAnswer:", "short\nAnswer:",
 LABELS = ["positive", "negative", "quite neutral indeed"]
 
 
-@pytest.mark.parametrize("model_name", ["tiny-random-llama", "tiny-random-t5"])
-@pytest.mark.parametrize("method", ["lora", "bitfit", "full"])
+@pytest.mark.parametrize(("model_name", "method"), [
+    *[(name, method) for name in ("tiny-random-llama", "tiny-random-t5")
+      for method in ("lora", "bitfit", "full")],
+    ("tiny-random-llama", "prompt_tuning"),  # virtual tokens in the shared cache
+])
 def test_shared_prompt_scores_equal_naive_scores(model_name, method):
     loaded = load_model(model_name, seed=0)
     m = get_method(method)

@@ -28,10 +28,11 @@ def rank_classify(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list
     """Index of the most likely label verbalizer for each prompt.
 
     Each prompt is computed once and shared by its K labels (:mod:`shared_prompt`), except
-    for soft-prompt models, which score the K ``prompt + label`` sequences separately.
+    for encoder-decoder soft-prompt models, which score the K ``prompt + label`` sequences
+    separately.
     """
     label_ids = [encoder.target_ids(label) for label in labels]
-    shared = not shared_prompt.is_prompt_learning(model)
+    shared = not (encoder.encoder_decoder and shared_prompt.is_prompt_learning(model))
     per_batch = batch_size if shared else max(1, batch_size // len(labels))
     order = _by_length(prompts)
     predictions = [0] * len(prompts)

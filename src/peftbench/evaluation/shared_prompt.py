@@ -8,8 +8,10 @@ tokens, is computed K times. Here the prompt runs once:
   position it has in the plain ``prompt + label`` sequence);
 - encoder-decoder: the encoder runs once and its output is repeated for the K decoder passes.
 
-The scores equal the naive ones (tests check it); soft-prompt models, whose virtual tokens
-do not fit a shared cache, use the naive path.
+The scores equal the naive ones (tests check it). Decoder-only soft-prompt (prompt tuning)
+models put their virtual tokens into the cache in front of the prompt
+(:func:`soft_prompt_prefill`) and score the labels with the base model on top of it;
+encoder-decoder soft-prompt models use the naive path.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,25 @@ def _cache_argument_of(model_class: type) -> str:  # once per class, not per eva
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def soft_prompt_prefill(model: nn.Module, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Run a decoder-only prompt-tuning model's virtual tokens and the left-padded prompts
+    through its base model once, filling the KV cache: (output with the last position's
+    logits, mask over virtual + prompt tokens, their position ids). Positions follow the
+    mask, so a left-padded row sees what it sees alone (virtual tokens at 0..V-1, as in
+    training, where peft prepends them to right-padded rows)."""
+    rows = input_ids.shape[0]
+    soft = model.get_prompt(batch_size=rows)
+    embeds = model.word_embeddings(input_ids)
+    inputs = torch.cat([soft.to(embeds.dtype), embeds], dim=1)
+    mask = torch.cat([attention_mask.new_ones(rows, soft.shape[1]), attention_mask], dim=1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model.get_base_model()(inputs_embeds=inputs, attention_mask=mask,
+                                 position_ids=positions, use_cache=True,
+                                 logits_to_keep=last_position(mask))
+    return out, mask, positions
+
+
 def _label_matrix(label_ids: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, ...]:
     """(K, L) label ids padded with ``pad_id`` and the (K, L) mask of real label tokens."""
     width = max(len(ids) for ids in label_ids)
@@ -60,11 +82,16 @@ def decoder_scores(model: nn.Module, prompts: Sequence[list[int]],
     """(B, K) summed log-probabilities of each label after each prompt, decoder-only model."""
     batch = {k: v.to(device) for k, v in left_pad(prompts, pad_id).items()}
     n, k = len(prompts), len(label_ids)
-    prompt_mask = batch["attention_mask"]
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=batch["input_ids"], attention_mask=prompt_mask,
-                position_ids=positions, use_cache=True,
-                logits_to_keep=last_position(prompt_mask))
+    if is_prompt_learning(model):
+        out, prompt_mask, _ = soft_prompt_prefill(model, batch["input_ids"],
+                                                  batch["attention_mask"])
+        model = model.get_base_model()  # the labels follow the cache, no second soft prompt
+    else:
+        prompt_mask = batch["attention_mask"]
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=batch["input_ids"], attention_mask=prompt_mask,
+                    position_ids=positions, use_cache=True,
+                    logits_to_keep=last_position(prompt_mask))
     first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V): predicts label token 0
     labels, label_mask = (t.to(device) for t in _label_matrix(label_ids, pad_id))
     scores = first[:, labels[:, 0]]  # (B, K)

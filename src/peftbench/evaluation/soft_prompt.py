@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftbench.evaluation.shared_prompt import cache_argument
+from peftbench.evaluation.shared_prompt import cache_argument, soft_prompt_prefill
 from peftbench.training.objective import last_position
 
 
@@ -25,13 +25,7 @@ def greedy_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """(B, <= max_new_tokens) new tokens; rows that ended with ``eos_id`` are padded."""
     base = model.get_base_model()
     rows = input_ids.shape[0]
-    soft = model.get_prompt(batch_size=rows)
-    embeds = model.word_embeddings(input_ids)
-    inputs = torch.cat([soft.to(embeds.dtype), embeds], dim=1)
-    mask = torch.cat([attention_mask.new_ones(rows, soft.shape[1]), attention_mask], dim=1)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = base(inputs_embeds=inputs, attention_mask=mask, position_ids=positions,
-               use_cache=True, logits_to_keep=last_position(mask))
+    out, mask, positions = soft_prompt_prefill(model, input_ids, attention_mask)
     finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     tokens: list[torch.Tensor] = []
     for _ in range(max_new_tokens):
