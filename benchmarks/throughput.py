@@ -445,6 +445,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     precision, peak_sizes = compute_precision(args)
     console.print(f"peftbench computes in {precision}; measuring matmul peak "
                   f"({args.peak_n}x{args.peak_n}, {threads} threads)...")
+    if args.bf16_reference and precision != "bf16":
+        console.print("(a') bf16 loss reference skipped: it calibrates bf16 deviations and "
+                      "peftbench computes in fp32 here")
     peaks = {d: matmul_peak_gflops(d, threads=threads, **size) for d, size in peak_sizes.items()}
     keep = Path(args.log_dir) if args.log_dir else None
     tmp = None if keep else tempfile.TemporaryDirectory(prefix="throughput-")

@@ -66,7 +66,8 @@ FLOPS_FORMULA = {
               "2*N_trainable*P. The same formula for every variant, so a trainer that skips "
               "the prompt-position logits gets no credit for skipping them.",
     "mfu": "achieved FLOP/s (FLOPs of a repetition / its wall seconds) divided by the measured "
-           "2048x2048 matmul peak in the precision peftbench computes in (peaks.mfu_against: "
+           "matmul peak (2048x2048 unless --peak-n) in the precision peftbench computes in "
+           "(peaks.mfu_against: "
            "bf16 where the CPU has bf16 units, else fp32), for every variant; median over "
            "repetitions",
 }
@@ -134,7 +135,7 @@ def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
                ref_factor: float = 2.0) -> dict[str, Any]:
     """Compare the first ``steps`` losses of peftbench (c) with the default Trainer (a).
 
-    Fixed bf16 tolerance: ``|c - a| <= atol + rtol * |a|`` at every step. With ``reference``
+    Fixed tolerance (bf16's): ``|c - a| <= atol + rtol * |a|`` at every step. With ``reference``
     (a'), the default Trainer with standard bf16 autocast in the same order, a step may also
     deviate up to ``ref_factor`` times as much as a' does there:
     ``|c - a| <= atol + max(rtol * |a|, ref_factor * |a' - a|)``. Adam's first updates are

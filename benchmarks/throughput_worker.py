@@ -55,7 +55,7 @@ class WorkerConfig:
     steps: int = 10
     seed: int = 0
     threads: int = 0
-    precision: str | None = None  # peftbench variant: bf16 | fp32 (default: RunSpec's)
+    precision: str | None = None  # peftbench variant: auto | bf16 | fp32 (default: RunSpec's)
     max_source_length: int | None = None
     max_target_length: int | None = None
     loss_steps: int = 20

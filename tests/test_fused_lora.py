@@ -14,11 +14,10 @@ from peftbench.training.fused_lora import fuse_lora_layers
 IDS = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
 
 
-def _lora_model(fused: bool, target_modules: str | None = None) -> torch.nn.Module:
+def _lora_model(fused: bool) -> torch.nn.Module:
     loaded = load_model("tiny-random-llama", seed=0)
     lora = get_method("lora")
-    args = lora.resolve_args({} if target_modules is None else
-                             {"target_modules": target_modules})
+    args = lora.resolve_args({})
     torch.manual_seed(0)
     model = lora.apply(loaded.model, args, encoder_decoder=False).train()
     torch.manual_seed(1)
@@ -48,6 +47,24 @@ def test_fused_layers_compute_what_peft_computes(train):
     assert grads_plain.keys() == grads_fused.keys() and grads_plain
     for name, grad in grads_plain.items():
         assert torch.allclose(grads_fused[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_gradients_of_the_fused_function_match_finite_differences():
+    """float64 gradcheck of the autograd function itself: bias, a non-contiguous input and
+    dropout off (its random draws would differ between the evaluations)."""
+    from peftbench.training.fused_lora import _LoraLinear
+
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    x = leaf(3, 6, 4).transpose(1, 2)  # (3, 4, 6), not contiguous
+    weight = torch.randn(5, 6, generator=gen, dtype=torch.float64)  # frozen
+    bias, lora_a, lora_b = leaf(5), leaf(2, 6), leaf(5, 2)
+    assert torch.autograd.gradcheck(
+        lambda x, bias, a, b: _LoraLinear.apply(x, weight, bias, a, b, 1.5, None),
+        (x, bias, lora_a, lora_b))
 
 
 def test_dropout_is_applied_and_rebuilt_in_the_backward():
@@ -92,15 +109,24 @@ def test_peft_forward_runs_where_the_plain_case_does_not_apply():
 
     model = _lora_model(True).eval()
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
-    x = torch.randn(2, 3, layer.in_features)
-    assert type(layer(x).grad_fn).__name__ == "_LoraLinearBackward"
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)  # every output has a grad_fn
+
+    def computed_by(out: torch.Tensor) -> str:
+        return type(out.grad_fn).__name__
+
+    assert computed_by(layer(x)) == "_LoraLinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert type(layer(x).grad_fn).__name__ != "_LoraLinearBackward"
+        assert computed_by(layer(x)) not in ("_LoraLinearBackward", "NoneType")
     layer.enable_adapters(False)
     assert torch.equal(layer(x), layer.get_base_layer()(x))
     layer.enable_adapters(True)
+    layer.get_base_layer().weight.requires_grad_(True)  # a trained base: peft's forward
+    assert computed_by(layer(x)) not in ("_LoraLinearBackward", "NoneType")
+    layer.get_base_layer().weight.requires_grad_(False)
     layer.merge()
-    assert type(layer(x).grad_fn).__name__ != "_LoraLinearBackward"
+    merged = layer(x)
+    assert computed_by(merged) not in ("_LoraLinearBackward", "NoneType")
+    assert torch.equal(merged, layer.get_base_layer()(x))
 
 
 def test_fusing_changes_neither_parameters_nor_the_saved_adapter():

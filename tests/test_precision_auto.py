@@ -65,8 +65,8 @@ def test_a_run_records_the_precision_it_computed_in(tmp_path, monkeypatch, fast,
     spec = RunSpec(model="tiny-random-llama", task="toy_cls", method="lora", train_size=32,
                    max_steps=2, batch_size=8, eval_every=2, max_eval_examples=8, device="cpu")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # auto never warns
-        record = execute(spec, tmp_path)
+        warnings.filterwarnings("error", message="precision bf16", category=RuntimeWarning)
+        record = execute(spec, tmp_path)  # auto never warns about emulated bf16
     assert record["status"] == "completed", record["error"]
     assert record["run"]["config"]["precision"] == "auto"
     assert record["run"]["precision"] == expected
@@ -84,3 +84,11 @@ def test_a_run_in_explicit_bf16_on_emulating_hardware_says_so(tmp_path, monkeypa
     assert record["status"] == "completed", record["error"]
     assert record["run"]["precision"] == "bf16"
     assert "emulated" in record["run"]["warnings"][0]
+
+
+@pytest.mark.parametrize(("capability", "fast"), [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_cuda_bf16_is_fast_from_ampere_on_not_where_torch_emulates_it(monkeypatch, capability,
+                                                                        fast):
+    """``torch.cuda.is_bf16_supported()`` also says yes on a T4 or V100, which emulate bf16."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda _device=None: capability)
+    assert has_fast_bf16(torch.device("cuda")) is fast

@@ -14,7 +14,9 @@ _NON_IDENTITY_FIELDS = frozenset({"data_dir", "device", "compile"})
 
 
 class RunSpec(BaseModel):
-    """Everything that determines one run. Two equal specs compute the same thing."""
+    """Everything that determines one run. Two equal specs compute the same thing, up to
+    what ``auto`` leaves to the machine: the device and, with ``precision: auto``, bf16 or
+    fp32 (each result records the precision it used, ``run.precision``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -25,13 +25,14 @@ def resolve_device(choice: str) -> torch.device:
 def has_fast_bf16(device: torch.device) -> bool:
     """True where bf16 matrix products run on hardware made for them.
 
-    CUDA: what torch reports (Ampere and newer). CPU: AVX-512 BF16 or AMX instructions.
+    CUDA: native bf16 (compute capability 8.0 and newer; torch's default check also counts
+    the emulation of older GPUs). CPU: AVX-512 BF16 or AMX instructions.
     Without them oneDNN emulates bf16: measured on an AVX2-only AMD EPYC (Zen 3), a
     512 x 512 bf16 matmul ran at 1.3 GFLOP/s against 131 GFLOP/s in fp32, so bf16 training
     there would be about 100x slower, not faster.
     """
     if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
+        return torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

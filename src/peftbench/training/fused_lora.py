@@ -13,8 +13,9 @@ own backward. :class:`_LoraLinear` does the same arithmetic with fewer passes ov
 - dropout draws :mod:`~peftbench.training.dropout`'s masks (same distribution as
   ``nn.Dropout``, other masks), so exact fp32 runs (``precision: fp32``) do not use it.
 
-Only plain LoRA on an fp32 ``nn.Linear`` with one active adapter is fused (no DoRA, no LoRA
-bias, no ``fan_in_fan_out``), and only outside autocast; anything else runs peft's forward.
+Only plain LoRA on a frozen fp32 ``nn.Linear`` with one active adapter is fused (no DoRA, no
+LoRA bias, no ``fan_in_fan_out``), and only outside autocast; anything else runs peft's
+forward.
 The bf16 path keeps peft's forward: a bf16 version was not measured on hardware with bf16
 units, and nothing unmeasured goes into the fast path.
 """
@@ -98,7 +99,7 @@ def _fusable(module: nn.Module) -> bool:
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's forward as one :class:`_LoraLinear` in the plain fp32 case, else peft's own."""
     base = self.get_base_layer()
-    if (args or kwargs or self.disable_adapters or self.merged
+    if (args or kwargs or self.disable_adapters or self.merged or base.weight.requires_grad
             or len(self.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type)):
         return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     name = self.active_adapters[0]
