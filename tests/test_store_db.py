@@ -139,6 +139,15 @@ def test_export_csv_and_json(store):
     assert [r["status"] for r in rows] == ["completed", "failed"]
     assert rows[0]["test_score"] == "51.0" and rows[1]["error"] == "boom"
     assert flat_row(stored[0])["trainable_pct"] == 10.0
+    # the precision computed in: recorded under precision auto, else the configured one
+    auto = copy.deepcopy(stored[0])
+    auto["run"]["config"]["precision"], auto["run"]["precision"] = "auto", "fp32"
+    assert flat_row(auto)["precision"] == "fp32"
+    older = copy.deepcopy(stored[0])
+    older["run"]["config"]["precision"] = "bf16"
+    older["run"].pop("precision", None)
+    assert flat_row(older)["precision"] == "bf16"
+    assert "precision" in rows[0]
     text = io.StringIO()
     write_json(stored, text)
     assert json.loads(text.getvalue()) == records

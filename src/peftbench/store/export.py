@@ -6,7 +6,8 @@ import csv
 import json
 from typing import Any, TextIO
 
-FLAT_COLUMNS = ("run_hash", "model", "task", "method", "train_size", "seed", "lr", "status",
+FLAT_COLUMNS = ("run_hash", "model", "task", "method", "train_size", "seed", "lr",
+                "precision", "status",
                 "primary_metric", "val_score", "test_score", "best_step", "total_steps",
                 "trainable_params", "total_params", "trainable_pct", "train_seconds",
                 "eval_seconds", "tokens_per_second", "peak_rss_mb", "peak_gpu_mb",
@@ -27,6 +28,7 @@ def flat_row(record: dict[str, Any]) -> dict[str, Any]:
     row = {"run_hash": run["hash"], "model": config["model"], "task": config["task"],
            "method": config["method"], "train_size": config.get("train_size"),
            "seed": config.get("seed"), "lr": run.get("lr", config.get("lr")),
+           "precision": _precision(run),
            "status": record["status"], "primary_metric": metric,
            "val_score": primary("val"), "test_score": primary("test"),
            "best_step": scores.get("best_step"), "total_steps": run.get("total_steps"),
@@ -38,6 +40,13 @@ def flat_row(record: dict[str, Any]) -> dict[str, Any]:
                 "peak_gpu_mb", "adapter_bytes"):
         row[key] = eff.get(key)
     return {column: row[column] for column in FLAT_COLUMNS}
+
+
+def _precision(run: dict[str, Any]) -> str | None:
+    """The precision a run computed in: recorded since ``precision: auto``; older records
+    only have the configured one, which was bf16 or fp32 then."""
+    used = run.get("precision") or run["config"].get("precision")
+    return None if used == "auto" else used
 
 
 def write_csv(records: list[dict[str, Any]], stream: TextIO) -> None:
