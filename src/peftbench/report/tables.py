@@ -297,7 +297,9 @@ def provenance(analysis: Analysis) -> list[Table]:
         for name, version in (p.get("versions") or {}).items():
             versions[name].add(str(version))
         if p.get("hardware"):
-            hardware[_hardware(p["hardware"])] += 1
+            precision = (r.get("run") or {}).get("precision")  # what the run computed in
+            hardware[_hardware(p["hardware"])
+                     + (f", precision: {precision}" if precision else "")] += 1
         shas[str(p.get("git_sha") or "unknown")] += 1
 
     def rows(counter: Counter) -> list[list[str]]:

@@ -25,16 +25,20 @@ _LEVELS = 65536  # 16-bit random numbers
 _INT16_MIN = -32768
 
 
-def masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int,
-                  scale: float) -> torch.Tensor:
-    """``x * scale`` where ``bits >= threshold``, else 0, in ``x``'s dtype.
+def keep_multiplier(bits: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
+    """fp32 ``scale`` where ``bits >= threshold``, else 0.
 
-    The multiplier is built in fp32 with same-dtype ops only (mixed bool/float element-wise
-    ops take torch's slow casting path on CPU): fp32 holds every 16-bit value exactly
-    (bf16 does not, which would move the threshold) and the exact ``scale``.
+    Built with same-dtype ops only (mixed bool/float element-wise ops take torch's slow
+    casting path on CPU): fp32 holds every 16-bit value exactly (bf16 does not, which would
+    move the threshold) and the exact ``scale``.
     """
-    keep = bits.to(torch.float32).sub_(threshold - 0.5).clamp_(0, 1).ceil_().mul_(scale)
-    return (x * keep).to(x.dtype)
+    return bits.to(torch.float32).sub_(threshold - 0.5).clamp_(0, 1).ceil_().mul_(scale)
+
+
+def masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int,
+                 scale: float) -> torch.Tensor:
+    """``x * scale`` where ``bits >= threshold``, else 0, in ``x``'s dtype."""
+    return (x * keep_multiplier(bits, threshold, scale)).to(x.dtype)
 
 
 class _MaskedScale(torch.autograd.Function):

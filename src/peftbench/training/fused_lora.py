@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.training.dropout import FastDropout, masked_scale, random_int16
+from peftbench.training.dropout import FastDropout, keep_multiplier, masked_scale, random_int16
 
 _ORIGINAL_FORWARD = "_peftbench_peft_forward"
 
@@ -57,7 +57,9 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, scaled_b, hidden, bits = ctx.saved_tensors
-        dropout = ctx.dropout
+        # the dropout multiplier, rebuilt once from the saved bits for both gradients
+        keep = None if bits is None else keep_multiplier(bits, ctx.dropout.threshold,
+                                                         ctx.dropout.scale)
         g = grad.reshape(-1, grad.shape[-1])
         grad_hidden = g @ scaled_b  # (tokens, r)
         grad_x = grad_bias = grad_a = grad_b = None
@@ -65,16 +67,13 @@ class _LoraLinear(torch.autograd.Function):
             grad_b = (g.t() @ hidden).mul_(ctx.scaling)
         if ctx.needs_input_grad[3]:
             rows = x.reshape(-1, x.shape[-1])
-            dropped = rows if bits is None else masked_scale(rows, bits, dropout.threshold,
-                                                             dropout.scale)
-            grad_a = grad_hidden.t() @ dropped
+            grad_a = grad_hidden.t() @ (rows if keep is None else rows * keep)
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if bits is None:
+            if keep is None:
                 grad_x.addmm_(grad_hidden, lora_a)
             else:
-                grad_x += masked_scale(grad_hidden @ lora_a, bits, dropout.threshold,
-                                       dropout.scale)
+                grad_x.addcmul_(grad_hidden @ lora_a, keep)
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)

@@ -78,7 +78,7 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
         record["run"]["warnings"] = [warning]
         warnings.warn(warning, RuntimeWarning, stacklevel=2)
     autocast = autocast_factory(device, precision)
-    record["provenance"]["hardware"] = {**hardware(device), "precision": precision}
+    record["provenance"]["hardware"] = hardware(device)
 
     # 1. data and model, seeded before anything random is built
     set_seed(spec.seed)
