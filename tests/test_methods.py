@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -126,3 +128,33 @@ def test_lora_target_that_matches_nothing_is_a_usage_error():
     with pytest.raises(UsageError, match="peft rejected"):
         lora.apply(loaded.model, lora.resolve_args({"target_modules": ["nope"]}),
                    encoder_decoder=False)
+
+
+@pytest.mark.parametrize("model_name", ["tiny-random-llama", "tiny-random-t5"])
+def test_all_linear_lora_on_chosen_layers_adapts_every_linear_of_those_layers_only(model_name):
+    """peft refuses all-linear with layers_to_transform; peftbench names the linear layers."""
+    _, everywhere = _apply(model_name, "lora")
+    _, last = _apply(model_name, "lora", layers_to_transform="[1]")
+    adapted = {n.split(".lora_A")[0] for n, _ in everywhere.named_parameters() if ".lora_A." in n}
+    chosen = {n.split(".lora_A")[0] for n, _ in last.named_parameters() if ".lora_A." in n}
+    expected = {n for n in adapted if re.search(r"\.(layers|block)\.1\.", n)}
+    assert chosen == expected and 0 < len(chosen) < len(adapted)
+    assert not any("lm_head" in n for n in adapted)
+
+
+def test_lora_arguments_peft_does_not_combine_are_a_usage_error():
+    loaded = load_model("tiny-random-llama", seed=0)
+    lora = get_method("lora")
+    args = lora.resolve_args({"target_modules": ".*q_proj", "layers_to_transform": "[1]"})
+    with pytest.raises(UsageError, match="peft rejected the configuration"):
+        lora.apply(loaded.model, args, encoder_decoder=False)
+
+
+def test_lora_layer_indices_are_checked():
+    lora = get_method("lora")
+    for given in (3, "3", [20, 21], "20,21"):
+        assert lora.resolve_args({"layers_to_transform": given})["layers_to_transform"] == (
+            [3] if given in (3, "3") else [20, 21])
+    for bad in ("last", [-1], "1,x"):
+        with pytest.raises(UsageError, match="expected layer indices"):
+            lora.resolve_args({"layers_to_transform": bad})

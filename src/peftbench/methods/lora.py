@@ -8,9 +8,12 @@ from typing import Any, ClassVar
 from peft import LoraConfig
 from torch import nn
 
+from peftbench.errors import UsageError
 from peftbench.methods import peft_common
 from peftbench.methods.base import Method
 from peftbench.methods.registry import register
+
+ALL_LINEAR = "all-linear"
 
 
 @register
@@ -25,7 +28,7 @@ class LoRA(Method):
         "dropout": 0.05,
         # all linear layers: on CoLA (SmolLM2-135M, 1,000 examples, 3 epochs) q/v-only LoRA
         # reached validation MCC 6.9, all-linear 15.3 (test 6.5 vs 15.2)
-        "target_modules": "all-linear",
+        "target_modules": ALL_LINEAR,
         "layers_to_transform": None,
     }
     free_form: ClassVar[frozenset[str]] = frozenset({"target_modules", "layers_to_transform"})
@@ -38,14 +41,21 @@ class LoRA(Method):
         "layers_to_transform": "layer indices to adapt (e.g. [20,21,22]); default: all",
     }
 
+    def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        args = super().resolve_args(overrides)
+        args["layers_to_transform"] = _layer_indices(args["layers_to_transform"])
+        return args
+
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        config = LoraConfig(
+        layers = args["layers_to_transform"]
+        config = peft_common.build_config(
+            LoraConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),
             r=args["r"],
             lora_alpha=args["alpha"],
             lora_dropout=args["dropout"],
-            target_modules=args["target_modules"],
-            layers_to_transform=args["layers_to_transform"],
+            target_modules=_targets(model, args["target_modules"], layers),
+            layers_to_transform=layers,
         )
         return peft_common.wrap(model, config, self.name)
 
@@ -54,3 +64,33 @@ class LoRA(Method):
 
     def load(self, base, out_dir, args, *, encoder_decoder):  # type: ignore[override]
         return peft_common.load_adapter(base, out_dir)
+
+
+def _targets(model: nn.Module, target_modules: Any, layers: Any) -> Any:
+    """``target_modules`` for peft. peft refuses ``all-linear`` together with
+    ``layers_to_transform``; then it becomes the names of the body's linear layers (every
+    ``nn.Linear`` except the output head, as peft's all-linear), which peft does combine
+    with a layer selection."""
+    if layers is None or not (isinstance(target_modules, str)
+                              and target_modules.lower() == ALL_LINEAR):
+        return target_modules
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, nn.Linear) and module is not head})
+
+
+def _layer_indices(value: Any) -> list[int] | None:
+    """``layers_to_transform`` as a list of layer indices: ``3``, ``[20, 21]``, "20,21" or
+    "[20,21]"."""
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else str(value).strip("[] ").split(",")
+    try:
+        indices = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        indices = []
+    if not indices or any(i < 0 for i in indices):
+        raise UsageError(f"--method-arg layers_to_transform={value!r} (method 'lora'): expected "
+                         "layer indices (0 = the first layer), e.g. layers_to_transform=[20,21,22]")
+    return indices

@@ -27,6 +27,14 @@ def _no_peft_deprecation_warning() -> Iterator[None]:
         yield
 
 
+def build_config(config_class: type[PeftConfig], method: str, **kwargs: Any) -> PeftConfig:
+    """``config_class(**kwargs)`` with peft's validation errors turned into a UsageError."""
+    try:
+        return config_class(**kwargs)
+    except (ValueError, TypeError) as exc:  # e.g. arguments peft does not combine
+        raise UsageError(f"method '{method}': peft rejected the configuration: {exc}") from None
+
+
 def wrap(model: nn.Module, config: PeftConfig, method: str) -> nn.Module:
     """``get_peft_model`` with configuration mistakes turned into a clear UsageError."""
     try:
