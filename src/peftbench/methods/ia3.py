@@ -26,7 +26,8 @@ class IA3(Method):
     }
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        config = IA3Config(
+        config = peft_common.build_config(
+            IA3Config, self.name,
             task_type=peft_common.task_type(encoder_decoder),
             target_modules=args["target_modules"],
             feedforward_modules=args["feedforward_modules"],

@@ -33,7 +33,8 @@ class PromptTuning(Method):
                 f"--method-arg init={args['init']!r}: prompt_tuning init must be one of "
                 f"{', '.join(_INITS)}."
             )
-        config = PromptTuningConfig(
+        config = peft_common.build_config(
+            PromptTuningConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),
             num_virtual_tokens=args["num_virtual_tokens"],
             prompt_tuning_init=_INITS[args["init"]],
