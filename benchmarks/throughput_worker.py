@@ -264,7 +264,7 @@ def build(cfg: WorkerConfig) -> Setup:
 
     encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder,
                           spec.max_source_length, spec.max_target_length)
-    train_set = [encoder.encode(e.input, e.target) for e in task.train]
+    train_set = encoder.encode_many([(e.input, e.target) for e in task.train])
     notes = []
     extra = len(train_set) % spec.batch_size
     if extra:  # full batches only, so a flat example order cuts into peftbench's batches

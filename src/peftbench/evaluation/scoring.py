@@ -90,4 +90,4 @@ def generate(model: nn.Module, encoder: TextEncoder, prompts: Sequence[list[int]
 
 
 def prompts_of(encoder: TextEncoder, examples: Sequence[Example]) -> list[list[int]]:
-    return [encoder.prompt_ids(example.input) for example in examples]
+    return encoder.prompt_ids_many([example.input for example in examples])

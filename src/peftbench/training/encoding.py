@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from peftbench.training.token_cache import TokenCache
+
 IGNORE = -100
 _TAIL = 16
 
@@ -27,11 +29,16 @@ class Encoded:
 
 
 class TextEncoder:
-    """Tokenises prompts and targets for one model family."""
+    """Tokenises prompts and targets for one model family.
+
+    The ``*_many`` methods tokenise a whole list in one call, through ``cache`` (a
+    :class:`~peftbench.training.token_cache.TokenCache`; default: none, nothing stored).
+    """
 
     def __init__(self, tokenizer, encoder_decoder: bool, max_source_length: int,
-                 max_target_length: int) -> None:
+                 max_target_length: int, cache: TokenCache | None = None) -> None:
         self.tokenizer = tokenizer
+        self.cache = cache if cache is not None else TokenCache(None, tokenizer)
         self.encoder_decoder = encoder_decoder
         self.max_source_length = max_source_length
         self.max_target_length = max_target_length
@@ -39,18 +46,39 @@ class TextEncoder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def prompt_ids(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        if len(ids) > self.max_source_length:
-            ids = ids[: self.max_source_length - _TAIL] + ids[-_TAIL:]
-        return ids
+        return self._prompts([text])[0]
 
     def target_ids(self, text: str) -> list[int]:
-        text = text if self.encoder_decoder else " " + text
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return [*ids[: self.max_target_length - 1], self.eos_id]
+        return self._targets([text])[0]
 
     def encode(self, prompt: str, target: str) -> Encoded:
         return self.encode_ids(self.prompt_ids(prompt), self.target_ids(target))
+
+    def prompt_ids_many(self, texts: Sequence[str]) -> list[list[int]]:
+        kind = f"prompt:max={self.max_source_length}:tail={_TAIL}"
+        return self.cache.ids(kind, texts, self._prompts)
+
+    def target_ids_many(self, texts: Sequence[str]) -> list[list[int]]:
+        family = "encoder-decoder" if self.encoder_decoder else "decoder"
+        kind = f"target:{family}:max={self.max_target_length}:eos={self.eos_id}"
+        return self.cache.ids(kind, texts, self._targets)
+
+    def encode_many(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:
+        """``encode`` for every (prompt, target) pair."""
+        prompts = self.prompt_ids_many([p for p, _ in pairs])
+        targets = self.target_ids_many([t for _, t in pairs])
+        return [self.encode_ids(p, t) for p, t in zip(prompts, targets, strict=True)]
+
+    def _prompts(self, texts: list[str]) -> list[list[int]]:
+        rows = self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        limit = self.max_source_length
+        return [ids[: limit - _TAIL] + ids[-_TAIL:] if len(ids) > limit else ids for ids in rows]
+
+    def _targets(self, texts: list[str]) -> list[list[int]]:
+        if not self.encoder_decoder:
+            texts = [" " + text for text in texts]
+        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [[*ids[: self.max_target_length - 1], self.eos_id] for ids in rows]
 
     def encode_ids(self, prompt: list[int], target: list[int]) -> Encoded:
         if self.encoder_decoder:

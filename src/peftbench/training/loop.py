@@ -19,6 +19,7 @@ from peftbench.config import RunSpec
 from peftbench.evaluation.evaluator import Evaluator
 from peftbench.methods import count_parameters
 from peftbench.models import load_model
+from peftbench.paths import cache_dir
 from peftbench.tasks import load_task
 from peftbench.training.batches import endless_batches
 from peftbench.training.device import (
@@ -37,6 +38,7 @@ from peftbench.training.model_prep import (
 )
 from peftbench.training.provenance import hardware
 from peftbench.training.step import build_optimization, train_step
+from peftbench.training.token_cache import TokenCache
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -62,7 +64,7 @@ def eval_steps(spec: RunSpec, total: int) -> list[int]:
 
 def max_new_tokens(encoder: TextEncoder, targets: list[str], cap: int) -> int:
     """Generation budget from the task's target lengths: the longest seen, plus a margin."""
-    lengths = [len(encoder.target_ids(t)) for t in targets[:2000]]
+    lengths = [len(ids) for ids in encoder.target_ids_many(targets[:2000])]
     return max(1, min(cap, math.ceil(max(lengths, default=cap) * 1.25) + 2))
 
 
@@ -105,16 +107,23 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
                         "trainable_pct": 100.0 * trainable / total}
 
     # 3. tokenise once; evaluators reuse their prompts at every validation
-    encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder,
-                          spec.max_source_length, spec.max_target_length)
-    train_set = [encoder.encode(e.input, e.target) for e in task.train]
+    tick = time.perf_counter()
+    encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder, spec.max_source_length,
+                          spec.max_target_length, TokenCache(cache_dir("tokens"), loaded.tokenizer))
+    train_set = encoder.encode_many([(e.input, e.target) for e in task.train])
     new_tokens = max_new_tokens(encoder, [e.target for e in task.train], spec.max_target_length)
+    eval_prompts = [encoder.prompt_ids_many([e.input for e in split])
+                    for split in (task.validation, task.test)]
+    record["run"]["tokenization"] = {"seconds": round(time.perf_counter() - tick, 3),
+                                     "texts_from_cache": encoder.cache.stats.cached,
+                                     "texts_tokenised": encoder.cache.stats.tokenised}
     gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
                                  loaded.is_encoder_decoder)
     record["run"]["gathered_logits"] = gather
     validation, test = (Evaluator(task.spec, encoder, split, device, autocast,
-                                  spec.batch_size * 2, new_tokens, gather)
-                        for split in (task.validation, task.test))
+                                  spec.batch_size * 2, new_tokens, gather, prompts)
+                        for split, prompts in zip((task.validation, task.test), eval_prompts,
+                                                  strict=True))
 
     # 4. optimiser and schedule
     lr = spec.lr or method.default_lr
