@@ -170,3 +170,26 @@ def test_compile_trains_the_same_model_and_keeps_the_run_identity(tmp_path):
     losses = [[p["train_loss"] for p in r["curve"] if p["train_loss"] is not None]
               for r in records]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
+def test_compile_runs_the_fast_fp32_path_with_dropout(tmp_path, monkeypatch):
+    """``--compile`` with the fast path (FastDropout masks, fused LoRA): the masks' int64 ->
+    int16 view broke the compiled graph; under compile they come from ``randint``. Other
+    masks than eager, so the losses agree only roughly; they must be finite and learn."""
+    from peftbench.training.runner import execute
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    fields = {"model": "tiny-random-llama", "task": "toy_cls", "method": "lora",
+              "train_size": 32, "max_steps": 4, "batch_size": 8, "lr": 1e-2, "eval_every": 1,
+              "max_eval_examples": 8, "precision": "auto", "device": "cpu", "seed": 0,
+              "method_args": {"dropout": 0.3}}
+    records = [execute(RunSpec(**fields, compile=flag), tmp_path / str(flag))
+               for flag in (False, True)]
+    assert all(r["status"] == "completed" for r in records), [r["error"] for r in records]
+    assert all(r["run"]["fast_path"].get("fused_lora") for r in records)
+    eager, compiled = ([p["train_loss"] for p in r["curve"] if p["train_loss"] is not None]
+                       for r in records)
+    assert len(eager) == 4
+    assert compiled == pytest.approx(eager, rel=0.05) and compiled[-1] < compiled[0]

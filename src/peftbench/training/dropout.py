@@ -58,7 +58,13 @@ class _MaskedScale(torch.autograd.Function):
 
 
 def random_int16(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """Uniform 16-bit integers: 64-bit draws of the default generator, cut in four."""
+    """Uniform 16-bit integers: 64-bit draws of the default generator, cut in four.
+
+    Under ``torch.compile`` they are drawn with ``randint`` instead (the compiler's own
+    generator, seeded from torch's): the compiler mishandles a view of int64 as int16.
+    """
+    if torch.compiler.is_compiling():
+        return torch.randint(_INT16_MIN, -_INT16_MIN, shape, dtype=torch.int16, device=device)
     count = shape.numel()
     words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(2**63), None)  # the full 64-bit range: every 16-bit slice is uniform
