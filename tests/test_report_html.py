@@ -135,3 +135,21 @@ def test_report_with_only_failed_runs_and_no_baseline_still_renders(tmp_path):
     html = out.read_text()
     assert "No completed runs to plot" in html and "<svg" not in html
     assert "No rows." in html and "ValueError: bad data" in md.read_text()
+
+
+def test_a_table_mixing_precisions_says_so_and_marks_each_cell(tmp_path):
+    """precision: auto can store bf16 runs from one machine and fp32 runs from another in
+    one suite: speed and memory are then not comparable, and the report must say so."""
+    from peftbench.report.tables import benchmark
+
+    records = [make_record(method=m, seed=s) for m in ("full", "lora") for s in (0, 1)]
+    table = benchmark(analyse_records(records))
+    assert not any("more than one precision" in n for n in table.notes)
+    assert all(row[-1] == "" for row in table.rows)
+    for r in records:
+        if r["run"]["config"]["method"] == "lora":
+            r["run"]["config"]["precision"], r["run"]["precision"] = "auto", "fp32"
+    table = benchmark(analyse_records(records))
+    (note,) = [n for n in table.notes if "more than one precision" in n]
+    assert "bf16: 2 runs, fp32: 2 runs" in note
+    assert {row[2]: row[-1] for row in table.rows} == {"full": "bf16", "lora": "fp32"}

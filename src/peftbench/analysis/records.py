@@ -74,6 +74,13 @@ def train_size(record: Record) -> int | None:
     return int(size) if size is not None else None
 
 
+def precision(record: Record) -> str | None:
+    """What the run computed in: ``run.precision``; the configured value for records made
+    before ``precision: auto`` existed; None when unknown."""
+    value = record["run"].get("precision") or config(record).get("precision")
+    return str(value) if value and value != "auto" else None
+
+
 def learning_rate(record: Record) -> float | None:
     lr = record["run"].get("lr", config(record).get("lr"))
     return float(lr) if lr is not None else None

@@ -14,7 +14,7 @@ from peftbench.analysis import records as rec
 from peftbench.analysis.convergence import CLAIM, CONVERGED, THRESHOLDS
 from peftbench.analysis.data_requirement import Requirement
 from peftbench.analysis.overview import Analysis
-from peftbench.analysis.records import FULL, Stat
+from peftbench.analysis.records import FULL, Cell, Stat
 
 
 class Strong(str):
@@ -85,6 +85,8 @@ def benchmark(analysis: Analysis) -> Table:
         k = (c.key.model, c.key.task, c.key.train_size)
         if c.score.mean is not None:
             best[k] = max(best.get(k, c.score.mean), c.score.mean)
+    precisions = Counter(rec.precision(r) or "unknown" for c in analysis.cells for r in c.runs)
+    mixed = len(precisions) > 1
     rows = []
     for c in analysis.cells:
         k = (c.key.model, c.key.task, c.key.train_size)
@@ -100,7 +102,12 @@ def benchmark(analysis: Analysis) -> Table:
                      c.key.method, c.metric or "-", score, lr, count(s["trainable"].mean),
                      num(s["trainable_pct"].mean, 3), num(s["train_seconds"].mean),
                      num(s["tokens_per_second"].mean, 0), num(s["memory_mb"].mean, 0),
-                     f"{n_bad} failed/diverged" if n_bad else ""])
+                     _cell_notes(c, n_bad, mixed)])
+    notes = [] if not mixed else [
+        "These runs computed in more than one precision ("
+        + ", ".join(f"{p}: {n} runs" for p, n in sorted(precisions.items()))
+        + "; each cell's is in its notes): train s, tokens/s and peak MB compare only "
+        "between runs of one precision, and scores can differ by rounding."]
     return Table("benchmark", "Benchmark", [
         "task", "train size", "method", "metric", "test score (mean ± seed std)", "lr",
         "trainable params", "trainable %", "train s", "tokens/s", "peak MB", "notes"], rows, [
@@ -108,7 +115,16 @@ def benchmark(analysis: Analysis) -> Table:
         "0-100 (MCC -100..100), averaged over seeds; bold: best in its task and size.",
         "lr: selected per method, task and size on the mean validation score (never test).",
         "peak MB: GPU memory when trained on a GPU, else the process's peak resident memory.",
-        "Failed and diverged runs are not averaged in: see the failed runs table."], group=2)
+        "Failed and diverged runs are not averaged in: see the failed runs table.", *notes],
+        group=2)
+
+
+def _cell_notes(cell: Cell, failed: int, mixed_precision: bool) -> str:
+    """The notes column: failed runs and, when the table mixes precisions, the cell's."""
+    notes = [f"{failed} failed/diverged"] if failed else []
+    if mixed_precision:
+        notes.append("/".join(sorted({rec.precision(r) or "unknown" for r in cell.runs})))
+    return "; ".join(notes)
 
 
 def convergence(analysis: Analysis) -> Table:
