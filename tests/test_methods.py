@@ -152,9 +152,33 @@ def test_lora_arguments_peft_does_not_combine_are_a_usage_error():
 
 def test_lora_layer_indices_are_checked():
     lora = get_method("lora")
-    for given in (3, "3", [20, 21], "20,21"):
+    for given in (3, "3", [20, 21], "20,21", "[20,21]"):
         assert lora.resolve_args({"layers_to_transform": given})["layers_to_transform"] == (
             [3] if given in (3, "3") else [20, 21])
     for bad in ("last", [-1], "1,x"):
         with pytest.raises(UsageError, match="expected layer indices"):
             lora.resolve_args({"layers_to_transform": bad})
+
+
+def test_lora_layer_outside_the_model_is_a_usage_error():
+    loaded = load_model("tiny-random-llama", seed=0)  # 2 layers
+    lora = get_method("lora")
+    with pytest.raises(UsageError, match="the model has 2 layers, indices 0 to 1"):
+        lora.apply(loaded.model, lora.resolve_args({"layers_to_transform": [1, 5]}),
+                   encoder_decoder=False)
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
+def test_all_linear_lora_on_chosen_layers_covers_conv1d_models():
+    """GPT-2's projections are transformers' Conv1D, which peft's all-linear adapts too."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64,
+                                       n_positions=32))
+    lora = get_method("lora")
+    adapted = lora.apply(model, lora.resolve_args({"layers_to_transform": [1]}),
+                         encoder_decoder=False)
+    names = {n.split(".lora_A")[0].split(".h.")[1] for n, _ in adapted.named_parameters()
+             if ".lora_A." in n}
+    assert names == {"1.attn.c_attn", "1.attn.c_proj", "1.mlp.c_fc", "1.mlp.c_proj"}

@@ -153,3 +153,12 @@ def test_a_table_mixing_precisions_says_so_and_marks_each_cell(tmp_path):
     (note,) = [n for n in table.notes if "more than one precision" in n]
     assert "bf16: 2 runs, fp32: 2 runs" in note
     assert {row[2]: row[-1] for row in table.rows} == {"full": "bf16", "lora": "fp32"}
+
+
+def test_records_without_a_precision_do_not_count_as_another_precision():
+    from peftbench.report.tables import benchmark
+
+    records = [make_record(method=m) for m in ("full", "lora")]
+    del records[0]["run"]["config"]["precision"]  # an older record that does not say
+    table = benchmark(analyse_records(records))
+    assert not any("more than one precision" in n for n in table.notes)

@@ -4,15 +4,17 @@ the second time, keyed by everything the ids depend on, robust to broken files."
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 
 from peftbench.config import RunSpec
 from peftbench.models import load_model
-from peftbench.training.encoding import TextEncoder
+from peftbench.training import token_cache
+from peftbench.training.encoding import IGNORE, Encoded, TextEncoder
 from peftbench.training.runner import execute
-from peftbench.training.token_cache import TokenCache
+from peftbench.training.token_cache import TokenCache, tokenizer_fingerprint
 
 PAIRS = [("Review: a quiet, lovely film. Sentiment:", "positive"),
          ("Review: " + "long and winding " * 60 + "ending. Sentiment:", "negative"),
@@ -26,10 +28,26 @@ def _encoder(model: str, folder: Path | None, max_source: int = 48) -> TextEncod
     return TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder, max_source, 16, cache)
 
 
+def _text_by_text(model: str, max_source: int = 48, max_target: int = 16) -> list[Encoded]:
+    """The encoding before the cache, written out: one tokenizer call per text."""
+    loaded = load_model(model, seed=0)
+    tok, enc_dec = loaded.tokenizer, loaded.is_encoder_decoder
+    out = []
+    for prompt, target in PAIRS:
+        p = tok(prompt, add_special_tokens=True)["input_ids"]
+        if len(p) > max_source:
+            p = p[: max_source - 16] + p[-16:]
+        t = tok(target if enc_dec else " " + target, add_special_tokens=False)["input_ids"]
+        t = [*t[: max_target - 1], tok.eos_token_id]
+        out.append(Encoded(p, t) if enc_dec else Encoded(p + t, [IGNORE] * len(p) + t))
+    return out
+
+
 @pytest.mark.parametrize("model", ["tiny-random-llama", "tiny-random-t5"])
 def test_cached_batched_ids_equal_text_by_text_ids(tmp_path, model):
     """Including truncated prompts and targets (the long pairs exceed both limits)."""
-    one_by_one = [_encoder(model, None).encode(p, t) for p, t in PAIRS]
+    one_by_one = _text_by_text(model)
+    assert [_encoder(model, None).encode(p, t) for p, t in PAIRS] == one_by_one
     first = _encoder(model, tmp_path)
     assert first.encode_many(PAIRS) == one_by_one
     assert (first.cache.stats.cached, first.cache.stats.tokenised) == (0, 8)
@@ -65,11 +83,47 @@ def test_a_broken_file_is_recomputed_and_replaced(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_an_unwritable_cache_folder_still_tokenises(tmp_path):
+def test_switches_outside_the_serialised_tokenizer_change_the_key():
+    plain = load_model("tiny-random-llama", seed=0).tokenizer
+    split = copy.deepcopy(plain)
+    split.split_special_tokens = True  # "</s>" in a text is then split, not one token
+    assert tokenizer_fingerprint(split) != tokenizer_fingerprint(plain)
+
+
+def test_an_unwritable_cache_folder_still_tokenises(tmp_path, monkeypatch):
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     encoder = _encoder("tiny-random-llama", blocked / "tokens")
-    assert encoder.encode_many(PAIRS) == _encoder("tiny-random-llama", None).encode_many(PAIRS)
+    assert encoder.encode_many(PAIRS) == _text_by_text("tiny-random-llama")
+
+    def full_disk(*_args, **_kwargs):
+        raise token_cache.SafetensorError("No space left on device")
+
+    monkeypatch.setattr(token_cache, "save_file", full_disk)
+    encoder = _encoder("tiny-random-llama", tmp_path / "full")
+    assert encoder.encode_many(PAIRS) == _text_by_text("tiny-random-llama")
+    assert not list((tmp_path / "full").iterdir())  # no temporary file left behind
+
+
+def test_cache_files_are_as_readable_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        _encoder("tiny-random-llama", tmp_path).encode_many(PAIRS)
+    finally:
+        os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.glob("*.safetensors")} == {0o644}
+
+
+def test_a_run_with_an_unusable_cache_folder_completes(tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("PEFTBENCH_CACHE", str(blocked / "cache"))
+    spec = RunSpec(model="tiny-random-llama", task="toy_cls", method="bitfit", train_size=32,
+                   max_steps=1, batch_size=16, max_eval_examples=16, device="cpu",
+                   precision="fp32", seed=0)
+    record = execute(spec, tmp_path / "run")
+    assert record["status"] == "completed", record["error"]
+    assert record["run"]["tokenization"]["texts_from_cache"] == 0
 
 
 def test_a_second_run_reads_its_tokens_from_the_cache(tmp_path, monkeypatch):

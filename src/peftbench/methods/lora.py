@@ -38,7 +38,9 @@ class LoRA(Method):
         "dropout": "dropout on the LoRA input",
         "target_modules": ("module names to adapt (e.g. q_proj,v_proj as in the study); "
                            "default all-linear: every linear layer except the output head"),
-        "layers_to_transform": "layer indices to adapt (e.g. [20,21,22]); default: all",
+        "layers_to_transform": ("layer indices to adapt (e.g. [20,21,22]; 0 = the first); "
+                                "default: all. Encoder-decoder models: that block of the "
+                                "encoder and of the decoder"),
     }
 
     def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -48,6 +50,10 @@ class LoRA(Method):
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
         layers = args["layers_to_transform"]
+        count = _layer_count(model)
+        if layers is not None and count is not None and max(layers) >= count:
+            raise UsageError(f"--method-arg layers_to_transform={layers} (method 'lora'): the "
+                             f"model has {count} layers, indices 0 to {count - 1}")
         config = peft_common.build_config(
             LoraConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),
@@ -68,16 +74,27 @@ class LoRA(Method):
 
 def _targets(model: nn.Module, target_modules: Any, layers: Any) -> Any:
     """``target_modules`` for peft. peft refuses ``all-linear`` together with
-    ``layers_to_transform``; then it becomes the names of the body's linear layers (every
-    ``nn.Linear`` except the output head, as peft's all-linear), which peft does combine
-    with a layer selection."""
+    ``layers_to_transform``; then it becomes the short names of the body's linear layers
+    (``nn.Linear`` and transformers' ``Conv1D``, the output head left out, as in peft's
+    all-linear). Short names, because peft applies the layer selection only to those."""
     if layers is None or not (isinstance(target_modules, str)
                               and target_modules.lower() == ALL_LINEAR):
         return target_modules
+    from transformers.pytorch_utils import Conv1D
+
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, nn.Linear) and module is not head})
+                   if isinstance(module, nn.Linear | Conv1D) and module is not head})
+
+
+def _layer_count(model: nn.Module) -> int | None:
+    """Blocks per stack (the larger stack of an encoder-decoder), if the config says."""
+    config = getattr(model, "config", None)
+    counts = [getattr(config, key, None) for key in
+              ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer")]
+    counts = [c for c in counts if isinstance(c, int)]
+    return max(counts) if counts else None
 
 
 def _layer_indices(value: Any) -> list[int] | None:
@@ -85,9 +102,9 @@ def _layer_indices(value: Any) -> list[int] | None:
     "[20,21]"."""
     if value is None:
         return None
-    items = value if isinstance(value, list) else str(value).strip("[] ").split(",")
+    items = value if isinstance(value, list) else str(value).split(",")
     try:
-        indices = [int(str(v).strip()) for v in items if str(v).strip()]
+        indices = [int(str(v).strip("[] ")) for v in items if str(v).strip("[] ")]
     except ValueError:
         indices = []
     if not indices or any(i < 0 for i in indices):

@@ -31,7 +31,7 @@ def build_config(config_class: type[PeftConfig], method: str, **kwargs: Any) -> 
     """``config_class(**kwargs)`` with peft's validation errors turned into a UsageError."""
     try:
         return config_class(**kwargs)
-    except (ValueError, TypeError) as exc:  # e.g. arguments peft does not combine
+    except ValueError as exc:  # e.g. arguments peft does not combine
         raise UsageError(f"method '{method}': peft rejected the configuration: {exc}") from None
 
 

@@ -86,7 +86,7 @@ def benchmark(analysis: Analysis) -> Table:
         if c.score.mean is not None:
             best[k] = max(best.get(k, c.score.mean), c.score.mean)
     precisions = Counter(rec.precision(r) or "unknown" for c in analysis.cells for r in c.runs)
-    mixed = len(precisions) > 1
+    mixed = len(set(precisions) - {"unknown"}) > 1  # older records may not say
     rows = []
     for c in analysis.cells:
         k = (c.key.model, c.key.task, c.key.train_size)

@@ -18,6 +18,7 @@ from peftbench.training.token_cache import TokenCache
 
 IGNORE = -100
 _TAIL = 16
+ENCODING = 1  # bump when prompt/target ids change for the same text (part of the cache key)
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,12 @@ class TextEncoder:
         return self.encode_ids(self.prompt_ids(prompt), self.target_ids(target))
 
     def prompt_ids_many(self, texts: Sequence[str]) -> list[list[int]]:
-        kind = f"prompt:max={self.max_source_length}:tail={_TAIL}"
+        kind = f"prompt:v{ENCODING}:max={self.max_source_length}:tail={_TAIL}"
         return self.cache.ids(kind, texts, self._prompts)
 
     def target_ids_many(self, texts: Sequence[str]) -> list[list[int]]:
         family = "encoder-decoder" if self.encoder_decoder else "decoder"
-        kind = f"target:{family}:max={self.max_target_length}:eos={self.eos_id}"
+        kind = f"target:v{ENCODING}:{family}:max={self.max_target_length}:eos={self.eos_id}"
         return self.cache.ids(kind, texts, self._targets)
 
     def encode_many(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded]:

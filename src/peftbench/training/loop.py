@@ -19,7 +19,6 @@ from peftbench.config import RunSpec
 from peftbench.evaluation.evaluator import Evaluator
 from peftbench.methods import count_parameters
 from peftbench.models import load_model
-from peftbench.paths import cache_dir
 from peftbench.tasks import load_task
 from peftbench.training.batches import endless_batches
 from peftbench.training.device import (
@@ -38,7 +37,7 @@ from peftbench.training.model_prep import (
 )
 from peftbench.training.provenance import hardware
 from peftbench.training.step import build_optimization, train_step
-from peftbench.training.token_cache import TokenCache
+from peftbench.training.token_cache import open_cache
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -109,7 +108,7 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     # 3. tokenise once; evaluators reuse their prompts at every validation
     tick = time.perf_counter()
     encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder, spec.max_source_length,
-                          spec.max_target_length, TokenCache(cache_dir("tokens"), loaded.tokenizer))
+                          spec.max_target_length, open_cache(loaded.tokenizer))
     train_set = encoder.encode_many([(e.input, e.target) for e in task.train])
     new_tokens = max_new_tokens(encoder, [e.target for e in task.train], spec.max_target_length)
     eval_prompts = [encoder.prompt_ids_many([e.input for e in split])

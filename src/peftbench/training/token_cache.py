@@ -4,9 +4,12 @@ A sweep trains many runs on the same data with the same tokenizer (every method,
 learning rate of its grid): each run used to tokenise its training examples and evaluation
 prompts again (3.4 s for 10,000 E2E NLG examples with SmolLM2's tokenizer, one call per
 text). :class:`TokenCache` tokenises a list of texts once, in one batched tokenizer call,
-and stores the ids under a key made of everything the ids depend on: the tokenizer's full
-definition (vocabulary, merges, normaliser, special tokens), how the ids are post-processed
-(truncation limits), the tokenizers / transformers versions, and the texts themselves.
+and stores the ids under a key made of what the ids depend on: the tokenizer's serialised
+definition (vocabulary, merges, normaliser, pre-tokeniser, post-processor, added tokens)
+plus the Python-side switches that change its output (``split_special_tokens``,
+``add_bos_token``, ``add_eos_token``), the caller's ``kind`` (how the ids are post-processed:
+truncation limits, peftbench's encoding version), the tokenizers / transformers versions, and
+the texts themselves.
 
 Files are ``<cache>/tokens/<key>.safetensors`` (flat int32 ids plus offsets), written to a
 temporary file and renamed, so concurrent runs never read half a file; a file that cannot
@@ -28,7 +31,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from peftbench.paths import cache_dir
+
 FORMAT = 1  # bump when the file layout or the key's contents change
+# tokenizer attributes outside its serialised definition that change the ids it returns
+SWITCHES = ("split_special_tokens", "add_bos_token", "add_eos_token")
 
 
 @dataclass
@@ -46,9 +53,20 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
         return None
     digest = hashlib.sha256(backend.to_str().encode())
     digest.update(type(tokenizer).__name__.encode())
+    for switch in SWITCHES:
+        digest.update(f"\0{switch}={getattr(tokenizer, switch, None)!r}".encode())
     for package in ("tokenizers", "transformers"):
         digest.update(f"\0{package}={metadata.version(package)}".encode())
     return digest.hexdigest()
+
+
+def open_cache(tokenizer) -> TokenCache:
+    """The cache under ``<cache>/tokens``; without files when that folder is unusable."""
+    try:
+        folder: Path | None = cache_dir("tokens")
+    except OSError:
+        folder = None
+    return TokenCache(folder, tokenizer)
 
 
 class TokenCache:
@@ -104,7 +122,8 @@ def _read(path: Path, count: int) -> list[list[int]] | None:
 
 
 def _write(path: Path, ids: list[list[int]]) -> None:
-    """Store ``ids`` atomically; a cache that cannot be written is skipped, not an error."""
+    """Store ``ids`` atomically, readable as the umask allows (``mkstemp`` makes files
+    private); a cache that cannot be written is skipped, not an error."""
     offsets = [0]
     for row in ids:
         offsets.append(offsets[-1] + len(row))
@@ -116,9 +135,16 @@ def _write(path: Path, ids: list[list[int]]) -> None:
         try:
             save_file({"ids": torch.tensor(flat, dtype=torch.int32),
                        "offsets": torch.tensor(offsets, dtype=torch.int64)}, temporary)
+            os.chmod(temporary, 0o666 & ~_umask())
             os.replace(temporary, path)
         finally:
             if os.path.exists(temporary):
                 os.unlink(temporary)
-    except OSError:
+    except (OSError, SafetensorError):
         pass
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
