@@ -11,7 +11,6 @@ import pytest
 
 from peftbench.config import RunSpec
 from peftbench.models import load_model
-from peftbench.training import token_cache
 from peftbench.training.encoding import IGNORE, Encoded, TextEncoder
 from peftbench.training.runner import execute
 from peftbench.training.token_cache import TokenCache, tokenizer_fingerprint
@@ -96,10 +95,11 @@ def test_an_unwritable_cache_folder_still_tokenises(tmp_path, monkeypatch):
     encoder = _encoder("tiny-random-llama", blocked / "tokens")
     assert encoder.encode_many(PAIRS) == _text_by_text("tiny-random-llama")
 
-    def full_disk(*_args, **_kwargs):
-        raise token_cache.SafetensorError("No space left on device")
+    def full_disk(self, _data):  # the temporary file exists, then the disk is full
+        Path.touch(self)
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(token_cache, "save_file", full_disk)
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
     encoder = _encoder("tiny-random-llama", tmp_path / "full")
     assert encoder.encode_many(PAIRS) == _text_by_text("tiny-random-llama")
     assert not list((tmp_path / "full").iterdir())  # no temporary file left behind

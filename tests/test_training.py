@@ -82,7 +82,7 @@ def test_saved_adapter_reproduces_test_predictions(tmp_path, model, method):
 def record_max_new_tokens(record, encoder, task) -> int:
     from peftbench.training.loop import max_new_tokens
 
-    return max_new_tokens(encoder, [e.target for e in task.train],
+    return max_new_tokens(encoder.encode_many([(e.input, e.target) for e in task.train]),
                           record["run"]["config"]["max_target_length"])
 
 

@@ -19,16 +19,11 @@ class Evaluator:
 
     def __init__(self, spec: TaskSpec, encoder: TextEncoder, examples: Sequence[Example],
                  device: torch.device, autocast: scoring.Autocast, batch_size: int,
-                 max_new_tokens: int, gather: bool = False,
-                 prompts: Sequence[list[int]] | None = None) -> None:
-        """``prompts``: the examples' prompt ids when the caller has tokenised them."""
+                 max_new_tokens: int, gather: bool = False) -> None:
         self.spec = spec
         self.encoder = encoder
         self.examples = list(examples)
-        self.prompts = (list(prompts) if prompts is not None
-                        else scoring.prompts_of(encoder, self.examples))
-        if len(self.prompts) != len(self.examples):
-            raise ValueError(f"{len(self.prompts)} prompts for {len(self.examples)} examples")
+        self.prompts = scoring.prompts_of(encoder, self.examples)
         self.device = device
         self.autocast = autocast
         self.batch_size = batch_size

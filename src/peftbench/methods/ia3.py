@@ -26,13 +26,12 @@ class IA3(Method):
     }
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        config = peft_common.build_config(
-            IA3Config, self.name,
+        return peft_common.wrap(
+            model, IA3Config, self.name,
             task_type=peft_common.task_type(encoder_decoder),
             target_modules=args["target_modules"],
             feedforward_modules=args["feedforward_modules"],
         )
-        return peft_common.wrap(model, config, self.name)
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         peft_common.save_adapter(model, out_dir)

@@ -54,8 +54,8 @@ class LoRA(Method):
         if layers is not None and count is not None and max(layers) >= count:
             raise UsageError(f"--method-arg layers_to_transform={layers} (method 'lora'): the "
                              f"model has {count} layers, indices 0 to {count - 1}")
-        config = peft_common.build_config(
-            LoraConfig, self.name,
+        return peft_common.wrap(
+            model, LoraConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),
             r=args["r"],
             lora_alpha=args["alpha"],
@@ -63,7 +63,6 @@ class LoRA(Method):
             target_modules=_targets(model, args["target_modules"], layers),
             layers_to_transform=layers,
         )
-        return peft_common.wrap(model, config, self.name)
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         peft_common.save_adapter(model, out_dir)

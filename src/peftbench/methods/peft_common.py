@@ -27,20 +27,14 @@ def _no_peft_deprecation_warning() -> Iterator[None]:
         yield
 
 
-def build_config(config_class: type[PeftConfig], method: str, **kwargs: Any) -> PeftConfig:
-    """``config_class(**kwargs)`` with peft's validation errors turned into a UsageError."""
-    try:
-        return config_class(**kwargs)
-    except ValueError as exc:  # e.g. arguments peft does not combine
-        raise UsageError(f"method '{method}': peft rejected the configuration: {exc}") from None
-
-
-def wrap(model: nn.Module, config: PeftConfig, method: str) -> nn.Module:
-    """``get_peft_model`` with configuration mistakes turned into a clear UsageError."""
+def wrap(model: nn.Module, config_class: type[PeftConfig], method: str,
+         **config: Any) -> nn.Module:
+    """``get_peft_model(model, config_class(**config))`` with configuration mistakes (peft's
+    validation, target modules that match nothing) turned into a clear UsageError."""
     try:
         with _no_peft_deprecation_warning():
-            return get_peft_model(model, config)
-    except ValueError as exc:  # e.g. target modules that match nothing
+            return get_peft_model(model, config_class(**config))
+    except ValueError as exc:
         raise UsageError(f"method '{method}': peft rejected the configuration: {exc}") from None
 
 

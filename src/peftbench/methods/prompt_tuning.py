@@ -33,8 +33,8 @@ class PromptTuning(Method):
                 f"--method-arg init={args['init']!r}: prompt_tuning init must be one of "
                 f"{', '.join(_INITS)}."
             )
-        config = peft_common.build_config(
-            PromptTuningConfig, self.name,
+        return peft_common.wrap(
+            model, PromptTuningConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),
             num_virtual_tokens=args["num_virtual_tokens"],
             prompt_tuning_init=_INITS[args["init"]],
@@ -42,7 +42,6 @@ class PromptTuning(Method):
             # unused decoder-side vectors are created and counted
             num_transformer_submodules=1,
         )
-        return peft_common.wrap(model, config, self.name)
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
         peft_common.save_adapter(model, out_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from peftbench.training.device import (
     resolve_precision,
     slow_bf16_warning,
 )
-from peftbench.training.encoding import TextEncoder
+from peftbench.training.encoding import IGNORE, Encoded, TextEncoder
 from peftbench.training.memory import PeakMemory
 from peftbench.training.model_prep import (
     attach_method,
@@ -61,9 +61,10 @@ def eval_steps(spec: RunSpec, total: int) -> list[int]:
     return sorted({0, *range(every, total, every), total})
 
 
-def max_new_tokens(encoder: TextEncoder, targets: list[str], cap: int) -> int:
-    """Generation budget from the task's target lengths: the longest seen, plus a margin."""
-    lengths = [len(ids) for ids in encoder.target_ids_many(targets[:2000])]
+def max_new_tokens(train_set: Sequence[Encoded], cap: int) -> int:
+    """Generation budget from the task's target lengths (the labelled tokens of the first
+    2,000 training examples): the longest seen, plus a margin."""
+    lengths = [sum(label != IGNORE for label in e.labels) for e in train_set[:2000]]
     return max(1, min(cap, math.ceil(max(lengths, default=cap) * 1.25) + 2))
 
 
@@ -110,19 +111,19 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     encoder = TextEncoder(loaded.tokenizer, loaded.is_encoder_decoder, spec.max_source_length,
                           spec.max_target_length, open_cache(loaded.tokenizer))
     train_set = encoder.encode_many([(e.input, e.target) for e in task.train])
-    new_tokens = max_new_tokens(encoder, [e.target for e in task.train], spec.max_target_length)
-    eval_prompts = [encoder.prompt_ids_many([e.input for e in split])
-                    for split in (task.validation, task.test)]
-    record["run"]["tokenization"] = {"seconds": round(time.perf_counter() - tick, 3),
-                                     "texts_from_cache": encoder.cache.stats.cached,
-                                     "texts_tokenised": encoder.cache.stats.tokenised}
+    tokenise_seconds = time.perf_counter() - tick
     gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
                                  loaded.is_encoder_decoder)
     record["run"]["gathered_logits"] = gather
+    new_tokens = max_new_tokens(train_set, spec.max_target_length)
+    tick = time.perf_counter()
     validation, test = (Evaluator(task.spec, encoder, split, device, autocast,
-                                  spec.batch_size * 2, new_tokens, gather, prompts)
-                        for split, prompts in zip((task.validation, task.test), eval_prompts,
-                                                  strict=True))
+                                  spec.batch_size * 2, new_tokens, gather)
+                        for split in (task.validation, task.test))
+    record["run"]["tokenization"] = {  # training pairs, then the evaluators' prompts
+        "seconds": round(tokenise_seconds + time.perf_counter() - tick, 3),
+        "texts_from_cache": encoder.cache.stats.cached,
+        "texts_tokenised": encoder.cache.stats.tokenised}
 
     # 4. optimiser and schedule
     lr = spec.lr or method.default_lr

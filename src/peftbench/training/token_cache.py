@@ -2,14 +2,14 @@
 
 A sweep trains many runs on the same data with the same tokenizer (every method, every
 learning rate of its grid): each run used to tokenise its training examples and evaluation
-prompts again (3.4 s for 10,000 E2E NLG examples with SmolLM2's tokenizer, one call per
-text). :class:`TokenCache` tokenises a list of texts once, in one batched tokenizer call,
-and stores the ids under a key made of what the ids depend on: the tokenizer's serialised
-definition (vocabulary, merges, normaliser, pre-tokeniser, post-processor, added tokens)
-plus the Python-side switches that change its output (``split_special_tokens``,
-``add_bos_token``, ``add_eos_token``), the caller's ``kind`` (how the ids are post-processed:
-truncation limits, peftbench's encoding version), the tokenizers / transformers versions, and
-the texts themselves.
+prompts again (8,000 E2E NLG examples with SmolLM2's tokenizer: 2.20 s one text at a time,
+1.32 s in one batched call, 0.14 s from the cache). :class:`TokenCache` tokenises a list
+of texts once, in one batched tokenizer call, and stores the ids under a key made of what
+the ids depend on: the tokenizer's serialised definition (vocabulary, merges, normaliser,
+pre-tokeniser, post-processor, added tokens) plus the Python-side switches that change its
+output (``split_special_tokens``, ``add_bos_token``, ``add_eos_token``), the caller's
+``kind`` (how the ids are post-processed: truncation limits, peftbench's encoding
+version), the tokenizers / transformers versions, and the texts themselves.
 
 Files are ``<cache>/tokens/<key>.safetensors`` (flat int32 ids plus offsets), written to a
 temporary file and renamed, so concurrent runs never read half a file; a file that cannot
@@ -19,9 +19,10 @@ be read is recomputed and replaced. Tokenizers without a serialisable definition
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from peftbench.paths import cache_dir
 
@@ -122,29 +123,21 @@ def _read(path: Path, count: int) -> list[list[int]] | None:
 
 
 def _write(path: Path, ids: list[list[int]]) -> None:
-    """Store ``ids`` atomically, readable as the umask allows (``mkstemp`` makes files
-    private); a cache that cannot be written is skipped, not an error."""
+    """Store ``ids`` through a temporary file and a rename; a cache that cannot be written
+    is skipped, not an error."""
     offsets = [0]
     for row in ids:
         offsets.append(offsets[-1] + len(row))
     flat = [token for row in ids for token in row]
+    # a name of this process's own, written by Python (so with the umask's permissions;
+    # safetensors' own file writer makes files private)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        data = save({"ids": torch.tensor(flat, dtype=torch.int32),
+                     "offsets": torch.tensor(offsets, dtype=torch.int64)})
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        try:
-            save_file({"ids": torch.tensor(flat, dtype=torch.int32),
-                       "offsets": torch.tensor(offsets, dtype=torch.int64)}, temporary)
-            os.chmod(temporary, 0o666 & ~_umask())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
     except (OSError, SafetensorError):
-        pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
