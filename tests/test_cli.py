@@ -72,6 +72,20 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, override, message):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["train", "--model", "tiny-random-llama", "--bogus"], "No such option: --bogus"),
+    (["train", "--model", "tiny-random-llama"], "Missing option '--task'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_command_line_mistakes_are_usage_errors_without_traceback(argv, message):
+    """Unknown options, missing options and unknown commands (click's errors, which typer
+    raises from its own copy of click) print the usage line, not a traceback."""
+    proc = peftbench(*argv)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
 def test_missing_data_dir_file_is_a_clear_error(tmp_path):
     proc = peftbench("train", "--model", "tiny-random-llama", "--task", "cola", "--method",
                      "lora", "--data-dir", str(tmp_path), "--quiet", "--out", str(tmp_path / "o"))

@@ -176,12 +176,24 @@ def main() -> None:
         err_console.print("aborted")
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, _click_errors()):
             exc.show()
             sys.exit(exc.exit_code)
         raise
+
+
+def _click_errors() -> tuple[type[Exception], ...]:
+    """click's error class, and the one of the click copy that recent typer ships
+    (``typer._click``): unknown options and missing values raise the latter."""
+    import importlib
+
+    classes = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            classes.append(importlib.import_module(module).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
 
 
 if __name__ == "__main__":
