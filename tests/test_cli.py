@@ -100,3 +100,6 @@ def test_parse_method_args_types():
         "r": 8, "alpha": 16.5, "target_modules": ["q_proj", "v_proj"], "init": "random"}
     with pytest.raises(UsageError):
         parse_method_args(["=3"])
+    # a layer range is text: YAML alone would read "-6:" as the mapping {-6: None}
+    assert parse_method_args(["layers=-6:", "layers_to_transform=20:"]) == {
+        "layers": "-6:", "layers_to_transform": "20:"}

@@ -118,7 +118,7 @@ def test_method_args_are_validated():
 
 def test_every_method_is_listed_with_a_default_lr():
     names = {m.name for m in list_methods()}
-    assert names == {"full", "lora", "ia3", "prompt_tuning", "bitfit"}
+    assert names == {"full", "lora", "ia3", "prompt_tuning", "bitfit", "partial"}
     assert all(m.default_lr > 0 for m in list_methods())
 
 
@@ -150,14 +150,35 @@ def test_lora_arguments_peft_does_not_combine_are_a_usage_error():
         lora.apply(loaded.model, args, encoder_decoder=False)
 
 
-def test_lora_layer_indices_are_checked():
+def test_layer_selections_are_parsed_and_checked():
     lora = get_method("lora")
-    for given in (3, "3", [20, 21], "20,21", "[20,21]"):
-        assert lora.resolve_args({"layers_to_transform": given})["layers_to_transform"] == (
-            [3] if given in (3, "3") else [20, 21])
-    for bad in ("last", [-1], "1,x"):
+    given_and_parsed = [(3, [3]), ("3", [3]), ([20, 21], [20, 21]), ("20,21", [20, 21]),
+                        ("[20,21]", [20, 21]), ([-1], [-1]), ("-6:", "-6:"), ("[20:]", "20:"),
+                        (" 0 : 4 ", "0:4"), (":-2", ":-2")]
+    for given, parsed in given_and_parsed:
+        assert lora.resolve_args({"layers_to_transform": given})["layers_to_transform"] == parsed
+    for bad in ("last", "1,x", "1:2:3", "a:", {"-6": None}):
         with pytest.raises(UsageError, match="expected layer indices"):
             lora.resolve_args({"layers_to_transform": bad})
+
+
+def test_layer_selections_resolve_against_the_layer_count():
+    from peftbench.methods.layers import resolve_layers
+
+    def resolve(selection, count=30):
+        return resolve_layers(selection, count, "lora", "layers_to_transform")
+
+    assert resolve("-6:") == [24, 25, 26, 27, 28, 29]
+    assert resolve("0:3") == [0, 1, 2] and resolve(":-28") == [0, 1]
+    assert resolve([-1, 0, 29]) == [0, 29]
+    assert resolve(None) is None
+    with pytest.raises(UsageError, match="selects none of the model's 30 layers"):
+        resolve("40:")
+    with pytest.raises(UsageError, match="the model has 30 layers, indices 0 to 29"):
+        resolve([30])
+    with pytest.raises(UsageError, match="does not say how many layers"):
+        resolve("-6:", count=None)
+    assert resolve([3, 1], count=None) == [1, 3]
 
 
 def test_lora_layer_outside_the_model_is_a_usage_error():
@@ -166,6 +187,60 @@ def test_lora_layer_outside_the_model_is_a_usage_error():
     with pytest.raises(UsageError, match="the model has 2 layers, indices 0 to 1"):
         lora.apply(loaded.model, lora.resolve_args({"layers_to_transform": [1, 5]}),
                    encoder_decoder=False)
+
+
+def test_lora_on_the_last_layers_by_range_adapts_those_layers():
+    _, by_range = _apply("tiny-random-llama", "lora", layers_to_transform="-1:")
+    _, by_index = _apply("tiny-random-llama", "lora", layers_to_transform=[1])
+    names = {n for n, p in by_range.named_parameters() if p.requires_grad}
+    assert names == {n for n, p in by_index.named_parameters() if p.requires_grad}
+    assert names and all(".layers.1." in n for n in names)
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_partial_trains_exactly_the_chosen_layers_and_modules():
+    loaded, last = _apply("tiny-random-llama", "partial", layers="-1:")
+    c = loaded.model.config
+    h, inter = c.hidden_size, c.intermediate_size
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    block = h * h + 2 * h * kv + h * h + 3 * h * inter + 2 * h  # attention, MLP, two norms
+    assert count_parameters(last) == (block, _llama_base_params(c))
+    assert all(n.startswith("model.layers.1.") for n in _trainable(last))
+
+    _, attention = _apply("tiny-random-llama", "partial", modules="self_attn")
+    assert count_parameters(attention)[0] == c.num_hidden_layers * (2 * h * h + 2 * h * kv)
+    assert all(".self_attn." in n for n in _trainable(attention))
+
+    _, both = _apply("tiny-random-llama", "partial", layers=[0], modules="q_proj,v_proj")
+    assert _trainable(both) == {"model.layers.0.self_attn.q_proj.weight",
+                                "model.layers.0.self_attn.v_proj.weight"}
+
+
+def test_partial_on_t5_chooses_the_block_of_both_stacks_or_one_stack():
+    _, last = _apply("tiny-random-t5", "partial", layers=[1])
+    stacks = {n.split(".block.")[0] for n in _trainable(last)}
+    assert stacks == {"encoder", "decoder"}
+    assert all(".block.1." in n for n in _trainable(last))
+    _, decoder = _apply("tiny-random-t5", "partial", modules="decoder")
+    assert _trainable(decoder) and all(n.startswith("decoder.") for n in _trainable(decoder))
+
+
+def test_partial_without_a_choice_or_choosing_nothing_is_a_usage_error():
+    partial = get_method("partial")
+    with pytest.raises(UsageError, match="to train every weight use method 'full'"):
+        partial.resolve_args({})
+    with pytest.raises(UsageError, match="expected module names"):
+        partial.resolve_args({"modules": []})
+    loaded = load_model("tiny-random-llama", seed=0)
+    with pytest.raises(UsageError, match=r"select no parameter.*q_proj.*outside them: model"):
+        partial.apply(loaded.model, partial.resolve_args({"modules": "attention"}),
+                      encoder_decoder=False)
+    with pytest.raises(UsageError, match="the model has 2 layers"):
+        partial.apply(loaded.model, partial.resolve_args({"layers": [2]}),
+                      encoder_decoder=False)
 
 
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")

@@ -16,16 +16,20 @@ from peftbench.training.device import autocast_factory
 from peftbench.training.encoding import TextEncoder
 from peftbench.training.runner import execute
 
-METHODS = ["full", "lora", "ia3", "prompt_tuning", "bitfit"]
+METHODS = ["full", "lora", "ia3", "prompt_tuning", "bitfit", "partial"]
 MODELS = ["tiny-random-llama", "tiny-random-t5"]
 # tiny random models learn from scratch: larger steps than the pretrained-model defaults
-TEST_LR = {"full": 3e-3, "lora": 1e-2, "ia3": 3e-2, "prompt_tuning": 1e-1, "bitfit": 1e-2}
+TEST_LR = {"full": 3e-3, "lora": 1e-2, "ia3": 3e-2, "prompt_tuning": 1e-1, "bitfit": 1e-2,
+           "partial": 3e-3}
+# methods that need arguments: partial trains the last layer
+ARGS = {"partial": {"layers": "-1:"}}
 
 
 def _spec(model: str, method: str, **overrides) -> RunSpec:
     fields = {"model": model, "task": "toy_cls", "method": method, "train_size": 256,
               "max_steps": 40, "batch_size": 16, "lr": TEST_LR[method], "eval_every": 20,
-              "max_eval_examples": 32, "precision": "fp32", "device": "cpu", "seed": 0}
+              "max_eval_examples": 32, "precision": "fp32", "device": "cpu", "seed": 0,
+              "method_args": ARGS.get(method, {})}
     fields.update(overrides)
     return RunSpec(**fields)
 
@@ -67,7 +71,7 @@ def test_saved_adapter_reproduces_test_predictions(tmp_path, model, method):
 
     base = load_model(model, seed=spec.seed)
     m = get_method(method)
-    reloaded = m.load(base.model, tmp_path / "adapter", m.resolve_args({}),
+    reloaded = m.load(base.model, tmp_path / "adapter", m.resolve_args(ARGS.get(method, {})),
                       encoder_decoder=base.is_encoder_decoder)
     task = load_task(spec.task, train_size=spec.train_size, seed=spec.seed,
                      max_eval_examples=spec.max_eval_examples)
@@ -124,7 +128,7 @@ def test_bf16_keeps_frozen_weights_bf16_and_trainable_fp32(tmp_path, method):
 
     loaded = load_model("tiny-random-llama", seed=0)
     m = get_method(method)
-    model = m.apply(loaded.model, m.resolve_args({}), encoder_decoder=False)
+    model = m.apply(loaded.model, m.resolve_args(ARGS.get(method, {})), encoder_decoder=False)
     store_frozen_in_bf16(model)
     for name, param in model.named_parameters():
         frozen_matrix = not param.requires_grad and param.dim() >= 2

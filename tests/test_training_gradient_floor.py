@@ -47,6 +47,12 @@ def test_lora_on_the_last_layer_only_builds_no_graph_below_it(precision, exact):
     assert graph == [False, True]
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_partial_fine_tuning_of_the_last_layer_builds_no_graph_below_it(precision):
+    graph = _layer_outputs_with_graph("partial", {"layers": "-1:"}, precision, False)
+    assert graph == [False, True]
+
+
 def test_a_trainable_first_layer_keeps_the_whole_graph():
     """The check above can fail: with the adapter on layer 0 both layers are in the graph."""
     graph = _layer_outputs_with_graph("lora", {"layers_to_transform": [0]}, "fp32", False)

@@ -32,16 +32,18 @@ _FLAG_OF = {"train_size": "--train-size", "max_steps": "--max-steps", "lr": "--l
 
 
 def parse_method_args(pairs: list[str]) -> dict[str, Any]:
-    """``["r=16", "target_modules=[q_proj,v_proj]"]`` -> dict, values parsed as YAML scalars."""
+    """``["r=16", "target_modules=[q_proj,v_proj]"]`` -> dict, values parsed as YAML scalars
+    or lists; text that YAML reads as a mapping stays text (``layers=-6:`` is a range)."""
     parsed: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--method-arg {pair!r}: expected KEY=VALUE, e.g. --method-arg r=16.")
         try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+            value = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
-            parsed[key.strip()] = raw
+            value = raw
+        parsed[key.strip()] = raw.strip() if isinstance(value, dict) else value
     return parsed
 
 

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftbench.errors import UsageError
@@ -107,3 +108,19 @@ def freeze(model: nn.Module) -> None:
     """Set ``requires_grad=False`` on every parameter."""
     for param in model.parameters():
         param.requires_grad_(False)
+
+
+def save_trainable(model: nn.Module, path: Path) -> list[str]:
+    """Write the trainable tensors to ``path`` (safetensors); their names back."""
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, str(path))
+    return sorted(tensors)
+
+
+def load_trainable(model: nn.Module, path: Path, method: str) -> nn.Module:
+    """Load what :func:`save_trainable` wrote into ``model`` (built the same way)."""
+    result = model.load_state_dict(load_file(str(path)), strict=False)
+    if result.unexpected_keys:
+        raise UsageError(f"{method} tensors in {path} do not fit this model: "
+                         f"{result.unexpected_keys[:5]}")
+    return model

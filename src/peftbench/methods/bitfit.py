@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftbench.errors import UsageError
-from peftbench.methods.base import Method, freeze
+from peftbench.methods.base import Method, freeze, load_trainable, save_trainable
 from peftbench.methods.registry import register
 
 _ADDED = "bitfit_added_biases.json"
@@ -58,16 +57,9 @@ class BitFit(Method):
         return model
 
     def save(self, model: nn.Module, out_dir: Path) -> None:
-        tensors = {n: p.detach().contiguous() for n, p in model.named_parameters()
-                   if p.requires_grad}
-        save_file(tensors, str(out_dir / "bitfit.safetensors"))
-        (out_dir / _ADDED).write_text(json.dumps(sorted(tensors)))
+        names = save_trainable(model, out_dir / "bitfit.safetensors")
+        (out_dir / _ADDED).write_text(json.dumps(names))
 
     def load(self, base, out_dir, args, *, encoder_decoder):  # type: ignore[override]
         model = self.apply(base, args, encoder_decoder=encoder_decoder)
-        state = load_file(str(out_dir / "bitfit.safetensors"))
-        result = model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise UsageError(f"bitfit tensors in {out_dir} do not fit this model: "
-                             f"{result.unexpected_keys[:5]}")
-        return model
+        return load_trainable(model, out_dir / "bitfit.safetensors", self.name)

@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 from peft import LoraConfig
 from torch import nn
 
-from peftbench.errors import UsageError
 from peftbench.methods import peft_common
 from peftbench.methods.base import Method
+from peftbench.methods.layers import layer_count, parse_layers, resolve_layers
 from peftbench.methods.registry import register
 
 ALL_LINEAR = "all-linear"
@@ -38,22 +38,21 @@ class LoRA(Method):
         "dropout": "dropout on the LoRA input",
         "target_modules": ("module names to adapt (e.g. q_proj,v_proj as in the study); "
                            "default all-linear: every linear layer except the output head"),
-        "layers_to_transform": ("layer indices to adapt (e.g. [20,21,22]; 0 = the first); "
-                                "default: all. Encoder-decoder models: that block of the "
-                                "encoder and of the decoder"),
+        "layers_to_transform": ("layers to adapt: indices (e.g. [20,21,22]; 0 = the first, "
+                                "-1 = the last) or a range (-6: = the last six); default: "
+                                "all. Encoder-decoder models: that block of the encoder and "
+                                "of the decoder"),
     }
 
     def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
         args = super().resolve_args(overrides)
-        args["layers_to_transform"] = _layer_indices(args["layers_to_transform"])
+        args["layers_to_transform"] = parse_layers(args["layers_to_transform"], self.name,
+                                                   "layers_to_transform")
         return args
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        layers = args["layers_to_transform"]
-        count = _layer_count(model)
-        if layers is not None and count is not None and max(layers) >= count:
-            raise UsageError(f"--method-arg layers_to_transform={layers} (method 'lora'): the "
-                             f"model has {count} layers, indices 0 to {count - 1}")
+        layers = resolve_layers(args["layers_to_transform"], layer_count(model), self.name,
+                                "layers_to_transform")
         return peft_common.wrap(
             model, LoraConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),
@@ -85,28 +84,3 @@ def _targets(model: nn.Module, target_modules: Any, layers: Any) -> Any:
     head = get_head() if get_head is not None else None
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                    if isinstance(module, nn.Linear | Conv1D) and module is not head})
-
-
-def _layer_count(model: nn.Module) -> int | None:
-    """Blocks per stack (the larger stack of an encoder-decoder), if the config says."""
-    config = getattr(model, "config", None)
-    counts = [getattr(config, key, None) for key in
-              ("num_hidden_layers", "num_layers", "num_decoder_layers", "n_layer")]
-    counts = [c for c in counts if isinstance(c, int)]
-    return max(counts) if counts else None
-
-
-def _layer_indices(value: Any) -> list[int] | None:
-    """``layers_to_transform`` as a list of layer indices: ``3``, ``[20, 21]``, "20,21" or
-    "[20,21]"."""
-    if value is None:
-        return None
-    items = value if isinstance(value, list) else str(value).split(",")
-    try:
-        indices = [int(str(v).strip("[] ")) for v in items if str(v).strip("[] ")]
-    except ValueError:
-        indices = []
-    if not indices or any(i < 0 for i in indices):
-        raise UsageError(f"--method-arg layers_to_transform={value!r} (method 'lora'): expected "
-                         "layer indices (0 = the first layer), e.g. layers_to_transform=[20,21,22]")
-    return indices

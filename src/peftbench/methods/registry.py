@@ -30,4 +30,11 @@ def list_methods() -> list[Method]:
 
 
 def _load_builtin() -> None:
-    from peftbench.methods import bitfit, full, ia3, lora, prompt_tuning  # noqa: F401
+    from peftbench.methods import (  # noqa: F401
+        bitfit,
+        full,
+        ia3,
+        lora,
+        partial,
+        prompt_tuning,
+    )
