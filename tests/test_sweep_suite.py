@@ -169,6 +169,61 @@ def test_check_names_catches_unknown_method_task_and_argument(tmp_path):
     assert "num_virtual_tokenz" in message
 
 
+VARIANTS = """\
+name: variants
+models: [tiny-random-llama]
+tasks: [toy_cls]
+methods: [full, lora, partial]
+defaults: {max_steps: 5}
+method_overrides:
+  lora: {method_args: {r: 4}}
+method_variants:
+  lora:
+    - {}
+    - {layers_to_transform: "-1:"}
+    - {layers_to_transform: "-1:", target_modules: [q_proj, v_proj]}
+  partial:
+    - {layers: "-1:"}
+    - {modules: self_attn}
+lr_grid: {partial: [1.0e-4, 1.0e-3]}
+"""
+
+
+def test_method_variants_are_one_run_each_merged_over_the_method_args(tmp_path):
+    suite = load_suite(write(tmp_path, VARIANTS))
+    check_names(suite)
+    specs = expand(suite)
+    assert [(s.method, s.method_args, s.lr) for s in specs] == [
+        ("full", {}, None),
+        ("lora", {"r": 4}, None),
+        ("lora", {"r": 4, "layers_to_transform": "-1:"}, None),
+        ("lora", {"r": 4, "layers_to_transform": "-1:", "target_modules": ["q_proj", "v_proj"]},
+         None),
+        ("partial", {"layers": "-1:"}, 1e-4), ("partial", {"layers": "-1:"}, 1e-3),
+        ("partial", {"modules": "self_attn"}, 1e-4), ("partial", {"modules": "self_attn"}, 1e-3),
+    ]
+    assert len({s.run_hash() for s in specs}) == len(specs)
+
+
+def test_method_variant_mistakes_are_named_with_file_and_line(tmp_path):
+    message = error_of(tmp_path, VARIANTS.replace("  partial:\n    - {layers",
+                                                   "  bitfit:\n    - {layers"))
+    assert ":13: method_variants.bitfit: 'bitfit' is not one of this suite's methods" in message
+    message = error_of(tmp_path, VARIANTS.replace('    - {layers_to_transform: "-1:"}\n',
+                                                   "    - {}\n"))
+    assert ":11: method_variants.lora[1]: duplicate variant" in message
+    assert "empty list" in error_of(tmp_path, VARIANTS.replace(
+        "  partial:\n    - {layers: \"-1:\"}\n    - {modules: self_attn}", "  partial: []"))
+    with pytest.raises(UsageError) as info:
+        check_names(load_suite(write(tmp_path, VARIANTS.replace("{modules: self_attn}",
+                                                                "{module: self_attn}"))))
+    assert ":15: method_variants.partial[1]: --method-arg module='self_attn'" in str(info.value)
+    with pytest.raises(UsageError) as info:
+        check_names(load_suite(write(tmp_path, VARIANTS.replace('{layers: "-1:"}', "{}"))))
+    assert ":14: method_variants.partial[0]:" in str(info.value)
+    assert "use method 'full'" in str(info.value)
+
+
 @pytest.mark.parametrize("name", ["smoke", "quickstart", "paper"])
 def test_shipped_suites_are_valid(name):
     assert name in shipped_suites()

@@ -8,11 +8,12 @@ from pydantic import ValidationError
 
 from peftbench.config import RunSpec
 from peftbench.errors import UsageError
-from peftbench.sweep.suite import Suite, run_fields
+from peftbench.sweep.suite import Suite, variant_fields
 
 
 def expand(suite: Suite, model: str | None = None, data_dir: str | None = None) -> list[RunSpec]:
-    """The suite's runs in grid order: model, task, train size, seed, method, learning rate.
+    """The suite's runs in grid order: model, task, train size, seed, method, variant,
+    learning rate.
 
     Seeds come before methods so an interrupted sweep has whole method comparisons.
     ``model`` replaces the suite's models; ``data_dir`` is set on every run (it is not part
@@ -23,15 +24,15 @@ def expand(suite: Suite, model: str | None = None, data_dir: str | None = None) 
     runs: dict[str, RunSpec] = {}
     for model_name, task, size, seed, method in itertools.product(
             models, spec.tasks, spec.train_sizes, spec.seeds, spec.methods):
-        fields = run_fields(spec, task, method)
-        if data_dir is not None:
-            fields["data_dir"] = data_dir
-        for lr in spec.lr_grid.get(method) or [fields.get("lr")]:
-            try:
-                run = RunSpec(model=model_name, task=task, method=method, train_size=size,
-                              seed=seed, **{**fields, "lr": lr})
-            except ValidationError as exc:
-                raise UsageError(f"{suite.source}: suite {spec.name}: run {model_name} / "
-                                 f"{task} / {method}: {exc}") from None
-            runs.setdefault(run.run_hash(), run)
+        for fields in variant_fields(spec, task, method):
+            if data_dir is not None:
+                fields["data_dir"] = data_dir
+            for lr in spec.lr_grid.get(method) or [fields.get("lr")]:
+                try:
+                    run = RunSpec(model=model_name, task=task, method=method, train_size=size,
+                                  seed=seed, **{**fields, "lr": lr})
+                except ValidationError as exc:
+                    raise UsageError(f"{suite.source}: suite {spec.name}: run {model_name} / "
+                                     f"{task} / {method}: {exc}") from None
+                runs.setdefault(run.run_hash(), run)
     return list(runs.values())

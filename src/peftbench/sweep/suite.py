@@ -1,9 +1,10 @@
 """Suites: YAML files describing a grid of runs, validated with the line of every mistake.
 
-A suite names the grid axes (models x tasks x train sizes x seeds x methods, plus an
-optional per-method learning-rate grid) and the other :class:`RunSpec` fields: ``defaults``,
-updated by ``task_overrides[task]``, then by ``method_overrides[method]`` (``method_args``
-merged key by key), then by ``lr_grid[method]``. Unknown keys and bad values are
+A suite names the grid axes (models x tasks x train sizes x seeds x methods, plus optional
+per-method variants and learning-rate grids) and the other :class:`RunSpec` fields:
+``defaults``, updated by ``task_overrides[task]``, then by ``method_overrides[method]``
+(``method_args`` merged key by key), then by one of ``method_variants[method]`` (method
+arguments, e.g. which layers to train), then by ``lr_grid[method]``. Unknown keys and bad values are
 :class:`UsageError`s that say ``file:line: key: what is wrong``.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import yaml
@@ -56,6 +58,9 @@ class SuiteSpec(BaseModel):
         default_factory=dict, description="RunSpec fields per task (over defaults)")
     method_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="RunSpec fields per method (over task_overrides)")
+    method_variants: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict, description="per-method lists of method_args: one run for each "
+        "(e.g. LoRA on every layer and on the last six)")
     lr_grid: dict[str, list[Annotated[float, Field(gt=0)]]] = Field(
         default_factory=dict, description="per-method learning rates: one run for each")
     execution: Execution = Field(default_factory=Execution)
@@ -196,6 +201,18 @@ def _grid_problems(spec: SuiteSpec, locate: _Locator) -> list[str]:
                 problems.append(_problem(locate, (section, name), f"'{name}' is not one of "
                                          f"this suite's {axis} ({', '.join(names)}).",
                                          at_key=True))
+    for method, variants in spec.method_variants.items():
+        if method not in spec.methods:
+            problems.append(_problem(locate, ("method_variants", method), f"'{method}' is not "
+                                     f"one of this suite's methods ({', '.join(spec.methods)}).",
+                                     at_key=True))
+        if not variants:
+            problems.append(_problem(locate, ("method_variants", method), "empty list: give "
+                                     "at least one set of method arguments ({} = the defaults)"))
+        for index, variant in enumerate(variants):
+            if variant in variants[:index]:
+                problems.append(_problem(locate, ("method_variants", method, index),
+                                         "duplicate variant"))
     for method, lrs in spec.lr_grid.items():
         if method not in spec.methods:
             problems.append(_problem(locate, ("lr_grid", method), f"'{method}' is not one of "
@@ -234,18 +251,31 @@ def check_names(suite: Suite) -> None:
         except UsageError as exc:
             problems.append(f"{where(('methods', index))}: methods[{index}]: {exc}")
             continue
-        for task in spec.tasks:
-            try:
-                method.resolve_args(run_fields(spec, task, name).get("method_args", {}))
-            except UsageError as exc:
-                path = next((p for p in (("method_overrides", name), ("task_overrides", task),
-                                         ("defaults",))
-                             if "method_args" in _section(spec, p)), ("defaults",))
-                path = (*path, "method_args")
-                problems.append(f"{where(path)}: {_dotted(path)}: {exc}")
-                break
+        problems += _method_args_problems(spec, name, method, where)
     if problems:
         raise UsageError("suite " + suite.spec.name + ":\n" + "\n".join(problems))
+
+
+def _method_args_problems(spec: SuiteSpec, name: str, method: Any,
+                          where: Callable[[KeyPath], str]) -> list[str]:
+    """The first invalid method-argument set of method ``name``, located in the file."""
+    variants = spec.method_variants.get(name)
+    for task in spec.tasks:
+        shared = run_fields(spec, task, name).get("method_args")
+        for index, fields in enumerate(variant_fields(spec, task, name)):
+            try:
+                method.resolve_args(fields.get("method_args", {}))
+            except UsageError as exc:
+                # the variant, unless it is empty and the shared arguments are not
+                if variants is not None and (variants[index] or not shared):
+                    path: KeyPath = ("method_variants", name, index)
+                else:
+                    path = next((p for p in (("method_overrides", name),
+                                             ("task_overrides", task), ("defaults",))
+                                 if "method_args" in _section(spec, p)), ("defaults",))
+                    path = (*path, "method_args")
+                return [f"{where(path)}: {_dotted(path)}: {exc}"]
+    return []
 
 
 def _section(spec: SuiteSpec, path: KeyPath) -> dict[str, Any]:
@@ -267,6 +297,18 @@ def run_fields(spec: SuiteSpec, task: str, method: str) -> dict[str, Any]:
     if args:
         fields["method_args"] = args
     return fields
+
+
+def variant_fields(spec: SuiteSpec, task: str, method: str) -> list[dict[str, Any]]:
+    """The RunSpec fields of each variant of ``task`` x ``method``: :func:`run_fields` with
+    one ``method_variants[method]`` entry merged into ``method_args`` (one entry, the fields
+    themselves, without variants)."""
+    fields = run_fields(spec, task, method)
+    out = []
+    for variant in spec.method_variants.get(method) or [{}]:
+        args = {**fields.get("method_args", {}), **variant}
+        out.append({**fields, "method_args": args} if args else dict(fields))
+    return out
 
 
 # -- loading ---------------------------------------------------------------------------------
