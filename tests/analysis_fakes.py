@@ -20,7 +20,7 @@ METHOD_COSTS: dict[str, tuple[int, float, float]] = {
 DEFAULT_ARGS: dict[str, dict[str, Any]] = {
     "full": {}, "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
     "ia3": {"target_modules": "default"}, "prompt_tuning": {"num_virtual_tokens": 20},
-    "bitfit": {"layers": "all"}}
+    "bitfit": {"exclude": ["lm_head"]}}
 DEFAULT_LR = {"full": 5e-5, "lora": 3e-4, "ia3": 3e-3, "prompt_tuning": 3e-2, "bitfit": 1e-3}
 TASKS = {"rotten_tomatoes": ("classification", "accuracy"),
          "cola": ("classification", "mcc"),

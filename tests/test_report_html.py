@@ -29,6 +29,14 @@ def report(tmp_path_factory) -> tuple[Path, Path, str, str]:
             records.append(make_record(task=EVIL, task_type="classification",
                                        metric="accuracy", method=method, seed=seed,
                                        scores=[50.0, 70.0 + seed, 75.0]))
+    # a selective-training study on rotten_tomatoes / 100: partial fine-tuning of the last
+    # six layers, and LoRA on modules with a markup name
+    for seed in (0, 1):
+        records.append(make_record(method="partial", seed=seed, trainable=20_000_000,
+                                   method_args={"layers": "-6:", "modules": None},
+                                   scores=[50.0, 74.0 + seed, 76.0]))
+    records.append(make_record(method="lora", trainable=100_000, scores=[50.0, 70.0],
+                               method_args={"target_modules": ["<b>q</b>"]}))
     records.append(make_record(method="ia3", seed=7, status="diverged", scores=[50, 10],
                                test=5.0, error="training loss became nan at step 4"))
     records.append(make_record(method="bitfit", seed=8, status="failed",
@@ -42,10 +50,11 @@ def report(tmp_path_factory) -> tuple[Path, Path, str, str]:
 def test_html_is_self_contained_with_tables_and_inline_svg(report):
     html = report[2]
     for table in ("t-decision", "t-benchmark", "t-convergence", "t-claim", "t-requirement",
-                  "t-requirement_type", "t-failed", "t-prov_models", "t-prov_versions"):
+                  "t-requirement_type", "t-selective", "t-failed", "t-prov_models",
+                  "t-prov_versions"):
         assert f'class="{table}"' in html, table
-    # score vs size, 2 Pareto plots, learning curves for 3 tasks
-    assert html.count("<svg") == 6
+    # score vs size, 2 Pareto plots, the selective study, learning curves for 3 tasks
+    assert html.count("<svg") == 7
     assert "<script" not in html.lower()
     assert not re.search(r'(src|href)="(https?:)?//', html)  # nothing fetched from a network
     assert "<link" not in html and "@import" not in html
@@ -56,6 +65,7 @@ def test_user_strings_are_escaped_everywhere(report):
     assert "<script>alert(1)" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "<b>q</b>" not in html and "&lt;b&gt;q&lt;/b&gt;" in html
     assert "<script>" not in md and "<img src=x" not in md
     assert "&lt;script&gt;alert(1)&lt;/script&gt;\\|\\*x\\*" in md
 
@@ -75,10 +85,12 @@ def test_failed_and_diverged_runs_are_listed_not_averaged(report):
 def test_markdown_twin_has_the_tables_and_links_the_plots(report):
     _, md_path, _, md = report
     for heading in ("## Benchmark", "## Convergence", "## Data requirement",
-                    "### Decision table", "## Failed and diverged runs", "## Provenance"):
+                    "### Decision table", "## Selective training", "## Failed and diverged runs",
+                    "## Provenance"):
         assert heading in md
+    assert "rotten\\_tomatoes, 100 examples: supported: partial on last 6 layers" in md
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
-    assert len(links) == 6
+    assert len(links) == 7
     for link in links:
         svg = (md_path.parent / link).read_text()
         assert svg.startswith("<?xml") and "<svg" in svg
@@ -98,8 +110,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
                          text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Uncaught" not in dom.stderr
-    assert dom.stdout.count("<svg") == 6
-    for table in ("t-decision", "t-benchmark", "t-convergence", "t-claim", "t-failed"):
+    assert dom.stdout.count("<svg") == 7
+    for table in ("t-decision", "t-benchmark", "t-convergence", "t-claim", "t-selective",
+                  "t-failed"):
         assert f'class="{table}"' in dom.stdout
     assert "<script" not in dom.stdout.lower()
 

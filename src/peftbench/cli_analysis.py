@@ -280,12 +280,14 @@ def analyze(
     json_output: Annotated[bool, typer.Option("--json", help="print the tables as JSON")
                            ] = False,
 ) -> None:
-    """Print the convergence, claim, data-requirement and decision tables."""
+    """Print the convergence, claim, data-requirement, decision and (when run) selective
+    training tables."""
     from peftbench.report.tables import all_tables
 
     source = load_records(db, reference, suite, model, default_db=True)
     tables = all_tables(_analysis(source, scales, prefer))
-    keys = ("convergence", "claim", "requirement_type", "requirement", "decision", "failed")
+    keys = ("convergence", "claim", "requirement_type", "requirement", "decision",
+            *(("selective",) if tables["selective"].rows else ()), "failed")
     if json_output:
         out = {k: {"title": tables[k].title, "header": tables[k].header,
                    "rows": tables[k].rows, "notes": tables[k].notes} for k in keys}
@@ -299,8 +301,8 @@ def analyze(
             rich.add_row(*(f"[bold]{escape(c)}[/]" if type(c).__name__ == "Strong" else
                            escape(c) for c in row))
         wide_console.print(rich)
-        if key in ("claim",):
-            for note in t.notes[:-1]:
+        if key in ("claim", "selective"):  # their summary sentences
+            for note in t.notes[:-1 if key == "claim" else -3]:
                 console.print(f"  {escape(note)}", highlight=False)
 
 

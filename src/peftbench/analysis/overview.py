@@ -22,6 +22,7 @@ from peftbench.analysis.data_requirement import (
 )
 from peftbench.analysis.decision import Decision, DecisionConfig, decision_table
 from peftbench.analysis.records import Cell, Record, build_cells, split_runs
+from peftbench.analysis.selective import Finding, Variant, findings, variants
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Analysis:
     type_requirements: list[TypeRequirement]
     decisions: list[Decision]
     config: DecisionConfig
+    selective: list[Variant]  # the selective-training study (empty when none was run)
+    selective_findings: list[Finding]
 
     def convergence_of(self, cell: Cell) -> CellConvergence | None:
         return next((c for c in self.convergence if c.key == cell.key), None)
@@ -47,7 +50,8 @@ class Analysis:
 def analyse_records(records: Iterable[Record], config: DecisionConfig | None = None,
                     thresholds: tuple[float, ...] = THRESHOLDS,
                     threshold: float = CONVERGED) -> Analysis:
-    """Cells, convergence, the claim, data requirements and the decision table."""
+    """Cells, convergence, the claim, data requirements, the decision table and the
+    selective-training study."""
     config = config or DecisionConfig()
     records = list(records)
     ok, failed = split_runs(records)
@@ -55,5 +59,7 @@ def analyse_records(records: Iterable[Record], config: DecisionConfig | None = N
     convergence, versus = analyse(cells, thresholds, threshold)
     claims = check_claim(cells, versus, config.scales.of)
     reqs = requirements(cells, versus)
+    study = variants(ok)
     return Analysis(records, failed, cells, convergence, versus, claims, reqs,
-                    by_task_type(reqs), decision_table(cells, config), config)
+                    by_task_type(reqs), decision_table(cells, config), config, study,
+                    findings(study))

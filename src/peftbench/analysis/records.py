@@ -177,7 +177,9 @@ class Cell:
         return sorted(seed(r) for r in self.runs)
 
 
-def _config_key(record: Record) -> str:
+def config_key(record: Record) -> str:
+    """What distinguishes configurations of one method in a cell: learning rate and
+    method arguments."""
     return json.dumps({"lr": learning_rate(record), "args": config(record).get("method_args")},
                       sort_keys=True, default=str)
 
@@ -195,7 +197,7 @@ STAT_GETTERS: dict[str, Callable[[Record], float | None]] = {
 }
 
 
-def _select(configs: dict[str, list[Record]]) -> tuple[str, list[Record]]:
+def select_configuration(configs: dict[str, list[Record]]) -> tuple[str, list[Record]]:
     """The configuration with the best mean validation score (then more seeds, then lr)."""
     def rank(item: tuple[str, list[Record]]) -> tuple[float, int, float]:
         val = Stat.of(score(r, "val") if score(r, "val") is not None else final_score(r)
@@ -217,10 +219,10 @@ def build_cells(records: Iterable[Record]) -> list[Cell]:
         if not is_ok(record) or size is None:
             continue
         key = CellKey(model_name(record), task_name(record), method(record), size)
-        groups[key][_config_key(record)].append(record)
+        groups[key][config_key(record)].append(record)
     cells = []
     for key, configs in groups.items():
-        _, runs = _select(configs)
+        _, runs = select_configuration(configs)
         runs = sorted(runs, key=seed)
         cell = Cell(key=key, task_type=task_type(runs[0]), metric=metric(runs[0]), runs=runs,
                     lr=learning_rate(runs[0]), method_args=method_args(runs[0]),

@@ -11,7 +11,7 @@ from peftbench.analysis.overview import Analysis
 @dataclass
 class Figure:
     key: str  # unique, file-name safe
-    section: str  # sizes | pareto | curves
+    section: str  # sizes | pareto | selective | curves
     title: str
     caption: str
     svg: str
@@ -22,7 +22,8 @@ def slug(text: str) -> str:
 
 
 def figures(analysis: Analysis) -> list[Figure]:
-    """Score vs size, Pareto (parameters, memory), learning curves per task."""
+    """Score vs size, Pareto (parameters, memory), the selective-training study (when
+    run), learning curves per task."""
     from peftbench.report import plots
 
     if not analysis.cells:
@@ -38,6 +39,11 @@ def figures(analysis: Analysis) -> list[Figure]:
                "Peak memory (GPU if trained on a GPU, else process RSS) against test score.",
                plots.pareto(analysis, "memory_mb")),
     ]
+    if any(v.trainable and v.score.mean is not None for v in analysis.selective):
+        out.append(Figure("selective", "selective", "Selective training: parameters against "
+                          "score", "Each point a method trained on one part of the model "
+                          "(labelled), per task and train size; bars: seed std; dashed: "
+                          "the Pareto front.", plots.selective(analysis)))
     cases = sorted({(c.key.model, c.key.task) for c in analysis.cells})
     multi = len({m for m, _ in cases}) > 1
     for i, (model, task) in enumerate(cases, 1):

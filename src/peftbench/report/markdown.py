@@ -66,6 +66,8 @@ def render_markdown(tables: dict[str, Table], figures: list[Figure], meta: dict[
         "## Convergence", "", table(tables["convergence"], title=False), table(tables["claim"]),
         "## Data requirement", "", table(tables["requirement_type"]),
         table(tables["requirement"]),
+        "## Selective training", "", table(tables["selective"], title=False),
+        *(figs("selective") if tables["selective"].rows else []),
         "## Failed and diverged runs", "", table(tables["failed"], title=False),
         "## Provenance", "",
         *[table(tables[k]) for k in ("prov_models", "prov_tasks", "prov_hardware",

@@ -220,3 +220,33 @@ def pareto(analysis: Analysis, cost: str = "trainable") -> str:
                                        label=f"n = {s:,}")) for s in sizes]
         _legend(fig, methods, extra)
         return to_svg(fig)
+
+
+def selective(analysis: Analysis) -> str:
+    """One panel per (model, task, train size) of the selective-training study: trainable
+    parameters against test score, each variant labelled with the part it trains; colour =
+    method, bars = seed std, dashed line = Pareto front."""
+    cases: dict[tuple[str, str, int], list[Any]] = defaultdict(list)
+    for v in analysis.selective:
+        if v.trainable and v.score.mean is not None:
+            cases[v.case].append(v)
+    methods = sorted({v.method for vs in cases.values() for v in vs}, key=method_order)
+    multi = len({m for m, _, _ in cases}) > 1
+    with _figure(len(cases), cols=2, width=5.2, height=3.6) as (fig, axes):
+        for ax, ((model, task, size), group) in zip(axes, sorted(cases.items()), strict=True):
+            for v in group:
+                ax.errorbar([v.trainable], [v.score.mean], yerr=[v.score.std or 0.0],
+                            color=colour(v.method, methods), marker="o", ms=5, capsize=3,
+                            zorder=3, ls="")
+                if v.part != "-":  # methods that choose no part: the colour says enough
+                    ax.annotate(v.part, (v.trainable, v.score.mean), xytext=(4, 4),
+                                textcoords="offset points", fontsize=7, color="#333")
+            front = _frontier([(v.trainable, v.score.mean) for v in group])
+            if len(front) > 1:
+                ax.plot(*zip(*front, strict=True), color="#999", ls="--", lw=0.8, zorder=1)
+            _log_x(ax)
+            ax.set_title(f"{task}{f' ({model})' if multi else ''}, {size:,} examples")
+            ax.set_xlabel("trainable parameters (log scale)")
+            ax.set_ylabel(f"test {group[0].metric or 'score'}")
+        _legend(fig, methods)
+        return to_svg(fig)

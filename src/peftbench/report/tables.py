@@ -281,6 +281,71 @@ def decision(analysis: Analysis) -> Table:
         "peftbench recommend --task-type T --train-size N applies this table to a new task."])
 
 
+def selective(analysis: Analysis) -> Table:
+    """The selective-training study: each method on each part, parameters against score."""
+    best: dict[tuple[str, str, int], float] = {}
+    for v in analysis.selective:
+        if v.score.mean is not None:
+            best[v.case] = max(best.get(v.case, v.score.mean), v.score.mean)
+    rows = []
+    for v in analysis.selective:
+        score = stat(v.score)
+        if v.score.mean is not None and v.score.mean == best.get(v.case):
+            score = Strong(score)
+        ref = v.reference
+        versus = "-" if ref is None or v.delta is None else (
+            f"{v.delta:+.1f} vs {ref.method} ({ref.part})")
+        fewer = "-" if v.fewer is None else f"{v.fewer:,.1f}x fewer" if v.fewer >= 1 else \
+            f"{1 / v.fewer:,.1f}x more"
+        verdict = "-" if v.keeps is None else "keeps" if v.keeps else "loses"
+        rows.append([_case(analysis, v.model, v.task), f"{v.train_size:,}", v.method, v.part,
+                     count(v.trainable), num(v.stats["trainable_pct"].mean, 3), score, versus,
+                     fewer, verdict, "yes" if v.pareto else "", num(v.stats["memory_mb"].mean, 0),
+                     num(v.stats["train_seconds"].mean)])
+    return Table("selective", "Selective training: trained part, parameters and score", [
+        "task", "train size", "method", "trained part", "trainable params", "trainable %",
+        "test score (mean ± seed std)", "vs reference (points)", "parameters vs reference",
+        "verdict", "Pareto", "peak MB", "train s"], rows, [
+        *selective_summary(analysis),
+        "Reference: full fine-tuning for partial fine-tuning, else the same method on the "
+        "most parameters (e.g. LoRA on every layer). keeps: the mean score reaches 95 % of "
+        "the reference's (score >= ref - 0.05 x |ref|); loses: it does not.",
+        "Pareto: no other variant of the task and size trains at most as many parameters "
+        "with a higher score. Within a variant the learning rate and other arguments are "
+        "selected on the validation score.",
+        "Run the shipped 'selective' suite, or list parts under method_variants in a suite "
+        "(e.g. lora: [{}, {layers_to_transform: \"-6:\"}], partial: [{layers: \"-6:\"}])."],
+        group=2)
+
+
+def selective_summary(analysis: Analysis) -> list[str]:
+    """The study's claim per case, in one sentence each."""
+    from peftbench.analysis.selective import FAR_FEWER
+
+    lines = []
+    for f in analysis.selective_findings:
+        model, task, size = f.case
+        where = f"{_case(analysis, model, task)}, {size:,} examples"
+        b = f.best
+        if b is None or b.reference is None or b.fewer is None:
+            lines.append(f"{where}: no variant kept 95 % of its reference's score "
+                         f"({f.compared} compared).")
+            continue
+        verdict = "supported" if f.supported else f"not supported (below {FAR_FEWER:g}x)"
+        lines.append(f"{where}: {verdict}: {b.method} on {b.part} kept "
+                     f"{_kept(b.score.mean, b.reference.score.mean)} of {b.reference.method} "
+                     f"({b.reference.part})'s score ({num(b.score.mean)} vs "
+                     f"{num(b.reference.score.mean)}) with {b.fewer:,.1f}x fewer trainable "
+                     f"parameters ({count(b.trainable)} vs {count(b.reference.trainable)}).")
+    return lines
+
+
+def _kept(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None or reference <= 0:
+        return "the level"
+    return f"{100 * value / reference:.0f} %"
+
+
 def failed(analysis: Analysis) -> Table:
     rows = []
     for r in analysis.failed:
@@ -358,5 +423,6 @@ def _hardware(hw: Any) -> str:
 def all_tables(analysis: Analysis) -> dict[str, Table]:
     per_task, per_type = data_requirement(analysis)
     tables = [benchmark(analysis), convergence(analysis), claim(analysis), per_task, per_type,
-              decision(analysis), failed(analysis), *provenance(analysis)]
+              decision(analysis), selective(analysis), failed(analysis),
+              *provenance(analysis)]
     return {t.key: t for t in tables}

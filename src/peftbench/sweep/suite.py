@@ -10,9 +10,9 @@ arguments, e.g. which layers to train), then by ``lr_grid[method]``. Unknown key
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import yaml
