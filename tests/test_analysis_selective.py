@@ -50,6 +50,9 @@ def test_parts_are_named_from_the_method_arguments():
                  ) == "first 4 layers · self_attn"
     assert named("partial", {"layers": [3], "modules": None}) == "layer 3 · all modules"
     assert named("partial", {"layers": "10:20", "modules": None}) == "layers 10:20 · all modules"
+    assert named("partial", {"layers": [-2, -1], "modules": None}) == "last 2 layers · all modules"
+    assert named("partial", {"layers": [-3, -1], "modules": None}) == "layers -3, -1 · all modules"
+    assert named("partial", {"layers": "-1:", "modules": None}) == "last layer · all modules"
     assert named("ia3", {"target_modules": None, "feedforward_modules": None}) == "default modules"
     assert named("bitfit", {"exclude": ["lm_head"]}) == "-"
 
@@ -145,3 +148,48 @@ def test_report_tables_show_the_study_and_its_claim():
                             "layers · all modules kept 99 % of full (all weights)'s score")
                for n in table.notes)
     assert all_tables(analyse_records([_run("full", 80.0, 1)]))["selective"].rows == []
+
+
+def test_a_tie_for_the_most_parameters_names_no_reference_unless_one_is_every_layer():
+    first = {**LORA_ALL, "layers_to_transform": "0:10"}
+    last = {**LORA_ALL, "layers_to_transform": "-10:"}
+    tied = [_run("lora", 78.0, 150_000, first), _run("lora", 82.0, 150_000, last)]
+    for records in (tied, tied[::-1]):  # the same answer in either order
+        study = variants(records)
+        assert all(v.reference is None for v in study)
+        assert findings(study) == []
+    # among equal counts, LoRA on every layer is the reference
+    every = [_run("lora", 80.0, 150_000, LORA_ALL), *tied]
+    for records in (every, every[::-1]):
+        refs = {v.reference.part for v in variants(records) if v.reference is not None}
+        assert refs == {"all layers · all-linear"}
+
+
+def test_missing_parameter_counts_leave_the_claim_undetermined():
+    records = [_run("full", 80.0, 134_515_008),
+               _run("partial", 79.0, 1, {"layers": "-6:", "modules": None})]
+    del records[1]["params"]["trainable"]
+    (finding,) = findings(variants(records))
+    assert finding.verdict == "undetermined" and finding.reason == "parameter counts missing"
+
+
+def test_a_reference_at_or_below_zero_leaves_the_claim_undetermined():
+    records = [_run("full", 0.0, 134_515_008, task="cola"),
+               _run("partial", 0.0, 10_000_000, {"layers": "-2:", "modules": None},
+                    task="cola")]
+    (finding,) = findings(variants(records))
+    assert finding.verdict == "undetermined" and "at or below zero" in finding.reason
+
+
+def test_partial_fine_tuning_is_not_a_peft_method_in_the_convergence_claim():
+    """Adding partial runs must not change the verdict on 'PEFT converges slower'."""
+    slow = [50.0, 55.0, 60.0, 70.0, 80.0]  # reaches 95 % of its best late
+    fast = [50.0, 79.0, 80.0, 80.0, 80.0]  # early
+    base = [make_record(method="full", scores=fast, test=80.0),
+            make_record(method="lora", scores=slow, test=80.0, method_args=LORA_ALL)]
+    with_partial = [*base, make_record(method="partial", scores=fast, test=80.0,
+                                       method_args={"layers": "-6:", "modules": None})]
+    (alone,) = analyse_records(base).claims
+    (mixed,) = analyse_records(with_partial).claims
+    assert alone.verdict == mixed.verdict == "supported"
+    assert mixed.slower == ["lora"] and mixed.not_slower == []

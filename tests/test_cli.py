@@ -53,6 +53,8 @@ BAD_INPUTS = [
     (["--method-arg", "novalue"], "expected KEY=VALUE"),
     (["--train-size", "0"], "--train-size"),
     (["--precision", "fp8"], "--precision"),
+    (["--method", "partial"], "to train every weight use method 'full'"),
+    (["--method", "partial", "--method-arg", "layers=40:"], "selects none of the model's 2"),
 ]
 
 
@@ -100,6 +102,7 @@ def test_parse_method_args_types():
         "r": 8, "alpha": 16.5, "target_modules": ["q_proj", "v_proj"], "init": "random"}
     with pytest.raises(UsageError):
         parse_method_args(["=3"])
-    # a layer range is text: YAML alone would read "-6:" as the mapping {-6: None}
-    assert parse_method_args(["layers=-6:", "layers_to_transform=20:"]) == {
-        "layers": "-6:", "layers_to_transform": "20:"}
+    # a layer range is text: YAML 1.1 alone would read "-6:" as the mapping {-6: None} and
+    # "10:20" as the base-60 number 620
+    assert parse_method_args(["layers=-6:", "layers_to_transform=20:", "x=10:20"]) == {
+        "layers": "-6:", "layers_to_transform": "20:", "x": "10:20"}

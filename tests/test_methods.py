@@ -257,3 +257,53 @@ def test_all_linear_lora_on_chosen_layers_covers_conv1d_models():
     names = {n.split(".lora_A")[0].split(".h.")[1] for n, _ in adapted.named_parameters()
              if ".lora_A." in n}
     assert names == {"1.attn.c_attn", "1.attn.c_proj", "1.mlp.c_fc", "1.mlp.c_proj"}
+
+
+def _t5_with_stacks(encoder: int, decoder: int):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_heads=2, num_layers=encoder,
+        num_decoder_layers=decoder, feed_forward_proj="gated-gelu"))
+
+
+def test_ranges_count_from_the_end_of_each_stack_of_an_encoder_decoder():
+    partial = get_method("partial")
+    model = partial.apply(_t5_with_stacks(4, 2), partial.resolve_args({"layers": "-1:"}),
+                          encoder_decoder=True)
+    blocks = {n.split(".layer.")[0] for n in _trainable(model)}
+    assert blocks == {"encoder.block.3", "decoder.block.1"}
+    lora = get_method("lora")
+    with pytest.raises(UsageError, match=r"different depths .*encoder 4, decoder 2"):
+        lora.apply(_t5_with_stacks(4, 2), lora.resolve_args({"layers_to_transform": "-1:"}),
+                   encoder_decoder=True)
+    # indices counted from 0 are fine for both
+    adapted = lora.apply(_t5_with_stacks(4, 2), lora.resolve_args({"layers_to_transform": [1]}),
+                         encoder_decoder=True)
+    assert {n.split(".layer.")[0] for n in _trainable(adapted)} == {
+        "base_model.model.encoder.block.1", "base_model.model.decoder.block.1"}
+
+
+def test_partial_names_tied_weights_and_trains_gpt2_blocks():
+    loaded = load_model("tiny-random-llama", seed=0)
+    assert loaded.model.config.tie_word_embeddings
+    partial = get_method("partial")
+    with pytest.raises(UsageError, match=r"lm_head\.weight is model\.embed_tokens\.weight"):
+        partial.apply(loaded.model, partial.resolve_args({"modules": "lm_head"}),
+                      encoder_decoder=False)
+    _, head = _apply("tiny-random-llama", "partial", modules="embed_tokens")
+    assert _trainable(head) == {"model.embed_tokens.weight"}  # the one shared tensor
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=64,
+                                      n_positions=32))
+    partial = get_method("partial")
+    model = partial.apply(gpt2, partial.resolve_args({"layers": "-1:", "modules": "attn"}),
+                          encoder_decoder=False)
+    assert _trainable(model) == {"transformer.h.2.attn.c_attn.weight",
+                                 "transformer.h.2.attn.c_attn.bias",
+                                 "transformer.h.2.attn.c_proj.weight",
+                                 "transformer.h.2.attn.c_proj.bias"}

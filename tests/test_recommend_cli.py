@@ -130,3 +130,25 @@ def test_analyze_prints_the_tables_and_json(capsys, monkeypatch, db):
     assert code == 0 and data["tables"]["failed"]["rows"][0][5] == "diverged"
     verdicts = {row[3] for row in data["tables"]["claim"]["rows"]}
     assert verdicts <= {"supported", "not supported", "mixed", "insufficient data"}
+
+
+def test_analyze_prints_the_selective_study_only_when_one_was_run(capsys, monkeypatch,
+                                                                    tmp_path, db):
+    code, out, _ = cli(capsys, monkeypatch, "analyze", "--db", str(db))
+    assert code == 0 and "Selective training" not in out
+    path = tmp_path / "selective.sqlite"
+    lora = {"target_modules": "all-linear", "layers_to_transform": None}
+    records = [
+        make_record(method="full", test=80.0, scores=[50.0, 81.0]),
+        make_record(method="lora", test=78.0, scores=[50.0, 79.0], trainable=2_442_240,
+                    method_args=lora),
+        make_record(method="lora", test=79.0, scores=[50.0, 80.0], trainable=814_080,
+                    method_args={**lora, "layers_to_transform": "-10:"})]
+    with ResultStore(path) as store:
+        for record in records:
+            store.save(record, suite="selective")
+    code, out, err = cli(capsys, monkeypatch, "analyze", "--db", str(path))
+    assert code == 0, err
+    assert "Selective training" in out and "last 10 layers" in out
+    assert "rotten_tomatoes, 100 examples: supported: lora on last 10 layers" in " ".join(
+        out.split())

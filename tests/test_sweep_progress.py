@@ -9,7 +9,7 @@ from rich.console import Console
 
 from peftbench.config import RunSpec
 from peftbench.sweep.driver import exit_code
-from peftbench.sweep.plan import PlannedRun
+from peftbench.sweep.plan import PlannedRun, plan_runs
 from peftbench.sweep.progress import SweepProgress
 from peftbench.sweep.worker import failed_record
 
@@ -42,3 +42,12 @@ def test_exit_code_counts_failed_runs_apart_from_usage_errors():
     assert exit_code(0) == 0
     assert exit_code(1) == 11 and exit_code(7) == 17
     assert exit_code(5000) == 110
+
+
+def test_variants_of_one_method_have_different_labels(tmp_path):
+    runs = plan_runs([RunSpec(model="m", task="toy_cls", method="lora", train_size=64,
+                              method_args=args)
+                      for args in ({}, {"layers_to_transform": "-10:"},
+                                   {"target_modules": ["q_proj", "v_proj"]})], tmp_path)
+    assert [r.long_label.split("s=0")[1] for r in runs] == [
+        "", " layers_to_transform=-10:", " target_modules=[q_proj,v_proj]"]

@@ -205,6 +205,17 @@ def test_method_variants_are_one_run_each_merged_over_the_method_args(tmp_path):
     assert len({s.run_hash() for s in specs}) == len(specs)
 
 
+def test_unquoted_layer_ranges_stay_text_in_suites(tmp_path):
+    """YAML 1.1 reads 10:20 as the base-60 number 620; suites do not."""
+    suite = load_suite(write(tmp_path, VARIANTS.replace('{layers: "-1:"}', "{layers: 0:1}")))
+    assert {"layers": "0:1"} in [s.method_args for s in expand(suite)]
+    text = VARIANTS.replace('{layers: "-1:"}', "{layers: 10:20}").replace(
+        "lr_grid: {partial: [1.0e-4, 1.0e-3]}", "lr_grid: {partial: [1.0e-4, 3e-3]}")
+    specs = expand(load_suite(write(tmp_path, text)))
+    assert {"layers": "10:20"} in [s.method_args for s in specs]
+    assert {s.lr for s in specs if s.method == "partial"} == {1e-4, 3e-3}
+
+
 def test_method_variant_mistakes_are_named_with_file_and_line(tmp_path):
     message = error_of(tmp_path, VARIANTS.replace("  partial:\n    - {layers",
                                                    "  bitfit:\n    - {layers"))
@@ -236,6 +247,16 @@ def test_shipped_suites_are_valid(name):
     assert set(spec.methods) == {"full", "lora", "ia3", "prompt_tuning", "bitfit"}
 
 
+def test_selective_suite_compares_parts_of_the_model():
+    suite = load_suite("selective")
+    check_names(suite)
+    specs = expand(suite)
+    parts = {(s.method, str(sorted(s.method_args.items()))) for s in specs}
+    assert len(specs) == 12 and len(parts) == 6 and {s.seed for s in specs} == {0, 1}
+    assert ("partial", "[('layers', '-10:')]") in parts
+    assert ("lora", "[]") in parts  # the reference: LoRA on every layer
+
+
 def test_paper_suite_is_the_reference_grid():
     spec = load_suite("paper").spec
     assert spec.models == ["google/flan-t5-base"]
@@ -262,3 +283,17 @@ def test_run_hash_covers_resolved_method_defaults(monkeypatch):
     monkeypatch.setattr(type(get_method("lora")), "default_lr", 5e-4)
     assert implicit.run_hash() != before  # the default LR moved
     assert explicit.run_hash() == pinned  # everything spelled out: no default involved
+
+
+def test_method_argument_mistakes_are_blamed_where_they_are_written(tmp_path):
+    def problem(text: str) -> str:
+        with pytest.raises(UsageError) as info:
+            check_names(load_suite(write(tmp_path, text)))
+        return str(info.value)
+
+    # a bad shared value with valid variants: the override's line, not a variant's
+    bad_rank = VARIANTS.replace("lora: {method_args: {r: 4}}", 'lora: {method_args: {r: "x"}}')
+    assert ":7: method_overrides.lora.method_args: --method-arg r='x'" in problem(bad_rank)
+    # partial without arguments and nothing that sets any: its entry in methods
+    bare = "models: [m]\ntasks: [toy_cls]\nmethods: [full, partial]\n"
+    assert ":3: methods[1]: method 'partial' trains chosen parts" in problem(bare)

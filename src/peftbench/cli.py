@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from peftbench import yaml_text
 from peftbench.config import RunSpec
 from peftbench.errors import PeftbenchError, UsageError
 
@@ -40,7 +41,7 @@ def parse_method_args(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key.strip():
             raise UsageError(f"--method-arg {pair!r}: expected KEY=VALUE, e.g. --method-arg r=16.")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
+            value = yaml_text.load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
         parsed[key.strip()] = raw.strip() if isinstance(value, dict) else value

@@ -24,7 +24,8 @@ FORMATS = ("table", "csv", "json")
 
 def run(
     suite: Annotated[str, typer.Argument(
-        help="a shipped suite (smoke, quickstart, paper) or the path to a suite YAML")
+        help="a shipped suite (smoke, quickstart, selective, paper) or the path to a suite "
+             "YAML")
     ] = "quickstart",
     db: Annotated[Path, typer.Option(help="results database (SQLite), created if missing")
                   ] = Path(DEFAULT_DB),

@@ -38,6 +38,7 @@ from peftbench.analysis.records import (
     Stat,
     baseline,
     index,
+    is_peft,
     run_hash,
     seed,
 )
@@ -287,14 +288,16 @@ class ClaimVerdict:
 def check_claim(cells: list[Cell], versus: list[VersusFull],
                scale_of: Any) -> list[ClaimVerdict]:
     """Per model, task and train size: do most PEFT methods converge slower (by samples to
-    reach 95 % of their best) than full fine-tuning? ``scale_of(size)`` names the scale."""
+    reach 95 % of their best) than full fine-tuning? ``scale_of(size)`` names the scale.
+    Partial fine-tuning is compared with full in ``versus`` but is no PEFT method here."""
     by_case: dict[tuple[str, str, int], list[Cell]] = {}
     for cell in cells:
         by_case.setdefault((cell.key.model, cell.key.task, cell.key.train_size), []).append(cell)
     verdicts = []
     for (model, task, size), case_cells in sorted(by_case.items()):
         comps = [v for v in versus if (v.peft.key.model, v.peft.key.task,
-                                       v.peft.key.train_size) == (model, task, size)]
+                                       v.peft.key.train_size) == (model, task, size)
+                 and is_peft(v.peft.key.method)]
         known = [v for v in comps if v.direction != "unknown"]
         slower = [v.peft.key.method for v in known if v.direction == "slower"]
         not_slower = [v.peft.key.method for v in known if v.direction != "slower"]

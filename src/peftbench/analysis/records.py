@@ -19,6 +19,13 @@ from typing import Any
 
 Record = dict[str, Any]
 FULL = "full"
+PARTIAL = "partial"  # full fine-tuning of some layers / modules: not a PEFT technique
+
+
+def is_peft(method_name: str) -> bool:
+    """Whether a method is one of the parameter-efficient techniques the study's claims are
+    about (everything but full and partial fine-tuning)."""
+    return method_name not in (FULL, PARTIAL)
 
 
 @dataclass(frozen=True)

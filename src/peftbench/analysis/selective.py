@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peftbench.analysis import records as rec
-from peftbench.analysis.records import FULL, Record, Stat
+from peftbench.analysis.records import FULL, PARTIAL, Record, Stat
 
-PARTIAL = "partial"
 # the method arguments that choose which parts are trained (layers first, then modules)
 LAYER_ARGS = ("layers", "layers_to_transform")
 MODULE_ARGS = ("modules", "target_modules")
@@ -110,7 +109,7 @@ def _layers_text(value: Any) -> str:
     if isinstance(value, str) and ":" in value:  # a range as given: "-6:", "0:4", "20:"
         start, _, stop = value.partition(":")
         if start.startswith("-") and not stop:
-            return f"last {start[1:]} layers"
+            return "last layer" if start == "-1" else f"last {start[1:]} layers"
         if not start and stop and not stop.startswith("-"):
             return f"first {stop} layers"
         return f"layers {value}"
@@ -119,11 +118,17 @@ def _layers_text(value: Any) -> str:
         ints = sorted({int(i) for i in indices})
     except (TypeError, ValueError):
         return f"layers {value}"
+    if ints and ints[-1] < 0:  # counted from the end
+        if ints == list(range(-len(ints), 0)):
+            return "last layer" if len(ints) == 1 else f"last {len(ints)} layers"
+        return "layers " + ", ".join(str(i) for i in ints)
+    if any(i < 0 for i in ints):
+        return "layers " + ", ".join(str(i) for i in ints)
     return "layer " + _ranges(ints) if len(ints) == 1 else "layers " + _ranges(ints)
 
 
 def _ranges(ints: list[int]) -> str:
-    """[0, 1, 2, 5] -> "0-2, 5" (negative indices as given)."""
+    """[0, 1, 2, 5] -> "0-2, 5"."""
     groups: list[list[int]] = []
     for i in ints:
         if groups and i == groups[-1][-1] + 1:
@@ -181,14 +186,22 @@ def _link_references(case: list[Variant]) -> None:
     for method, group in by_method.items():
         if method == FULL:
             continue
-        if method == PARTIAL:
-            reference = full
-        elif len(group) > 1:
-            reference = max(group, key=lambda v: v.trainable or 0)
-        else:
-            reference = None
+        reference = full if method == PARTIAL else _widest(group)
         for v in group:
             v.reference = reference if reference is not v else None
+
+
+def _widest(group: list[Variant]) -> Variant | None:
+    """The variant that trains strictly the most parameters; of several equal ones, the one
+    on every layer; None when that does not single one out (or counts are missing)."""
+    counted = [v for v in group if v.trainable is not None]
+    if len(group) < 2 or not counted:
+        return None
+    top = max(v.trainable or 0 for v in counted)
+    widest = [v for v in counted if v.trainable == top]
+    if len(widest) > 1:
+        widest = [v for v in widest if v.part.startswith("all layers")]
+    return widest[0] if len(widest) == 1 else None
 
 
 def _mark_pareto(case: list[Variant]) -> None:
@@ -200,15 +213,23 @@ def _mark_pareto(case: list[Variant]) -> None:
             for w in scored if w is not v)
 
 
+SUPPORTED, NOT_SUPPORTED, UNDETERMINED = "supported", "not supported", "undetermined"
+
+
 @dataclass(frozen=True)
 class Finding:
     """The study's claim on one case: some variant keeps 95 % of its reference's score
     with at least :data:`FAR_FEWER` times fewer trainable parameters."""
 
     case: tuple[str, str, int]
-    supported: bool
+    verdict: str  # supported | not supported | undetermined
+    reason: str
     best: Variant | None  # the variant with the largest saving that kept the score
     compared: int  # variants with a reference
+
+    @property
+    def supported(self) -> bool:
+        return self.verdict == SUPPORTED
 
 
 def findings(study: list[Variant]) -> list[Finding]:
@@ -219,8 +240,20 @@ def findings(study: list[Variant]) -> list[Finding]:
             by_case[v.case].append(v)
     out = []
     for case, compared in by_case.items():
-        kept = [v for v in compared if v.keeps and v.fewer is not None]
-        best = max(kept, key=lambda v: v.fewer or 0.0, default=None)
-        supported = best is not None and (best.fewer or 0.0) >= FAR_FEWER
-        out.append(Finding(case, supported, best, len(compared)))
+        kept = [v for v in compared if v.keeps]
+        best = max((v for v in kept if v.fewer is not None), key=lambda v: v.fewer or 0.0,
+                   default=None)
+        if best is None:
+            verdict, reason = (UNDETERMINED, "parameter counts missing") if kept else (
+                NOT_SUPPORTED, f"no variant kept 95 % of its reference's score "
+                f"({len(compared)} compared)")
+        elif best.reference is not None and (best.reference.score.mean or 0.0) <= 0:
+            verdict, reason = UNDETERMINED, ("the reference scores at or below zero (chance "
+                                             "for MCC): no score to keep")
+        elif (best.fewer or 0.0) >= FAR_FEWER:
+            verdict, reason = SUPPORTED, ""
+        else:
+            verdict, reason = NOT_SUPPORTED, f"the score was kept with less than {FAR_FEWER:g}x " \
+                "fewer parameters"
+        out.append(Finding(case, verdict, reason, best, len(compared)))
     return out

@@ -85,6 +85,45 @@ def layer_count(model: nn.Module) -> int | None:
     return max(indices) + 1 if indices else None
 
 
+def is_relative(selection: Selection) -> bool:
+    """Whether ``selection`` counts from the end (a range or a negative index)."""
+    return isinstance(selection, str) or (isinstance(selection, list)
+                                          and any(i < 0 for i in selection))
+
+
+def stack_depths(model: nn.Module) -> dict[str, int]:
+    """Blocks per layer stack, by the stack's name prefix (``model``; ``encoder`` and
+    ``decoder`` for T5; ``transformer`` for GPT-2), from the parameter names."""
+    depths: dict[str, int] = {}
+    for name, _ in model.named_parameters():
+        match = _IN_LAYER.search(name)
+        if match:
+            stack = name[:match.start()]
+            depths[stack] = max(depths.get(stack, 0), int(match.group(1)) + 1)
+    return depths
+
+
+def resolve_per_stack(selection: Selection, model: nn.Module, method: str,
+                      key: str) -> dict[str, list[int]] | None:
+    """The chosen blocks of each layer stack: a range or negative index counts from the end
+    of each stack (the last two blocks of a 4-block encoder and of a 2-block decoder);
+    indices counted from 0 are checked against the deepest stack."""
+    if selection is None:
+        return None
+    depths = stack_depths(model)
+    if not is_relative(selection) or len(set(depths.values())) <= 1:
+        chosen = resolve_layers(selection, layer_count(model), method, key)
+        return {stack: chosen or [] for stack in depths}
+    return {stack: resolve_layers(selection, depth, method, key)
+            for stack, depth in depths.items()}
+
+
+def stack_of(name: str) -> str | None:
+    """The layer stack a parameter name is in (see :func:`stack_depths`); None outside."""
+    match = _IN_LAYER.search(name)
+    return name[:match.start()] if match else None
+
+
 def layer_index(name: str) -> int | None:
     """The block a parameter or module (dotted name) belongs to; None outside the blocks
     (embeddings, final norm, output head)."""

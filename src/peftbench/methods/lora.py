@@ -8,9 +8,16 @@ from typing import Any, ClassVar
 from peft import LoraConfig
 from torch import nn
 
+from peftbench.errors import UsageError
 from peftbench.methods import peft_common
 from peftbench.methods.base import Method
-from peftbench.methods.layers import layer_count, parse_layers, resolve_layers
+from peftbench.methods.layers import (
+    is_relative,
+    layer_count,
+    parse_layers,
+    resolve_layers,
+    stack_depths,
+)
 from peftbench.methods.registry import register
 
 ALL_LINEAR = "all-linear"
@@ -51,7 +58,15 @@ class LoRA(Method):
         return args
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        layers = resolve_layers(args["layers_to_transform"], layer_count(model), self.name,
+        selection = args["layers_to_transform"]
+        depths = stack_depths(model)
+        if is_relative(selection) and len(set(depths.values())) > 1:
+            raise UsageError(f"--method-arg layers_to_transform={selection} (method 'lora'): "
+                             "the layer stacks have different depths ("
+                             + ", ".join(f"{k or 'model'} {v}" for k, v in depths.items())
+                             + "), and peft applies one list of indices to all of them: give "
+                             "indices counted from 0")
+        layers = resolve_layers(selection, layer_count(model), self.name,
                                 "layers_to_transform")
         return peft_common.wrap(
             model, LoraConfig, self.name,

@@ -5,7 +5,9 @@ attention) can keep the score with far fewer trainable parameters. ``layers`` pi
 transformer blocks (indices or a range, "-6:" = the last six; both stacks of an
 encoder-decoder); ``modules`` picks parameters by name part (``self_attn``, ``mlp``,
 ``q_proj``, ``decoder``). Given both, a parameter must be in a chosen layer *and* match a
-module name. Frozen layers below the lowest chosen one compute no gradient at all.
+module name. A range or a negative index counts from the end of each stack (an
+encoder-decoder with a 4-block encoder and a 2-block decoder: "-1:" = encoder block 3 and
+decoder block 1). Frozen layers below the lowest chosen one compute no gradient at all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from peftbench.errors import UsageError
 from peftbench.methods.base import Method, freeze, load_trainable, save_trainable
-from peftbench.methods.layers import layer_count, layer_index, parse_layers, resolve_layers
+from peftbench.methods.layers import layer_index, parse_layers, resolve_per_stack, stack_of
 from peftbench.methods.registry import register
 
 _FILE = "partial.safetensors"
@@ -58,7 +60,7 @@ class PartialFineTuning(Method):
         return args
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        layers = resolve_layers(args["layers"], layer_count(model), self.name, "layers")
+        layers = resolve_per_stack(args["layers"], model, self.name, "layers")
         modules = args["modules"]
         freeze(model)
         chosen = [param for name, param in model.named_parameters()
@@ -67,7 +69,8 @@ class PartialFineTuning(Method):
             raise UsageError(f"method 'partial': layers={args['layers']} modules={modules} "
                              "select no parameter of this model. Module names in its layers: "
                              f"{', '.join(_module_names(model))}; outside them: "
-                             f"{', '.join(n for n, _ in model.named_children())}")
+                             f"{', '.join(n for n, _ in model.named_children())}"
+                             f"{_tied_note(model)}")
         for param in chosen:
             param.requires_grad_(True)
         return model
@@ -80,8 +83,8 @@ class PartialFineTuning(Method):
         return load_trainable(model, out_dir / _FILE, self.name)
 
 
-def _in_layers(name: str, layers: list[int] | None) -> bool:
-    return layers is None or layer_index(name) in layers
+def _in_layers(name: str, layers: dict[str, list[int]] | None) -> bool:
+    return layers is None or layer_index(name) in layers.get(stack_of(name) or "", [])
 
 
 def _in_modules(name: str, modules: list[str] | None) -> bool:
@@ -94,3 +97,12 @@ def _module_names(model: nn.Module) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
              if layer_index(name) is not None}
     return sorted(n for n in names if not n.isdigit())[:30]
+
+
+def _tied_note(model: nn.Module) -> str:
+    """Shared tensors are selected by their first name (a tied output head by the input
+    embedding's): say which names those are."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    aliases = [f"{n} is {first[id(p)]}" for n, p in model.named_parameters(remove_duplicate=False)
+               if first[id(p)] != n]
+    return f". Tied weights, selected by the second name: {'; '.join(aliases)}" if aliases else ""

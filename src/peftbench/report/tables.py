@@ -320,23 +320,21 @@ def selective(analysis: Analysis) -> Table:
 
 def selective_summary(analysis: Analysis) -> list[str]:
     """The study's claim per case, in one sentence each."""
-    from peftbench.analysis.selective import FAR_FEWER
-
     lines = []
     for f in analysis.selective_findings:
         model, task, size = f.case
         where = f"{_case(analysis, model, task)}, {size:,} examples"
         b = f.best
         if b is None or b.reference is None or b.fewer is None:
-            lines.append(f"{where}: no variant kept 95 % of its reference's score "
-                         f"({f.compared} compared).")
+            lines.append(f"{where}: {f.verdict}: {f.reason}.")
             continue
-        verdict = "supported" if f.supported else f"not supported (below {FAR_FEWER:g}x)"
-        lines.append(f"{where}: {verdict}: {b.method} on {b.part} kept "
-                     f"{_kept(b.score.mean, b.reference.score.mean)} of {b.reference.method} "
-                     f"({b.reference.part})'s score ({num(b.score.mean)} vs "
-                     f"{num(b.reference.score.mean)}) with {b.fewer:,.1f}x fewer trainable "
-                     f"parameters ({count(b.trainable)} vs {count(b.reference.trainable)}).")
+        evidence = (f"{b.method} on {b.part} kept "
+                    f"{_kept(b.score.mean, b.reference.score.mean)} of {b.reference.method} "
+                    f"({b.reference.part})'s score ({num(b.score.mean)} vs "
+                    f"{num(b.reference.score.mean)}) with {b.fewer:,.1f}x fewer trainable "
+                    f"parameters ({count(b.trainable)} vs {count(b.reference.trainable)})")
+        reason = f" ({f.reason})" if f.reason else ""
+        lines.append(f"{where}: {f.verdict}{reason}: {evidence}.")
     return lines
 
 

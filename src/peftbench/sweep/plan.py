@@ -27,9 +27,20 @@ class PlannedRun:
 
     @property
     def long_label(self) -> str:
-        """:attr:`label` with the learning rate, when the suite sets one."""
+        """:attr:`label` with the method arguments and the learning rate the suite sets
+        (what tells variants of one method apart)."""
+        args = " ".join(f"{key}={_compact(value)}"
+                        for key, value in self.spec.method_args.items())
         lr = self.spec.lr
-        return self.label + (f" lr={lr:g}" if lr is not None else "")
+        return self.label + (f" {args}" if args else "") + (f" lr={lr:g}" if lr is not None
+                                                            else "")
+
+
+def _compact(value: object) -> str:
+    """A method argument as typed on the command line: ``[q_proj,v_proj]``, ``-6:``."""
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
 
 
 def plan_runs(specs: list[RunSpec], out_root: Path) -> list[PlannedRun]:

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from peftbench import yaml_text
 from peftbench.config import RunSpec
 from peftbench.errors import UsageError, did_you_mean
 
@@ -82,7 +83,7 @@ class _Locator:
 
     def __init__(self, text: str, source: str) -> None:
         self.source = source
-        self.root = yaml.compose(text, Loader=yaml.SafeLoader)
+        self.root = yaml_text.compose(text)
 
     def line(self, path: KeyPath, at_key: bool = False) -> int:
         node = self.root
@@ -261,21 +262,33 @@ def _method_args_problems(spec: SuiteSpec, name: str, method: Any,
     """The first invalid method-argument set of method ``name``, located in the file."""
     variants = spec.method_variants.get(name)
     for task in spec.tasks:
-        shared = run_fields(spec, task, name).get("method_args")
         for index, fields in enumerate(variant_fields(spec, task, name)):
             try:
                 method.resolve_args(fields.get("method_args", {}))
             except UsageError as exc:
-                # the variant, unless it is empty and the shared arguments are not
-                if variants is not None and (variants[index] or not shared):
-                    path: KeyPath = ("method_variants", name, index)
-                else:
-                    path = next((p for p in (("method_overrides", name),
-                                             ("task_overrides", task), ("defaults",))
-                                 if "method_args" in _section(spec, p)), ("defaults",))
-                    path = (*path, "method_args")
+                path = _blame(spec, name, task, None if variants is None else index, method)
                 return [f"{where(path)}: {_dotted(path)}: {exc}"]
     return []
+
+
+def _blame(spec: SuiteSpec, name: str, task: str, variant: int | None,
+           method: Any) -> KeyPath:
+    """Where a method-argument mistake is: the variant when its own arguments are wrong (or
+    nothing else sets any), else the most specific section that sets ``method_args``, else
+    the method's entry in ``methods``."""
+    shared = next((p for p in (("method_overrides", name), ("task_overrides", task),
+                               ("defaults",)) if "method_args" in _section(spec, p)), None)
+    if variant is not None:
+        try:
+            method.resolve_args(spec.method_variants[name][variant])
+            own_ok = True
+        except UsageError:
+            own_ok = False
+        if not own_ok or shared is None:
+            return ("method_variants", name, variant)
+    if shared is not None:
+        return (*shared, "method_args")
+    return ("methods", spec.methods.index(name))
 
 
 def _section(spec: SuiteSpec, path: KeyPath) -> dict[str, Any]:
@@ -322,7 +335,7 @@ def parse_suite(text: str, source: str, default_name: str = "suite") -> Suite:
     """Validate suite YAML ``text``; ``source`` names it in messages (``file``)."""
     try:
         locate = _Locator(text, source)
-        data = yaml.safe_load(text)
+        data = yaml_text.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -347,7 +360,8 @@ def parse_suite(text: str, source: str, default_name: str = "suite") -> Suite:
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
-    """A shipped suite by name (``smoke``, ``quickstart``, ``paper``) or a YAML file."""
+    """A shipped suite by name (``smoke``, ``quickstart``, ``selective``,
+    ``paper``) or a YAML file."""
     text_name = str(name_or_path)
     path = Path(text_name).expanduser()
     if path.is_file() or text_name.endswith((".yaml", ".yml")) or "/" in text_name:
