@@ -148,6 +148,7 @@ def test_export_csv_and_json(store):
     older["run"].pop("precision", None)
     assert flat_row(older)["precision"] == "bf16"
     assert "precision" in rows[0]
+    assert json.loads(rows[0]["method_args"]) == stored[0]["run"]["config"]["method_args"]
     text = io.StringIO()
     write_json(stored, text)
     assert json.loads(text.getvalue()) == records

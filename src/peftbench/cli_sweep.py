@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from peftbench.errors import UsageError
 from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
-from peftbench.sweep.plan import PlannedRun
+from peftbench.sweep.plan import PlannedRun, compact
 
 console = Console(soft_wrap=True)
 # when piped, rich assumes 80 columns: let tables be as wide as their content instead
@@ -160,13 +161,15 @@ def _fmt(value: object, digits: int = 2) -> str:
 
 
 def _print_table(records: list[dict]) -> None:
-    table = Table("model", "task", "method", "n", "seed", "lr", "status", "metric", "val",
-                  "test", "train %", "train s", title=f"{len(records)} runs",
+    table = Table("model", "task", "method", "args", "n", "seed", "lr", "status", "metric",
+                  "val", "test", "train %", "train s", title=f"{len(records)} runs",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for record in records:
         row = flat_row(record)
         colour = {"completed": "green", "diverged": "yellow"}.get(row["status"], "red")
+        args = json.loads(row["method_args"])
         table.add_row(escape(str(row["model"])), escape(str(row["task"])), row["method"],
+                      escape(" ".join(f"{k}={compact(v)}" for k, v in args.items()) or "-"),
                       _fmt(row["train_size"] or "all"), _fmt(row["seed"]),
                       "-" if row["lr"] is None else f"{row['lr']:g}",
                       f"[{colour}]{row['status']}[/]", _fmt(row["primary_metric"]),

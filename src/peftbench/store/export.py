@@ -6,7 +6,7 @@ import csv
 import json
 from typing import Any, TextIO
 
-FLAT_COLUMNS = ("run_hash", "model", "task", "method", "train_size", "seed", "lr",
+FLAT_COLUMNS = ("run_hash", "model", "task", "method", "method_args", "train_size", "seed", "lr",
                 "precision", "status",
                 "primary_metric", "val_score", "test_score", "best_step", "total_steps",
                 "trainable_params", "total_params", "trainable_pct", "train_seconds",
@@ -26,7 +26,10 @@ def flat_row(record: dict[str, Any]) -> dict[str, Any]:
         return values.get(metric) if metric else None
 
     row = {"run_hash": run["hash"], "model": config["model"], "task": config["task"],
-           "method": config["method"], "train_size": config.get("train_size"),
+           "method": config["method"],
+           # as configured (JSON): what tells variants of one method apart
+           "method_args": json.dumps(config.get("method_args") or {}, sort_keys=True),
+           "train_size": config.get("train_size"),
            "seed": config.get("seed"), "lr": run.get("lr", config.get("lr")),
            "precision": _precision(run),
            "status": record["status"], "primary_metric": metric,

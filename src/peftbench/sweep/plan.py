@@ -29,14 +29,14 @@ class PlannedRun:
     def long_label(self) -> str:
         """:attr:`label` with the method arguments and the learning rate the suite sets
         (what tells variants of one method apart)."""
-        args = " ".join(f"{key}={_compact(value)}"
+        args = " ".join(f"{key}={compact(value)}"
                         for key, value in self.spec.method_args.items())
         lr = self.spec.lr
         return self.label + (f" {args}" if args else "") + (f" lr={lr:g}" if lr is not None
                                                             else "")
 
 
-def _compact(value: object) -> str:
+def compact(value: object) -> str:
     """A method argument as typed on the command line: ``[q_proj,v_proj]``, ``-6:``."""
     if isinstance(value, list):
         return "[" + ",".join(str(v) for v in value) + "]"
