@@ -148,6 +148,9 @@ def test_report_tables_show_the_study_and_its_claim():
                             "layers · all modules kept 99 % of full (all weights)'s score")
                for n in table.notes)
     assert all_tables(analyse_records([_run("full", 80.0, 1)]))["selective"].rows == []
+    # the benchmark table says which configuration of a method it shows
+    lora = next(r for r in tables["benchmark"].rows if r[2] == "lora")
+    assert lora[5] == "0.0003 · target_modules=all-linear layers_to_transform=-10: (best of 3)"
 
 
 def test_a_tie_for_the_most_parameters_names_no_reference_unless_one_is_every_layer():

@@ -13,9 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from peftbench.config import compact
 from peftbench.errors import UsageError
 from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
-from peftbench.sweep.plan import PlannedRun, compact
+from peftbench.sweep.plan import PlannedRun
 
 console = Console(soft_wrap=True)
 # when piped, rich assumes 80 columns: let tables be as wide as their content instead

@@ -71,3 +71,10 @@ class RunSpec(BaseModel):
         """A short stable hash of :meth:`identity`: the run's id in results stores."""
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def compact(value: object) -> str:
+    """A method argument as typed on the command line: ``[q_proj,v_proj]``, ``-6:``."""
+    if isinstance(value, list):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)

@@ -15,6 +15,7 @@ from peftbench.analysis.convergence import CLAIM, CONVERGED, THRESHOLDS
 from peftbench.analysis.data_requirement import Requirement
 from peftbench.analysis.overview import Analysis
 from peftbench.analysis.records import FULL, Cell, Stat
+from peftbench.config import compact
 
 
 class Strong(str):
@@ -95,6 +96,8 @@ def benchmark(analysis: Analysis) -> Table:
             score = Strong(score)
         s = c.stats
         lr = f"{c.lr:g}" if c.lr is not None else "-"
+        if c.method_args:  # as configured: what tells the selected configuration apart
+            lr += " · " + " ".join(f"{k}={compact(v)}" for k, v in c.method_args.items())
         if c.configs_tried > 1:
             lr += f" (best of {c.configs_tried})"
         n_bad = bad.get((c.key.model, c.key.task, c.key.method, c.key.train_size), 0)
@@ -109,11 +112,13 @@ def benchmark(analysis: Analysis) -> Table:
         + "; each cell's is in its notes): train s, tokens/s and peak MB compare only "
         "between runs of one precision, and scores can differ by rounding."]
     return Table("benchmark", "Benchmark", [
-        "task", "train size", "method", "metric", "test score (mean ± seed std)", "lr",
+        "task", "train size", "method", "metric", "test score (mean ± seed std)",
+        "lr · arguments",
         "trainable params", "trainable %", "train s", "tokens/s", "peak MB", "notes"], rows, [
         "Scores are the primary metric on the test split at the best validation checkpoint, "
         "0-100 (MCC -100..100), averaged over seeds; bold: best in its task and size.",
-        "lr: selected per method, task and size on the mean validation score (never test).",
+        "lr · arguments: the learning rate and method arguments (as configured), selected "
+        "per method, task and size on the mean validation score (never test).",
         "peak MB: GPU memory when trained on a GPU, else the process's peak resident memory.",
         "Failed and diverged runs are not averaged in: see the failed runs table.", *notes],
         group=2)

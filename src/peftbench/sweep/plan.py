@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftbench.config import RunSpec
+from peftbench.config import RunSpec, compact
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,6 @@ class PlannedRun:
         lr = self.spec.lr
         return self.label + (f" {args}" if args else "") + (f" lr={lr:g}" if lr is not None
                                                             else "")
-
-
-def compact(value: object) -> str:
-    """A method argument as typed on the command line: ``[q_proj,v_proj]``, ``-6:``."""
-    if isinstance(value, list):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value)
 
 
 def plan_runs(specs: list[RunSpec], out_root: Path) -> list[PlannedRun]:
