@@ -106,3 +106,29 @@ def test_parse_method_args_types():
     # "10:20" as the base-60 number 620
     assert parse_method_args(["layers=-6:", "layers_to_transform=20:", "x=10:20"]) == {
         "layers": "-6:", "layers_to_transform": "20:", "x": "10:20"}
+
+
+def test_a_failed_run_exits_non_zero_and_an_unusable_out_folder_is_a_usage_error(tmp_path):
+    base = ["train", "--model", "tiny-random-llama", "--task", "toy_cls", "--method", "full",
+            "--train-size", "64", "--max-eval-examples", "8", "--quiet"]
+    proc = peftbench(*base, "--lr", "1e30", "--max-steps", "30", "--out", str(tmp_path / "d"))
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)  # diverged
+    assert "diverged" in proc.stdout
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    proc = peftbench(*base, "--max-steps", "1", "--out", str(blocker / "run"))
+    assert proc.returncode == 2
+    assert "cannot create the output folder" in " ".join(proc.stderr.split())
+    assert "Traceback" not in proc.stderr
+
+
+def test_messages_quote_user_text_as_typed():
+    """rich would turn ':smile:' into an emoji."""
+    proc = peftbench("train", "--model", "tiny-random-llama", "--task", "toy_cls", "--method",
+                     "lora", "--method-arg", "r=:smile:", "--max-steps", "1")
+    assert proc.returncode == 2 and "r=':smile:'" in proc.stderr
+
+
+def test_none_as_printed_by_methods_means_the_default():
+    assert parse_method_args(["target_modules=None", "layers=null"]) == {
+        "target_modules": None, "layers": None}

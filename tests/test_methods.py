@@ -307,3 +307,16 @@ def test_partial_names_tied_weights_and_trains_gpt2_blocks():
                                  "transformer.h.2.attn.c_attn.bias",
                                  "transformer.h.2.attn.c_proj.weight",
                                  "transformer.h.2.attn.c_proj.bias"}
+
+
+def test_one_plain_target_module_name_is_a_list_for_peft():
+    """peft reads a string as a pattern for the whole dotted name: 'q_proj' matched nothing."""
+    lora, ia3 = get_method("lora"), get_method("ia3")
+    assert lora.resolve_args({"target_modules": "q_proj"})["target_modules"] == ["q_proj"]
+    assert lora.resolve_args({})["target_modules"] == "all-linear"
+    assert lora.resolve_args({"target_modules": ".*q_proj"})["target_modules"] == ".*q_proj"
+    assert ia3.resolve_args({"feedforward_modules": "down_proj"})["feedforward_modules"] == [
+        "down_proj"]
+    _, model = _apply("tiny-random-llama", "lora", target_modules="q_proj")
+    assert {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad} == {
+        "q_proj"}

@@ -152,3 +152,11 @@ def test_analyze_prints_the_selective_study_only_when_one_was_run(capsys, monkey
     assert "Selective training" in out and "last 10 layers" in out
     assert "rotten_tomatoes, 100 examples: supported: lora on last 10 layers" in " ".join(
         out.split())
+
+
+def test_report_to_an_unwritable_place_is_a_usage_error(capsys, monkeypatch, tmp_path, db):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, _, err = cli(capsys, monkeypatch, "report", "--db", str(db), "--out",
+                       str(blocker / "r.html"))
+    assert code == 2 and "cannot write the report" in err

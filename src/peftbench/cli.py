@@ -22,8 +22,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     help="Which parameter-efficient fine-tuning method fits your task and data: measured.",
 )
-console = Console()
-err_console = Console(stderr=True)
+# no emoji codes: ":smile:" in a user's label or path must print as typed
+console = Console(emoji=False)
+err_console = Console(stderr=True, emoji=False)
 
 _FLAG_OF = {"train_size": "--train-size", "max_steps": "--max-steps", "lr": "--lr",
             "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
@@ -44,7 +45,11 @@ def parse_method_args(pairs: list[str]) -> dict[str, Any]:
             value = yaml_text.load(raw) if raw.strip() else raw
         except yaml.YAMLError:
             value = raw
-        parsed[key.strip()] = raw.strip() if isinstance(value, dict) else value
+        if isinstance(value, dict):
+            value = raw.strip()
+        elif value == "None":  # as `peftbench methods` prints defaults; YAML says null
+            value = None
+        parsed[key.strip()] = value
     return parsed
 
 
@@ -71,7 +76,8 @@ def default_out_dir(spec: RunSpec) -> Path:
 def train(
     model: Annotated[str, typer.Option(help="model: built-in name, Hub id or local dir")],
     task: Annotated[str, typer.Option(help="task: built-in name or path to a task YAML")],
-    method: Annotated[str, typer.Option(help="full | lora | ia3 | prompt_tuning | bitfit")],
+    method: Annotated[str, typer.Option(
+        help="full | lora | ia3 | prompt_tuning | bitfit | partial (see `peftbench methods`)")],
     method_arg: Annotated[list[str] | None, typer.Option(
         help="method argument KEY=VALUE (repeatable), see `peftbench methods`")] = None,
     train_size: Annotated[int | None, typer.Option(help="examples drawn from train split")] = None,
@@ -107,6 +113,11 @@ def train(
                       max_eval_examples=max_eval_examples, precision=precision, device=device,
                       compile=compile_forward, data_dir=str(data_dir) if data_dir else None)
     out_dir = out or default_out_dir(spec)
+    try:  # before training: an unusable folder must not cost the run
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out {out_dir}: cannot create the output folder "
+                         f"({exc.strerror or exc}); give a writable folder") from None
     with RunProgress(console, enabled=not quiet) as progress:
         record = execute(spec, out_dir, on_event=progress.update)
     print_summary(console, record, out_dir)
@@ -169,7 +180,11 @@ _register_commands()
 def main() -> None:
     """Entry point: user errors become one clear line and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        # outside standalone mode click returns, not raises, a command's typer.Exit code
+        # (a failed `train`, Ctrl-C): pass it on
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except PeftbenchError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(exc.exit_code)

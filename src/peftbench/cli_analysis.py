@@ -22,8 +22,8 @@ from rich.table import Table as RichTable
 from peftbench.errors import UsageError
 from peftbench.store import DEFAULT_DB
 
-console = Console(soft_wrap=True)
-wide_console = console if console.is_terminal else Console(width=200)
+console = Console(soft_wrap=True, emoji=False)
+wide_console = console if console.is_terminal else Console(width=200, emoji=False)
 
 DbOption = Annotated[Path | None, typer.Option(
     help="results: SQLite database from `peftbench run`, or a JSON file of run records")]
@@ -121,18 +121,24 @@ def report(
     scales: ScalesOption = "500,5000",
     prefer: PreferOption = "balanced",
 ) -> None:
-    """Write the report: one self-contained HTML page (tables, plots) and report.md."""
+    """Write the report: one self-contained HTML page (tables, plots) and its Markdown twin
+    (same name, .md)."""
     from peftbench.report import write_report
 
     if out.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--out {out}: expected an .html file (report.md is written beside it).")
+        raise UsageError(f"--out {out}: expected an .html file (the Markdown twin, "
+                         f"{out.with_suffix('.md').name}, is written beside it).")
     source = load_records(db, reference, suite, model, default_db=True)
     analysis = _analysis(source, scales, prefer)
     options = {"--db": db, "--reference": reference, "--suite": suite, "--model": model,
                "--out": out}
     command = " ".join(["peftbench report", *(f"{k} {v}" for k, v in options.items()
                                               if v is not None)])
-    html_path, md_path = write_report(analysis, out, source.label, command)
+    try:
+        html_path, md_path = write_report(analysis, out, source.label, command)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write the report ({exc.strerror or exc}); "
+                         "give a path in a writable folder") from None
     console.print(f"report: {escape(str(html_path))} and {escape(str(md_path))} "
                   f"({len(analysis.cells)} cells from {len(source.records)} runs, "
                   f"{len(analysis.failed)} failed or diverged)", highlight=False)

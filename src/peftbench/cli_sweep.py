@@ -18,9 +18,9 @@ from peftbench.errors import UsageError
 from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
 from peftbench.sweep.plan import PlannedRun
 
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)
 # when piped, rich assumes 80 columns: let tables be as wide as their content instead
-table_console = console if console.is_terminal else Console(width=240)
+table_console = console if console.is_terminal else Console(width=240, emoji=False)
 FORMATS = ("table", "csv", "json")
 
 

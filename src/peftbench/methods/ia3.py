@@ -25,6 +25,12 @@ class IA3(Method):
         "feedforward_modules": "which of target_modules are feed-forward (scaled on the input)",
     }
 
+    def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        args = super().resolve_args(overrides)
+        for key in ("target_modules", "feedforward_modules"):
+            args[key] = peft_common.module_names(args[key])
+        return args
+
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
         return peft_common.wrap(
             model, IA3Config, self.name,

@@ -53,6 +53,7 @@ class LoRA(Method):
 
     def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
         args = super().resolve_args(overrides)
+        args["target_modules"] = peft_common.module_names(args["target_modules"])
         args["layers_to_transform"] = parse_layers(args["layers_to_transform"], self.name,
                                                    "layers_to_transform")
         return args

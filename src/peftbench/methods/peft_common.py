@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,16 @@ from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from peftbench.errors import UsageError
+
+
+def module_names(value: Any) -> Any:
+    """``target_modules`` as peft should read it: one plain module name becomes a list
+    (peft reads a string as a regular expression that must match the *whole* dotted name,
+    so ``q_proj`` alone would match nothing); lists, ``all-linear`` and patterns stay."""
+    if isinstance(value, str) and value != "all-linear" \
+            and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return [value]
+    return value
 
 
 def task_type(encoder_decoder: bool) -> TaskType:
