@@ -54,6 +54,8 @@ BAD_INPUTS = [
     (["--train-size", "0"], "--train-size"),
     (["--precision", "fp8"], "--precision"),
     (["--method", "partial"], "to train every weight use method 'full'"),
+    (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
+    (["--lr", "inf"], "--lr: Input should be a finite number"),
     (["--method", "partial", "--method-arg", "layers=40:"], "selects none of the model's 2"),
 ]
 

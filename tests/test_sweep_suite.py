@@ -297,3 +297,10 @@ def test_method_argument_mistakes_are_blamed_where_they_are_written(tmp_path):
     # partial without arguments and nothing that sets any: its entry in methods
     bare = "models: [m]\ntasks: [toy_cls]\nmethods: [full, partial]\n"
     assert ":3: methods[1]: method 'partial' trains chosen parts" in problem(bare)
+
+
+def test_values_outside_a_runs_range_are_usage_errors_before_any_run(tmp_path):
+    path = write(tmp_path, "models: [m]\ntasks: [toy_cls]\nmethods: [lora]\nseeds: [-1]\n")
+    with pytest.raises(UsageError, match=r"lora: seed: Input should be greater than or equal "
+                                         r"to 0 \(got -1\)"):
+        expand(load_suite(path))

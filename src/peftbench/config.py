@@ -25,10 +25,10 @@ class RunSpec(BaseModel):
     method: str = Field(description="fine-tuning method (see `peftbench methods`)")
     method_args: dict[str, Any] = Field(default_factory=dict)
     train_size: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="torch's seed range")
     max_steps: int | None = Field(default=None, ge=1)
     epochs: float | None = Field(default=None, gt=0)
-    lr: float | None = Field(default=None, gt=0)
+    lr: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     batch_size: int = Field(default=16, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     warmup_ratio: float = Field(default=0.06, ge=0, lt=1)

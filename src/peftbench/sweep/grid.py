@@ -32,7 +32,9 @@ def expand(suite: Suite, model: str | None = None, data_dir: str | None = None) 
                     run = RunSpec(model=model_name, task=task, method=method, train_size=size,
                                   seed=seed, **{**fields, "lr": lr})
                 except ValidationError as exc:
+                    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got "
+                                         f"{e['input']!r})" for e in exc.errors())
                     raise UsageError(f"{suite.source}: suite {spec.name}: run {model_name} / "
-                                     f"{task} / {method}: {exc}") from None
+                                     f"{task} / {method}: {problems}") from None
                 runs.setdefault(run.run_hash(), run)
     return list(runs.values())
