@@ -214,6 +214,13 @@ def select_configuration(configs: dict[str, list[Record]]) -> tuple[str, list[Re
     return max(configs.items(), key=rank)
 
 
+def selected_runs(configs: dict[str, list[Record]]) -> tuple[list[Record], dict[str, Stat]]:
+    """The selected configuration's runs (by seed) and their statistics."""
+    _, runs = select_configuration(configs)
+    runs = sorted(runs, key=seed)
+    return runs, {name: Stat.of(get(r) for r in runs) for name, get in STAT_GETTERS.items()}
+
+
 def build_cells(records: Iterable[Record]) -> list[Cell]:
     """Usable runs grouped into cells, each with its selected configuration and stats.
 
@@ -229,13 +236,11 @@ def build_cells(records: Iterable[Record]) -> list[Cell]:
         groups[key][config_key(record)].append(record)
     cells = []
     for key, configs in groups.items():
-        _, runs = select_configuration(configs)
-        runs = sorted(runs, key=seed)
-        cell = Cell(key=key, task_type=task_type(runs[0]), metric=metric(runs[0]), runs=runs,
-                    lr=learning_rate(runs[0]), method_args=method_args(runs[0]),
-                    resolved_args=resolved_args(runs[0]), configs_tried=len(configs))
-        cell.stats = {name: Stat.of(get(r) for r in runs) for name, get in STAT_GETTERS.items()}
-        cells.append(cell)
+        runs, stats = selected_runs(configs)
+        cells.append(Cell(key=key, task_type=task_type(runs[0]), metric=metric(runs[0]),
+                          runs=runs, lr=learning_rate(runs[0]), method_args=method_args(runs[0]),
+                          resolved_args=resolved_args(runs[0]), configs_tried=len(configs),
+                          stats=stats))
     return sorted(cells, key=lambda c: (c.key.model, c.key.task, c.key.train_size,
                                         method_order(c.key.method)))
 

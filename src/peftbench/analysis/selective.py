@@ -164,13 +164,9 @@ def variants(records: Iterable[Record]) -> list[Variant]:
             continue  # nothing selective measured here
         case = []
         for (method, name), configs in by_variant.items():
-            _, runs = rec.select_configuration(configs)
-            runs = sorted(runs, key=rec.seed)
-            variant = Variant(model, task, size, method, name, rec.metric(runs[0]), runs,
-                              len(configs))
-            variant.stats = {key: Stat.of(get(r) for r in runs)
-                             for key, get in rec.STAT_GETTERS.items()}
-            case.append(variant)
+            runs, stats = rec.selected_runs(configs)
+            case.append(Variant(model, task, size, method, name, rec.metric(runs[0]), runs,
+                                len(configs), stats))
         _link_references(case)
         _mark_pareto(case)
         out += sorted(case, key=lambda v: (rec.method_order(v.method), -(v.trainable or 0),

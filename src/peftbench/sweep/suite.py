@@ -196,17 +196,15 @@ def _grid_problems(spec: SuiteSpec, locate: _Locator) -> list[str]:
                 problems.append(_problem(locate, (axis, index), f"duplicate entry {value!r}"))
             seen.add(value)
     for section, names, axis in (("task_overrides", spec.tasks, "tasks"),
-                                 ("method_overrides", spec.methods, "methods")):
+                                 ("method_overrides", spec.methods, "methods"),
+                                 ("method_variants", spec.methods, "methods"),
+                                 ("lr_grid", spec.methods, "methods")):
         for name in getattr(spec, section):
             if name not in names:
                 problems.append(_problem(locate, (section, name), f"'{name}' is not one of "
                                          f"this suite's {axis} ({', '.join(names)}).",
                                          at_key=True))
     for method, variants in spec.method_variants.items():
-        if method not in spec.methods:
-            problems.append(_problem(locate, ("method_variants", method), f"'{method}' is not "
-                                     f"one of this suite's methods ({', '.join(spec.methods)}).",
-                                     at_key=True))
         if not variants:
             problems.append(_problem(locate, ("method_variants", method), "empty list: give "
                                      "at least one set of method arguments ({} = the defaults)"))
@@ -215,10 +213,6 @@ def _grid_problems(spec: SuiteSpec, locate: _Locator) -> list[str]:
                 problems.append(_problem(locate, ("method_variants", method, index),
                                          "duplicate variant"))
     for method, lrs in spec.lr_grid.items():
-        if method not in spec.methods:
-            problems.append(_problem(locate, ("lr_grid", method), f"'{method}' is not one of "
-                                     f"this suite's methods ({', '.join(spec.methods)}).",
-                                     at_key=True))
         if not lrs:
             problems.append(_problem(locate, ("lr_grid", method), "empty learning-rate list"))
         if len(set(lrs)) != len(lrs):
