@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import sqlite3
@@ -201,6 +203,35 @@ def test_sweep_killed_at_random_points_resumes_without_duplicates(tmp_path):
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == len(expected)
         assert conn.execute("SELECT COUNT(*) FROM curve").fetchone()[0] == 3 * len(expected)
+
+
+def test_ctrl_c_while_the_fork_server_starts_is_a_quiet_interrupt(tmp_path):
+    """Ctrl-C reaches the whole process group: the fork server, busy importing torch, must
+    not print a traceback, and the sweep ends with 130 and says so."""
+    suite = tiny_suite(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "peftbench.cli", "run", str(suite), "--db",
+                             str(tmp_path / "r.sqlite"), "--quiet"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            if any("forkserver" in " ".join(child.cmdline())
+                   for child in psutil.Process(proc.pid).children()):
+                break
+        time.sleep(0.02)
+    time.sleep(0.5)  # inside the fork server's preload (about 5 s of imports)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "interrupted" in out, out
+
+
+def test_fork_server_calls_ignore_ctrl_c_and_runs_restore_it():
+    from peftbench.sweep.worker import call_in_fork_server
+
+    assert call_in_fork_server(signal.getsignal, signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not here
 
 
 def timeless(curve: list[dict]) -> list[dict]:

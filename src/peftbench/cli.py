@@ -184,6 +184,8 @@ def main() -> None:
         # (a failed `train`, Ctrl-C): pass it on
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
+            if code == 130:  # typer turns Ctrl-C into a silent Exit(130)
+                err_console.print("interrupted")
             sys.exit(code)
     except PeftbenchError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)

@@ -33,7 +33,7 @@ from peftbench.config import RunSpec
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
 
-_PRELOAD = ["peftbench.training.runner"]
+_PRELOAD = ["peftbench.sweep.forkserver_guard", "peftbench.training.runner"]
 _context: Any = None
 _live: set[mp.process.BaseProcess] = set()
 _live_lock = threading.Lock()
@@ -56,6 +56,12 @@ def _now() -> str:
 
 
 # -- the child -------------------------------------------------------------------------------
+def restore_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt again (the fork server ignores it, see
+    :mod:`peftbench.sweep.forkserver_guard`)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _die_with_parent() -> None:
     """Linux: get SIGKILL when the parent (the fork server) goes away."""
     if sys.platform.startswith("linux"):
@@ -73,6 +79,7 @@ def _child(spec_json: str, out_dir: str, threads: int | None, environ: dict[str,
 
     ``environ`` is the parent's environment at launch (the fork server's is older: a Ray
     worker, for one, gets CUDA_VISIBLE_DEVICES set per task)."""
+    restore_interrupts()
     _die_with_parent()
     os.environ.clear()
     os.environ.update(environ)
@@ -205,15 +212,19 @@ def run_isolated(spec: RunSpec, out_dir: Path, on_event: EventSink | None = None
 
 
 def _call_child(function: Callable[..., Any], args: tuple, result: Connection) -> None:
+    # Ctrl-C stays ignored here (as in the fork server): the caller gets it and kills us
     try:
-        result.send((True, function(*args)))
+        outcome = (True, function(*args))
     except BaseException as exc:
-        result.send((False, exc))
+        outcome = (False, exc)
+    with contextlib.suppress(OSError):  # the caller is gone: nobody to tell
+        result.send(outcome)
 
 
 def call_in_fork_server(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` in a child of the fork server (whose imports are done): the
-    caller never imports torch itself. Exceptions are re-raised here."""
+    caller never imports torch itself. Exceptions are re-raised here; an interrupted
+    caller kills the child."""
     context = _fork_context()
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=_call_child, args=(function, args, writer), daemon=True)
@@ -224,6 +235,9 @@ def call_in_fork_server(function: Callable[..., Any], *args: Any) -> Any:
     except EOFError:
         raise RuntimeError(f"{function.__name__}: its process died (exit code "
                            f"{process.exitcode})") from None
+    except BaseException:
+        process.kill()
+        raise
     finally:
         reader.close()
         process.join()
