@@ -242,8 +242,8 @@ def test_shipped_suites_are_valid(name):
     check_names(suite)
     specs = expand(suite)
     spec = suite.spec
-    assert len(specs) == (len(spec.models) * len(spec.tasks) * len(spec.train_sizes)
-                          * len(spec.seeds) * len(spec.methods))
+    sizes = sum(len(spec.task_train_sizes.get(task, spec.train_sizes)) for task in spec.tasks)
+    assert len(specs) == len(spec.models) * sizes * len(spec.seeds) * len(spec.methods)
     assert set(spec.methods) == {"full", "lora", "ia3", "prompt_tuning", "bitfit"}
 
 
@@ -262,6 +262,24 @@ def test_paper_suite_is_the_reference_grid():
     assert spec.models == ["google/flan-t5-base"]
     assert spec.tasks == ["ag_news", "cola", "e2e_nlg", "samsum"]
     assert spec.train_sizes == [100, 1000, 10000] and len(spec.seeds) == 3
+    assert spec.task_train_sizes == {"cola": [100, 1000, 8000]}  # its pool: 8,051
+    specs = expand(load_suite("paper"))
+    assert len(specs) == 4 * 3 * 3 * 5
+    assert {s.train_size for s in specs if s.task == "cola"} == {100, 1000, 8000}
+    assert {s.train_size for s in specs if s.task == "samsum"} == {100, 1000, 10000}
+
+
+def test_task_train_sizes_mistakes_are_located(tmp_path):
+    base = ("name: s\nmodels: [m]\ntasks: [toy_cls]\nmethods: [lora]\n"
+            "train_sizes: [8, 16]\n")
+    assert ":6: task_train_sizes.toy_gen: 'toy_gen' is not one of this suite's tasks" in \
+        error_of(tmp_path, base + "task_train_sizes: {toy_gen: [4]}\n")
+    assert ":6: task_train_sizes.toy_cls[1]: duplicate entry 4" in \
+        error_of(tmp_path, base + "task_train_sizes: {toy_cls: [4, 4]}\n")
+    assert ":6: task_train_sizes.toy_cls: empty list" in \
+        error_of(tmp_path, base + "task_train_sizes: {toy_cls: []}\n")
+    assert ":6: task_train_sizes.toy_cls[0]: Input should be greater than or equal to 1" in \
+        error_of(tmp_path, base + "task_train_sizes: {toy_cls: [0]}\n")
 
 
 def test_run_hash_covers_resolved_method_defaults(monkeypatch):

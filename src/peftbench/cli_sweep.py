@@ -59,8 +59,9 @@ def run(
     runs are redone. Exit status: 0 no run failed; 10 + N when N runs failed (at most
     110); 2 bad suite or option (nothing run); 130 interrupted.
     """
-    from peftbench.sweep import check_names, execute_runs, expand, load_suite, plan_runs
+    from peftbench.sweep import execute_runs, expand, load_suite, plan_runs
     from peftbench.sweep.driver import BACKENDS, exit_code, runs_to_do
+    from peftbench.sweep.preflight import check_runnable
     from peftbench.sweep.progress import SweepProgress
     from peftbench.sweep.worker import call_in_fork_server
 
@@ -78,13 +79,17 @@ def run(
     cpus_per_run = cpus_per_run or loaded.spec.execution.cpus_per_run
     specs = expand(loaded, model=model,
                    data_dir=str(data_dir.expanduser().resolve()) if data_dir else None)
-    runs = plan_runs(specs, out_dir or Path("runs") / name)
+    out_root = out_dir or Path("runs") / name
+    _check_out_root(out_root, create=not dry_run)
+    runs = plan_runs(specs, out_root)
     with ResultStore(db) as store:
         todo = runs_to_do(store, runs)
         if todo or dry_run:
-            # unknown task, method or method argument: exit 2 before anything runs. Checked
-            # in the runs' fork server, which imports torch & co. once for everything.
-            call_in_fork_server(check_names, loaded)
+            # unknown names, models or data, train sizes beyond the data: exit 2 before
+            # anything runs. Checked in the runs' fork server, which imports torch & co.
+            # once for everything.
+            call_in_fork_server(check_runnable, loaded,
+                                [run.spec for run in (runs if dry_run else todo)], model)
         if dry_run:
             _print_plan(store, runs)
             return
@@ -123,6 +128,19 @@ def run(
         # SystemExit, not typer.Exit: in non-standalone mode (cli.main) click returns the
         # code of a typer.Exit instead of exiting with it
         sys.exit(code)
+
+
+def _check_out_root(folder: Path, create: bool) -> None:
+    """The runs' folder must be a folder we can write (made now unless ``create`` is off)."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out-dir {folder}: is a file, not a folder; give a folder for "
+                         "the runs' adapters and result.json")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--out-dir {folder}: cannot create the folder "
+                             f"({exc.strerror or exc}); give a writable folder") from None
 
 
 def _print_plan(store: ResultStore, runs: list[PlannedRun]) -> None:

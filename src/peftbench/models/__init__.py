@@ -8,12 +8,19 @@ appends eos itself. Hub and local tokenizers keep their own habits (T5's appends
 """
 
 from peftbench.models.base import LoadedModel
-from peftbench.models.registry import BUILTINS, list_models, load_model, resolve_model_kind
+from peftbench.models.registry import (
+    BUILTINS,
+    check_model,
+    list_models,
+    load_model,
+    resolve_model_kind,
+)
 from peftbench.models.setup import model_family
 
 __all__ = [
     "BUILTINS",
     "LoadedModel",
+    "check_model",
     "list_models",
     "load_model",
     "model_family",

@@ -86,13 +86,18 @@ def _loaded(name: str, model: Any, tokenizer: Any, folder: Path, source: str) ->
     )
 
 
-def load_local_dir(name: str, folder: Path) -> LoadedModel:
-    """Load a ``save_pretrained`` directory (model + tokenizer)."""
+def check_local_dir(folder: Path) -> None:
+    """Raise :class:`UsageError` unless ``folder`` looks like a ``save_pretrained`` folder."""
     if not (folder / "config.json").is_file():
         raise UsageError(
             f"model directory '{folder}' has no config.json; point to a directory written "
             "by save_pretrained (config.json, weights, tokenizer files)."
         )
+
+
+def load_local_dir(name: str, folder: Path) -> LoadedModel:
+    """Load a ``save_pretrained`` directory (model + tokenizer)."""
+    check_local_dir(folder)
     try:
         _, model, tokenizer = _load(str(folder), local_files_only=True)
     except _LOAD_ERRORS as exc:
@@ -133,12 +138,7 @@ def load_hub(name: str, unknown: Any) -> LoadedModel:
             model.config.name_or_path = name
             return _loaded(name, model, tokenizer, snapshot,
                            f"Hugging Face Hub (local cache): {name} (revision {snapshot.name})")
-    if hub_offline():
-        raise unknown("offline mode is on (HF_HUB_OFFLINE) and it is not in the local "
-                      "Hugging Face cache", error) from error
-    if not hub_reachable():
-        raise unknown("the Hub is unreachable and it is not in the local Hugging Face cache",
-                      error) from error
+    _require_hub(unknown, error)
     try:
         _, model, tokenizer = _load(name, local_files_only=False)
     except _LOAD_ERRORS as exc:
@@ -149,3 +149,25 @@ def load_hub(name: str, unknown: Any) -> LoadedModel:
                       FileNotFoundError(name))
     return _loaded(name, model, tokenizer, snapshot,
                    f"Hugging Face Hub: {name} (revision {snapshot.name})")
+
+
+def _require_hub(unknown: Any, error: Exception) -> None:
+    """Raise ``unknown(reason, error)`` when the Hub cannot be asked (offline, unreachable)."""
+    if hub_offline():
+        raise unknown("offline mode is on (HF_HUB_OFFLINE) and it is not in the local "
+                      "Hugging Face cache", error) from error
+    if not hub_reachable():
+        raise unknown("the Hub is unreachable and it is not in the local Hugging Face cache",
+                      error) from error
+
+
+def check_hub(name: str, unknown: Any) -> None:
+    """Raise ``unknown(reason, exc)`` unless Hub id ``name`` is in the local cache or the
+    reachable Hub has it (only its config is fetched: a check before a sweep)."""
+    if cached_snapshot(name) is not None:
+        return
+    _require_hub(unknown, FileNotFoundError(f"'{name}' is not in the local Hugging Face cache"))
+    try:
+        AutoConfig.from_pretrained(name)
+    except _LOAD_ERRORS as exc:
+        raise unknown("the Hub has no such model or refused it", exc) from exc

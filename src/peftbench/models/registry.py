@@ -85,3 +85,19 @@ def load_model(name: str, *, seed: int = 0) -> LoadedModel:
     if hub.looks_like_path(name):
         raise _unknown(name)("no such directory", FileNotFoundError(f"{name} does not exist"))
     return hub.load_hub(name, _unknown(name))
+
+
+def check_model(name: str) -> None:
+    """Raise :class:`UsageError` unless ``name`` can be loaded, without loading it: a
+    built-in, a model directory, or a Hub id in the local cache or on a reachable Hub."""
+    kind = resolve_model_kind(name)
+    if kind == "builtin":
+        return
+    from peftbench.models import hub
+
+    if kind == "local":
+        hub.check_local_dir(Path(name).expanduser())
+    elif hub.looks_like_path(name):
+        raise _unknown(name)("no such directory", FileNotFoundError(f"{name} does not exist"))
+    else:
+        hub.check_hub(name, _unknown(name))

@@ -15,15 +15,19 @@ def expand(suite: Suite, model: str | None = None, data_dir: str | None = None) 
     """The suite's runs in grid order: model, task, train size, seed, method, variant,
     learning rate.
 
-    Seeds come before methods so an interrupted sweep has whole method comparisons.
+    A task listed in ``task_train_sizes`` takes its own train sizes. Seeds come before
+    methods so an interrupted sweep has whole method comparisons.
     ``model`` replaces the suite's models; ``data_dir`` is set on every run (it is not part
     of the run's identity). Runs that come out identical (same hash) are listed once.
     """
     spec = suite.spec
     models = [model] if model else spec.models
     runs: dict[str, RunSpec] = {}
-    for model_name, task, size, seed, method in itertools.product(
-            models, spec.tasks, spec.train_sizes, spec.seeds, spec.methods):
+    grid = ((model_name, task, size, seed, method)
+            for model_name, task in itertools.product(models, spec.tasks)
+            for size, seed, method in itertools.product(
+                spec.task_train_sizes.get(task, spec.train_sizes), spec.seeds, spec.methods))
+    for model_name, task, size, seed, method in grid:
         for fields in variant_fields(spec, task, method):
             if data_dir is not None:
                 fields["data_dir"] = data_dir

@@ -1,11 +1,12 @@
 """Suites: YAML files describing a grid of runs, validated with the line of every mistake.
 
 A suite names the grid axes (models x tasks x train sizes x seeds x methods, plus optional
-per-method variants and learning-rate grids) and the other :class:`RunSpec` fields:
-``defaults``, updated by ``task_overrides[task]``, then by ``method_overrides[method]``
-(``method_args`` merged key by key), then by one of ``method_variants[method]`` (method
-arguments, e.g. which layers to train), then by ``lr_grid[method]``. Unknown keys and bad values are
-:class:`UsageError`s that say ``file:line: key: what is wrong``.
+per-task train sizes, per-method variants and learning-rate grids) and the other
+:class:`RunSpec` fields: ``defaults``, updated by ``task_overrides[task]``, then by
+``method_overrides[method]`` (``method_args`` merged key by key), then by one of
+``method_variants[method]`` (method arguments, e.g. which layers to train), then by
+``lr_grid[method]``. Unknown keys and bad values are :class:`UsageError`s that say
+``file:line: key: what is wrong``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class SuiteSpec(BaseModel):
     methods: list[str] = Field(min_length=1)
     train_sizes: list[Annotated[int, Field(ge=1)] | None] = Field(
         default=[None], min_length=1, description="examples drawn from train; null = all")
+    task_train_sizes: dict[str, list[Annotated[int, Field(ge=1)] | None]] = Field(
+        default_factory=dict, description="train sizes of one task, instead of train_sizes "
+        "(e.g. a task whose training pool is smaller than the largest size)")
     seeds: list[int] = Field(default=[0], min_length=1)
     defaults: dict[str, Any] = Field(default_factory=dict,
                                      description="RunSpec fields for every run")
@@ -195,7 +199,16 @@ def _grid_problems(spec: SuiteSpec, locate: _Locator) -> list[str]:
             if value in seen:
                 problems.append(_problem(locate, (axis, index), f"duplicate entry {value!r}"))
             seen.add(value)
+    for task, sizes in spec.task_train_sizes.items():
+        if not sizes:
+            problems.append(_problem(locate, ("task_train_sizes", task), "empty list of "
+                                     "train sizes"))
+        for index, size in enumerate(sizes):
+            if size in sizes[:index]:
+                problems.append(_problem(locate, ("task_train_sizes", task, index),
+                                         f"duplicate entry {size!r}"))
     for section, names, axis in (("task_overrides", spec.tasks, "tasks"),
+                                 ("task_train_sizes", spec.tasks, "tasks"),
                                  ("method_overrides", spec.methods, "methods"),
                                  ("method_variants", spec.methods, "methods"),
                                  ("lr_grid", spec.methods, "methods")):

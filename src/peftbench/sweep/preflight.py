@@ -1,0 +1,82 @@
+"""Checks before a sweep: everything a run would otherwise find out only when it starts.
+
+:func:`check_runnable` runs in the runs' fork server (it imports torch & co.). It extends
+:func:`~peftbench.sweep.suite.check_names` with what needs the runs themselves: their
+models resolve, their tasks' data loads, and their train sizes fit the data. A mistake
+there is a usage error (exit 2) before anything runs, not one failed run per grid cell.
+"""
+
+from __future__ import annotations
+
+from peftbench.config import RunSpec
+from peftbench.errors import PeftbenchError, UsageError
+from peftbench.sweep.suite import KeyPath, Suite, _Locator, check_names
+
+
+def check_runnable(suite: Suite, specs: list[RunSpec], model_option: str | None = None) -> None:
+    """Raise :class:`UsageError` listing every problem of the runs ``specs`` of ``suite``:
+    names (see ``check_names``), models, task data, train sizes. ``model_option`` is the
+    ``--model`` that replaced the suite's models."""
+    check_names(suite)
+    where = _Locator(suite.text, suite.source).where
+    spec = suite.spec
+    problems = [_where_model(where, spec.models, name, model_option) + f": {message}"
+                for name, message in _model_problems(specs)]
+    problems += _data_problems(suite, specs, where)
+    if problems:
+        raise UsageError(f"suite {spec.name}: nothing was run:\n" + "\n".join(problems))
+
+
+def _where_model(where, models: list[str], name: str, model_option: str | None) -> str:
+    if model_option is not None:
+        return "--model"
+    index = models.index(name)
+    return f"{where(('models', index))}: models[{index}]"
+
+
+def _model_problems(specs: list[RunSpec]) -> list[tuple[str, str]]:
+    from peftbench.models import check_model
+
+    problems = []
+    for name in dict.fromkeys(spec.model for spec in specs):
+        try:
+            check_model(name)
+        except PeftbenchError as exc:
+            problems.append((name, str(exc)))
+    return problems
+
+
+def _data_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:
+    """Each task's data loads (once per task and data folder) and holds the train sizes."""
+    from peftbench.tasks import load_task
+
+    spec = suite.spec
+    problems = []
+    for task, data_dir in dict.fromkeys((s.task, s.data_dir) for s in specs):
+        index = spec.tasks.index(task)
+        try:
+            pool = len(load_task(task, data_dir).train)
+        except PeftbenchError as exc:
+            problems.append(f"{where(('tasks', index))}: tasks[{index}]: {exc}")
+            continue
+        sizes = dict.fromkeys(s.train_size for s in specs if s.task == task
+                              and s.data_dir == data_dir and s.train_size is not None)
+        for size in sizes:
+            if size > pool:
+                path = _size_path(suite, task, size)
+                problems.append(
+                    f"{where(path)}: {_dotted_size(path)}: {size} training examples, but "
+                    f"task '{task}' has {pool} in its training pool; give this task smaller "
+                    f"sizes (task_train_sizes: {{{task}: [...]}}; null = all {pool})")
+    return problems
+
+
+def _size_path(suite: Suite, task: str, size: int) -> KeyPath:
+    own = suite.spec.task_train_sizes.get(task)
+    if own is not None:
+        return ("task_train_sizes", task, own.index(size))
+    return ("train_sizes", suite.spec.train_sizes.index(size))
+
+
+def _dotted_size(path: KeyPath) -> str:
+    return ".".join(str(p) for p in path[:-1]) + f"[{path[-1]}]"

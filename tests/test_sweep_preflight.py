@@ -1,0 +1,104 @@
+"""Before a sweep: models, task data and train sizes are checked, nothing runs on a mistake."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from peftbench.errors import UsageError
+from peftbench.sweep import expand, load_suite
+from peftbench.sweep.preflight import check_runnable
+
+SHARED = Path(os.environ.get("PEFTBENCH_SHARED_DATA")
+              or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+SUITE = """\
+name: pre
+models: [tiny-random-llama, tiny-random-lama]
+tasks: [toy_cls, toy_gen]
+methods: [lora]
+train_sizes: [32, 5000]
+task_train_sizes:
+  toy_gen: [16]
+defaults: {max_steps: 2, batch_size: 8, max_eval_examples: 8, device: cpu, precision: fp32}
+"""
+
+
+def problems(tmp_path: Path, text: str, model: str | None = None) -> list[str]:
+    path = tmp_path / "pre.yaml"
+    path.write_text(text)
+    suite = load_suite(path)
+    with pytest.raises(UsageError) as info:
+        check_runnable(suite, expand(suite, model=model), model)
+    return str(info.value).splitlines()[1:]
+
+
+def test_every_problem_is_listed_with_its_line(tmp_path):
+    found = problems(tmp_path, SUITE)
+    assert len(found) == 2, found
+    assert found[0].startswith(f"{tmp_path / 'pre.yaml'}:2: models[1]: unknown model "
+                               "'tiny-random-lama'")
+    assert "Did you mean 'tiny-random-llama'?" in found[0]
+    assert found[1] == (f"{tmp_path / 'pre.yaml'}:5: train_sizes[1]: 5000 training examples, "
+                        "but task 'toy_cls' has 2000 in its training pool; give this task "
+                        "smaller sizes (task_train_sizes: {toy_cls: [...]}; null = all 2000)")
+
+
+def test_model_option_and_missing_data_are_named(tmp_path):
+    text = SUITE.replace(", tiny-random-lama", "").replace("[32, 5000]", "[32]").replace(
+        "toy_gen", "cola")
+    found = problems(tmp_path, text, model="nope")
+    assert found[0].startswith("--model: unknown model 'nope'")
+    assert any(line.startswith(f"{tmp_path / 'pre.yaml'}:3: tasks[1]: task 'cola' needs "
+                               "--data-dir") for line in found), found
+
+
+def test_a_sound_suite_passes(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text(SUITE.replace(", tiny-random-lama", "").replace("[32, 5000]", "[32]"))
+    suite = load_suite(path)
+    check_runnable(suite, expand(suite))
+
+
+@pytest.mark.skipif(not (SHARED / "cola").is_dir(), reason=f"no CoLA copy under {SHARED}")
+def test_paper_suite_sizes_fit_the_real_cola_pool():
+    suite = load_suite("paper")
+    specs = [s.model_copy(update={"data_dir": str(SHARED / "cola"), "model": "tiny-random-t5"})
+             for s in expand(suite) if s.task == "cola"]
+    check_runnable(suite, specs, "tiny-random-t5")
+
+
+def cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    from peftbench.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["peftbench", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_run_refuses_before_anything_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pre.yaml").write_text(SUITE)
+    code, out = cli(capsys, monkeypatch, "run", "pre.yaml", "--quiet")
+    assert code == 2 and "nothing was run" in out and "Traceback" not in out
+    assert not list(tmp_path.glob("runs/*/*"))
+    code, out = cli(capsys, monkeypatch, "run", "smoke", "--model", "nope", "--quiet")
+    assert code == 2 and "--model: unknown model 'nope'" in " ".join(out.split())
+    assert not list(tmp_path.glob("runs/*/*"))
+
+
+def test_out_dir_must_be_a_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("x")
+    code, out = cli(capsys, monkeypatch, "run", "smoke", "--out-dir", "file", "--quiet")
+    assert code == 2 and "--out-dir file: is a file, not a folder" in " ".join(out.split())
+    code, out = cli(capsys, monkeypatch, "run", "smoke", "--out-dir", "file/sub", "--quiet")
+    assert code == 2 and "--out-dir file/sub: cannot create the folder" in " ".join(out.split())
