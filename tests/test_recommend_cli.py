@@ -119,6 +119,41 @@ def test_empty_missing_or_malformed_results_are_usage_errors(capsys, monkeypatch
     assert code == 2 and "give one of them" in err
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"[1, 2]", "runs[0]: Input should be a valid dictionary"),
+    (b'[{"run": {"config": {"model": "m", "task": "t"}}, "status": "completed"}]',
+     "runs[0].run.config.method: Field required"),
+    (b'[{"run": {"config": {"model": "m", "task": "t", "method": "lora"}}}]',
+     "runs[0].status: Field required"),
+    (b'[{"run": {"config": {}}}]\xe9', "not readable JSON"),
+])
+def test_malformed_run_records_are_usage_errors(capsys, monkeypatch, tmp_path, content,
+                                                expected):
+    path = tmp_path / "runs.json"
+    path.write_bytes(content)
+    for command in (["analyze"], ["report", "--out", str(tmp_path / "r.html")],
+                    ["recommend", "--task-type", "classification", "--train-size", "100"]):
+        code, _, err = cli(capsys, monkeypatch, *command, "--db", str(path))
+        assert code == 2 and expected in err, (command, err)
+
+
+def test_read_only_commands_leave_other_files_alone(capsys, monkeypatch, tmp_path):
+    import sqlite3
+
+    empty, foreign = tmp_path / "empty.sqlite", tmp_path / "foreign.sqlite"
+    empty.touch()
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    before = foreign.read_bytes()
+    for path, says in ((empty, "an empty file"), (foreign, "with tables notes")):
+        for command in (["results"], ["analyze"], ["report", "--out", str(tmp_path / "r.html")]):
+            code, _, err = cli(capsys, monkeypatch, *command, "--db", str(path))
+            assert code == 2 and "not a peftbench results database" in err and says in err
+    assert empty.read_bytes() == b"" and foreign.read_bytes() == before
+    with pytest.raises(Exception, match="not a peftbench results database"):
+        ResultStore(foreign)  # nor does a sweep add its tables there
+
+
 def test_analyze_prints_the_tables_and_json(capsys, monkeypatch, db):
     code, out, err = cli(capsys, monkeypatch, "analyze", "--db", str(db))
     assert code == 0, err

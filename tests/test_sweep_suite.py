@@ -322,3 +322,10 @@ def test_values_outside_a_runs_range_are_usage_errors_before_any_run(tmp_path):
     with pytest.raises(UsageError, match=r"lora: seed: Input should be greater than or equal "
                                          r"to 0 \(got -1\)"):
         expand(load_suite(path))
+
+
+def test_a_suite_file_that_is_not_utf8_is_a_usage_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: café\nmodels: [m]\n".encode("latin-1"))
+    with pytest.raises(UsageError, match=r"cannot read suite file .*a suite is a UTF-8 YAML"):
+        load_suite(path)

@@ -27,6 +27,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
 from peftbench.errors import UsageError
 
 FORMAT = "peftbench-reference"
@@ -58,26 +60,72 @@ def shipped() -> list[Path]:
     return sorted(Path(str(f)) for f in folder.iterdir() if f.name.endswith(".json"))
 
 
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    task: str
+    method: str
+    seed: int | None = None
+    train_size: int | None = None
+    method_args: dict[str, Any] | None = None
+
+
+class _Run(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    config: _Config
+
+
+class _Record(BaseModel):
+    """The parts of a run record the analysis reads (the rest is optional)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run: _Run
+    status: str
+    scores: dict[str, Any] | None = None
+    params: dict[str, Any] | None = None
+    efficiency: dict[str, Any] | None = None
+    curve: list[dict[str, Any]] | None = None
+    task: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+
+
+_RECORDS = TypeAdapter(list[_Record])
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
+
+
 def _check_runs(runs: Any, where: str) -> list[dict[str, Any]]:
-    if not isinstance(runs, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("run"), dict)
-            and isinstance(r["run"].get("config"), dict) for r in runs):
-        raise UsageError(f"{where}: not peftbench run records (expected a JSON array of "
-                         "result.json objects, or a reference file with a 'runs' array).")
+    """``runs`` if it is a list of run records, else a :class:`UsageError` naming the first
+    few problems (``runs[3].run.config.method: Field required``)."""
+    try:
+        _RECORDS.validate_python(runs)
+    except ValidationError as exc:
+        problems = [f"runs{_dotted(e['loc'])}: "
+                    f"{e['msg'].replace(' or instance of _Record', '')}"
+                    for e in exc.errors()[:3]]
+        more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+        raise UsageError(f"{where}: not peftbench run records: {'; '.join(problems)}{more}. "
+                         "Expected a JSON array of result.json objects (`peftbench results "
+                         "--format json`), or a reference file with a 'runs' array.") from None
     return runs
 
 
 def read(path: Path) -> Reference:
     """A reference file, or a bare JSON array of run records (``peftbench results``)."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file.") from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, not UTF-8
         raise UsageError(f"{path}: not readable JSON ({exc}).") from None
     if isinstance(data, list):
-        return Reference({"suite": None, "model": _models(data), "date": None},
-                         _check_runs(data, str(path)), path)
+        runs = _check_runs(data, str(path))
+        return Reference({"suite": None, "model": _models(runs), "date": None}, runs, path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UsageError(f"{path}: not a peftbench reference file (no \"format\": "
                          f"\"{FORMAT}\").")

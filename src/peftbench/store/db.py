@@ -59,6 +59,7 @@ class ResultStore:
         try:
             self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
             self._conn.row_factory = sqlite3.Row
+            self._check_ours(reading=must_exist)  # before any pragma changes the file
             for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
                            "busy_timeout=60000"):
                 self._conn.execute(f"PRAGMA {pragma}")
@@ -86,6 +87,24 @@ class ResultStore:
             self._conn.execute("ROLLBACK")
             raise
         self._conn.execute("COMMIT")
+
+    def _check_ours(self, reading: bool) -> None:
+        """Refuse another program's SQLite database (its tables are not ours to add to)
+        and, when ``reading``, a file with no results at all (empty, or no tables)."""
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = sorted(row[0] for row in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"))
+        if version != 0 and "runs" in tables:
+            return
+        if tables:
+            what = f"an SQLite database of something else, with tables {', '.join(tables[:5])}"
+        elif reading:
+            what = "an empty file" if self.path.stat().st_size == 0 else "no tables in it"
+        else:
+            return
+        self.close()
+        raise UsageError(f"--db {self.path}: not a peftbench results database ({what}); "
+                         "give the file that `peftbench run --db` wrote, or a new path.")
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]

@@ -374,7 +374,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
     if path.is_file() or text_name.endswith((".yaml", ".yml")) or "/" in text_name:
         if not path.is_file():
             raise UsageError(f"suite file not found: {path}")
-        return parse_suite(path.read_text(), str(path), default_name=path.stem)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read suite file {path}: {exc} (a suite is a UTF-8 "
+                             "YAML text file)") from None
+        return parse_suite(text, str(path), default_name=path.stem)
     names = shipped_suites()
     if text_name not in names:
         raise UsageError(f"unknown suite '{text_name}'.{did_you_mean(text_name, names)} "
