@@ -162,3 +162,26 @@ def test_bf16_keeps_the_residual_stream_fp32_as_plain_autocast_does(name):
     scale = reference.logits.float().abs().max().item()
     difference = (stored.logits.float() - reference.logits.float()).abs().max().item()
     assert difference <= 0.03 * scale, (difference, scale)  # bf16 rounding, not another model
+
+
+def test_a_reused_output_folder_holds_only_the_last_runs_adapter(tmp_path):
+    full = execute(_spec("tiny-random-llama", "full", max_steps=2, eval_every=2), tmp_path)
+    lora = execute(_spec("tiny-random-llama", "lora", max_steps=2, eval_every=2), tmp_path)
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert files == {"README.md", "adapter_config.json", "adapter_model.safetensors"}, files
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "adapter").iterdir())
+    assert lora["efficiency"]["adapter_bytes"] == on_disk
+    assert on_disk < full["efficiency"]["adapter_bytes"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]
+
+
+def test_epochs_that_overshoot_are_recorded_and_warned(tmp_path):
+    from peftbench.training.loop import epochs_warning
+
+    spec = _spec("tiny-random-llama", "lora", max_steps=None, epochs=1, grad_accum=8,
+                 train_size=32, eval_every=None)
+    record = execute(spec, tmp_path)
+    assert record["run"]["total_steps"] == 1 and record["run"]["epochs"] == 4.0
+    assert any("1 step(s) train 4.0 epochs" in w for w in record["run"]["warnings"])
+    fine = _spec("tiny-random-llama", "lora", max_steps=None, epochs=3, train_size=1000)
+    assert epochs_warning(fine, 188, 1000) is None  # 3.008 epochs: rounding, not a problem

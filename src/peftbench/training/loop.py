@@ -7,6 +7,8 @@ the result record (a plain dict, the content of ``result.json``).
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -55,6 +57,22 @@ def plan_steps(spec: RunSpec, train_examples: int) -> int:
     return max(1, math.ceil((spec.epochs or 3.0) * train_examples / per_step))
 
 
+def epochs_warning(spec: RunSpec, total_steps: int, train_examples: int) -> str | None:
+    """A warning when ``--epochs`` ends up training clearly more epochs than asked (one
+    optimizer step holds more examples than the training set has, or nearly)."""
+    if spec.max_steps is not None or not train_examples:
+        return None
+    per_step = spec.batch_size * spec.grad_accum
+    asked = spec.epochs or 3.0
+    seen = total_steps * per_step / train_examples
+    if seen <= asked * 1.1:
+        return None
+    return (f"epochs {asked:g}: an optimizer step holds {per_step} examples (batch size "
+            f"{spec.batch_size} x grad accum {spec.grad_accum}) and the training set "
+            f"{train_examples}, so {total_steps} step(s) train {seen:.1f} epochs; lower the "
+            "batch size or gradient accumulation, or set max_steps")
+
+
 def eval_steps(spec: RunSpec, total: int) -> list[int]:
     """Validation points: step 0, every ``eval_every`` steps, and the last step."""
     every = spec.eval_every or max(1, math.ceil(total / spec.num_evals))
@@ -77,7 +95,7 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     precision = resolve_precision(spec.precision, device)
     record["run"]["precision"] = precision
     if warning := slow_bf16_warning(spec.precision, device):
-        record["run"]["warnings"] = [warning]
+        record["run"].setdefault("warnings", []).append(warning)
         warnings.warn(warning, RuntimeWarning, stacklevel=2)
     autocast = autocast_factory(device, precision)
     record["provenance"]["hardware"] = hardware(device)
@@ -132,6 +150,10 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     opt = build_optimization(model, lr, spec, total_steps)
     checkpoints = set(eval_steps(spec, total_steps))
     record["run"]["total_steps"] = total_steps
+    record["run"]["epochs"] = round(total_steps * spec.batch_size * spec.grad_accum
+                                    / max(1, len(train_set)), 3)
+    if warning := epochs_warning(spec, total_steps, len(train_set)):
+        record["run"].setdefault("warnings", []).append(warning)
 
     # 5. the loop
     forward_model = forward_for_training(model, spec)
@@ -178,9 +200,7 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     tick = time.perf_counter()
     record["scores"]["test"] = test.evaluate(model)
     eval_seconds += time.perf_counter() - tick
-    adapter_dir = out_dir / "adapter"
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    method.save(model, adapter_dir)
+    adapter_dir = save_adapter(method, model, out_dir)
     memory.sample()
     record["efficiency"] = {
         "train_seconds": round(train_seconds, 3),
@@ -191,3 +211,23 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
         "peak_gpu_mb": memory.peak_gpu_mb(device),
         "adapter_bytes": sum(f.stat().st_size for f in adapter_dir.rglob("*") if f.is_file()),
     }
+
+
+def save_adapter(method: Any, model: Any, out_dir: Path) -> Path:
+    """Save the trained weights as ``out_dir/adapter``, replacing any earlier adapter there
+    whole (a reused folder must not keep another method's files): written to a temporary
+    folder first, so a failed save leaves the earlier one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / "adapter"
+    fresh = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter."))
+    try:
+        method.save(model, fresh)
+    except BaseException:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter-old."))
+        target.rename(old / "adapter")
+        shutil.rmtree(old, ignore_errors=True)
+    fresh.rename(target)
+    return target

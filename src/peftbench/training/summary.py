@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -19,8 +20,10 @@ def print_summary(console: Console, record: dict[str, Any], out_dir: Path) -> No
     colour = {"completed": "green", "diverged": "yellow"}.get(status, "red")
     console.print(f"[bold]{config['task']} / {config['model']} / {config['method']}[/]  "
                   f"status [{colour}]{status}[/]")
+    for warning in record["run"].get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     if record.get("error"):
-        console.print(f"[red]error:[/] {record['error']}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(record['error'])}", highlight=False)
     params = record.get("params") or {}
     if params:
         console.print(f"trainable parameters {params['trainable']:,} of {params['total']:,} "
