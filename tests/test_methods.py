@@ -116,6 +116,20 @@ def test_method_args_are_validated():
         get_method("loar")
 
 
+@pytest.mark.parametrize(("method", "args", "message"), [
+    ("prompt_tuning", {"num_virtual_tokens": 0}, "num_virtual_tokens=0 .*must be at least 1"),
+    ("prompt_tuning", {"init": "zeros"}, "choose one of sample_vocab, random"),
+    ("lora", {"r": 0}, "r=0 .*must be at least 1"),
+    ("lora", {"dropout": 1.5}, "must be from 0 to 1"),
+    ("lora", {"alpha": -1}, "must be at least 0"),
+])
+def test_method_arguments_out_of_range_are_refused_before_a_run(method, args, message):
+    """Caught when the run's config is resolved (a suite: before the sweep), not mid-run."""
+    with pytest.raises(UsageError, match=message):
+        get_method(method).resolve_args(args)
+    assert get_method(method).resolve_args({k: None for k in args})  # None: the default
+
+
 def test_every_method_is_listed_with_a_default_lr():
     names = {m.name for m in list_methods()}
     assert names == {"full", "lora", "ia3", "prompt_tuning", "bitfit", "partial"}

@@ -123,9 +123,14 @@ def test_cola_malformed_rows_name_file_and_line(tmp_path, bad, message):
     assert message in text
 
 
-def test_cola_small_copy_without_out_of_domain(tmp_path):
-    with pytest.raises(DataError, match="train_size=10000 is more than the"):
-        load_task("cola", data_dir=_cola_copy(tmp_path), train_size=10_000)
+def test_cola_copy_too_small_to_train_on_is_a_data_error(tmp_path):
+    """500 sentences are kept for validation: 40 leave nothing to train on (a run failed
+    with 'max() arg is an empty sequence')."""
+    with pytest.raises(DataError) as err:
+        load_task("cola", data_dir=_cola_copy(tmp_path))
+    text = " ".join(str(err.value).split())
+    assert "task 'cola'" in text and "no train examples (train 0, validation 40, test 10;" in text
+    assert "validation: 40 examples carved from in_domain_train.tsv" in text
 
 
 def test_missing_release_files_say_what_and_where(tmp_path):

@@ -26,6 +26,9 @@ class Method(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     arg_help: ClassVar[dict[str, str]] = {}
     free_form: ClassVar[frozenset[str]] = frozenset()
+    # allowed values: numbers within (low, high), either end None = open; texts one of
+    bounds: ClassVar[dict[str, tuple[float | None, float | None]]] = {}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
         """Defaults updated with ``overrides``; unknown keys and wrong types are errors."""
@@ -39,6 +42,7 @@ class Method(ABC):
                 )
             default = None if key in self.free_form else self.defaults[key]
             args[key] = _coerce(self.name, key, value, default)
+            _check_value(self, key, args[key])
         return args
 
     @abstractmethod
@@ -54,6 +58,21 @@ class Method(ABC):
         self, base: nn.Module, out_dir: Path, args: dict[str, Any], *, encoder_decoder: bool
     ) -> nn.Module:
         """Rebuild the trained model from a fresh base model and what :meth:`save` wrote."""
+
+
+def _check_value(method: Method, key: str, value: Any) -> None:
+    """``value`` within the method's ``bounds`` / ``choices`` for ``key`` (None: default)."""
+    where = f"--method-arg {key}={value!r} (method '{method.name}')"
+    if value is None:
+        return
+    low, high = method.bounds.get(key, (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = (f"from {low:g} to {high:g}" if low is not None and high is not None
+                else f"at least {low:g}" if low is not None else f"at most {high:g}")
+        raise UsageError(f"{where}: must be {span}.")
+    allowed = method.choices.get(key)
+    if allowed is not None and value not in allowed:
+        raise UsageError(f"{where}: choose one of {', '.join(allowed)}.")
 
 
 def _coerce(method: str, key: str, value: Any, default: Any) -> Any:

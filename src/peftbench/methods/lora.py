@@ -51,6 +51,9 @@ class LoRA(Method):
                                 "of the decoder"),
     }
 
+    bounds: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "r": (1, None), "alpha": (0.0, None), "dropout": (0.0, 1.0)}
+
     def resolve_args(self, overrides: dict[str, Any]) -> dict[str, Any]:
         args = super().resolve_args(overrides)
         args["target_modules"] = peft_common.module_names(args["target_modules"])

@@ -8,7 +8,6 @@ from typing import Any, ClassVar
 from peft import PromptTuningConfig, PromptTuningInit
 from torch import nn
 
-from peftbench.errors import UsageError
 from peftbench.methods import peft_common
 from peftbench.methods.base import Method
 from peftbench.methods.registry import register
@@ -27,12 +26,11 @@ class PromptTuning(Method):
         "init": "sample_vocab (copies of random vocabulary embeddings) or random",
     }
 
+    bounds: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "num_virtual_tokens": (1, None)}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {"init": tuple(_INITS)}
+
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        if args["init"] not in _INITS:
-            raise UsageError(
-                f"--method-arg init={args['init']!r}: prompt_tuning init must be one of "
-                f"{', '.join(_INITS)}."
-            )
         return peft_common.wrap(
             model, PromptTuningConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftbench.errors import UsageError, did_you_mean
+from peftbench.errors import DataError, UsageError, did_you_mean
 from peftbench.tasks.base import Example, TaskData, TaskSpec, TaskType
 from peftbench.tasks.registry import BUILTINS
 from peftbench.tasks.splits import apply_scale
@@ -81,7 +81,21 @@ def load_task(
     path = _task_file(name_or_path)
     directory = Path(data_dir).expanduser() if data_dir is not None else None
     data = load_user_task(path, directory) if path else BUILTINS[str(name_or_path)].load(directory)
+    _require_examples(data)
     return apply_scale(data, train_size, seed, max_eval_examples)
+
+
+def _require_examples(data: TaskData) -> None:
+    """Every split holds an example (a tiny file can leave none to train on once validation
+    is carved out of it)."""
+    sizes = {"train": len(data.train), "validation": len(data.validation),
+             "test": len(data.test)}
+    empty = [name for name, size in sizes.items() if not size]
+    if empty:
+        counts = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise DataError(f"task '{data.spec.name}' ({data.source}): no {' and no '.join(empty)} "
+                        f"examples ({counts}; {'; '.join(data.notes) or 'no notes'}); give "
+                        "it more data")
 
 
 def list_tasks() -> list[TaskSpec]:

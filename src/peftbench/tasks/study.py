@@ -160,7 +160,7 @@ def load_ag_news(data_dir: Path | None) -> TaskData:
             )
     n_val = max(1, min(val_cap, round(0.1 * len(train))))
     validation, train = carve(train, n_val, "validation", stratify=True)
-    notes.insert(0, carve_note("validation", n_val, val_source, "stratified by class"))
+    notes.insert(0, carve_note("validation", len(validation), val_source, "stratified by class"))
     return TaskData(AG_NEWS, train, validation, test, fingerprint, source, notes)
 
 
@@ -221,7 +221,8 @@ def load_cola(data_dir: Path | None) -> TaskData:
                 "CoLA validation); the official test is not public"
             )
     validation, train = carve(train, 500, "validation", stratify=True)
-    notes.insert(0, carve_note("validation", 500, "in_domain_train.tsv", "stratified by class"))
+    notes.insert(0, carve_note("validation", len(validation), "in_domain_train.tsv",
+                               "stratified by class"))
     return TaskData(COLA, train, validation, test, fingerprint, source, notes)
 
 
