@@ -139,9 +139,26 @@ def test_every_method_is_listed_with_a_default_lr():
 def test_lora_target_that_matches_nothing_is_a_usage_error():
     loaded = load_model("tiny-random-llama", seed=0)
     lora = get_method("lora")
-    with pytest.raises(UsageError, match="peft rejected"):
+    with pytest.raises(UsageError, match="'nope' names no module of this model"):
         lora.apply(loaded.model, lora.resolve_args({"target_modules": ["nope"]}),
                    encoder_decoder=False)
+    with pytest.raises(UsageError, match="peft rejected"):  # a pattern: peft's own check
+        lora.apply(loaded.model, lora.resolve_args({"target_modules": ".*nope"}),
+                   encoder_decoder=False)
+
+
+@pytest.mark.parametrize(("method", "args", "names"), [
+    ("lora", {"target_modules": "q_proj,v_projj"}, "'v_projj'"),
+    ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"],
+             "feedforward_modules": ["down_projj"]}, "'down_projj'"),
+    ("partial", {"modules": "self_attn,mlpp"}, "'mlpp'"),
+])
+def test_a_misspelled_module_beside_right_ones_is_a_usage_error(method, args, names):
+    """peft and the partial selection only refused lists that matched nothing at all."""
+    loaded = load_model("tiny-random-llama", seed=0)
+    chosen = get_method(method)
+    with pytest.raises(UsageError, match=f"{names} names no module of this model"):
+        chosen.apply(loaded.model, chosen.resolve_args(args), encoder_decoder=False)
 
 
 @pytest.mark.parametrize("model_name", ["tiny-random-llama", "tiny-random-t5"])
@@ -187,7 +204,11 @@ def test_layer_selections_resolve_against_the_layer_count():
     assert resolve([-1, 0, 29]) == [0, 29]
     assert resolve(None) is None
     with pytest.raises(UsageError, match="selects none of the model's 30 layers"):
-        resolve("40:")
+        resolve("20:10")
+    assert resolve("-30:") == list(range(30)) and resolve("0:30") == list(range(30))
+    for beyond in ("40:", "-31:", "20:31", ":-40"):  # clamped silently before
+        with pytest.raises(UsageError, match="a range's ends go from -30 to 30"):
+            resolve(beyond)
     with pytest.raises(UsageError, match="the model has 30 layers, indices 0 to 29"):
         resolve([30])
     with pytest.raises(UsageError, match="does not say how many layers"):
@@ -249,8 +270,12 @@ def test_partial_without_a_choice_or_choosing_nothing_is_a_usage_error():
     with pytest.raises(UsageError, match="expected module names"):
         partial.resolve_args({"modules": []})
     loaded = load_model("tiny-random-llama", seed=0)
-    with pytest.raises(UsageError, match=r"select no parameter.*q_proj.*outside them: model"):
+    with pytest.raises(UsageError, match=r"'attention' names no module.*q_proj.*outside "
+                                         r"them: model"):
         partial.apply(loaded.model, partial.resolve_args({"modules": "attention"}),
+                      encoder_decoder=False)
+    with pytest.raises(UsageError, match=r"select no parameter.*q_proj.*outside them: model"):
+        partial.apply(loaded.model, partial.resolve_args({"layers": [0], "modules": "norm"}),
                       encoder_decoder=False)
     with pytest.raises(UsageError, match="the model has 2 layers"):
         partial.apply(loaded.model, partial.resolve_args({"layers": [2]}),

@@ -61,6 +61,10 @@ def resolve_layers(selection: Selection, count: int | None, method: str,
                          "layer indices counted from 0 instead of a range or negative ones")
     if isinstance(selection, str):
         start, stop = (int(part) if part else None for part in selection.split(":"))
+        if any(end is not None and not -count <= end <= count for end in (start, stop)):
+            raise UsageError(f"{where}: the model has {count} layers; a range's ends go "
+                             f"from -{count} to {count} (e.g. -{min(count, 6)}: = the last "
+                             f"{min(count, 6)})")
         chosen = list(range(count))[slice(start, stop)]
         if not chosen:
             raise UsageError(f"{where}: selects none of the model's {count} layers")

@@ -65,6 +65,14 @@ class PartialFineTuning(Method):
         freeze(model)
         chosen = [param for name, param in model.named_parameters()
                   if _in_layers(name, layers) and _in_modules(name, modules)]
+        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+        unknown = [m for m in modules or [] if not any(_in_modules(n, [m]) for n in names)]
+        if unknown:
+            raise UsageError(f"--method-arg modules={modules} (method 'partial'): "
+                             f"{', '.join(repr(m) for m in unknown)} names no module of this "
+                             f"model. Module names in its layers: "
+                             f"{', '.join(_module_names(model))}; outside them: "
+                             f"{', '.join(n for n, _ in model.named_children())}")
         if not chosen:
             raise UsageError(f"method 'partial': layers={args['layers']} modules={modules} "
                              "select no parameter of this model. Module names in its layers: "

@@ -25,6 +25,22 @@ def module_names(value: Any) -> Any:
     return value
 
 
+def require_modules(model: nn.Module, names: Any, method: str, key: str) -> None:
+    """Every name of a ``target_modules`` list names a module of ``model`` (as peft matches
+    them: the whole dotted name or its last parts). peft only refuses a list that matches
+    nothing, so a misspelled name beside a right one was silently ignored."""
+    if not isinstance(names, list):
+        return
+    dotted = [name for name, _ in model.named_modules() if name]
+    missing = [n for n in names if not any(d == n or d.endswith(f".{n}") for d in dotted)]
+    if missing:
+        linear = sorted({d.rsplit(".", 1)[-1] for d, m in model.named_modules()
+                         if isinstance(m, nn.Linear)})
+        raise UsageError(f"--method-arg {key}={names} (method '{method}'): "
+                         f"{', '.join(repr(n) for n in missing)} names no module of this "
+                         f"model; its linear layers are called {', '.join(linear)}")
+
+
 def task_type(encoder_decoder: bool) -> TaskType:
     return TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM
 
