@@ -56,7 +56,8 @@ BAD_INPUTS = [
     (["--method", "partial"], "to train every weight use method 'full'"),
     (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
     (["--lr", "inf"], "--lr: Input should be a finite number"),
-    (["--method", "partial", "--method-arg", "layers=40:"], "selects none of the model's 2"),
+    (["--method", "partial", "--method-arg", "layers=40:"], "a range's ends go from -2 to 2"),
+    (["--method", "partial", "--method-arg", "layers=1:0"], "selects none of the model's 2"),
 ]
 
 

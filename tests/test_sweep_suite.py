@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -329,3 +330,34 @@ def test_a_suite_file_that_is_not_utf8_is_a_usage_error(tmp_path):
     path.write_bytes("name: café\nmodels: [m]\n".encode("latin-1"))
     with pytest.raises(UsageError, match=r"cannot read suite file .*a suite is a UTF-8 YAML"):
         load_suite(path)
+
+
+def test_task_files_are_found_beside_the_suite_and_identified_by_content(tmp_path,
+                                                                         monkeypatch):
+    import shutil
+
+    from peftbench.config import RunSpec
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "my_task"
+    shutil.copytree(example, tmp_path / "suites" / "my_task")
+    suite_file = tmp_path / "suites" / "mine.yaml"
+    suite_file.write_text("name: mine\nmodels: [tiny-random-llama]\n"
+                          "tasks: [my_task/task.yaml]\nmethods: [lora]\n"
+                          "task_overrides: {my_task/task.yaml: {max_steps: 2}}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # not the suite's folder: the task is found all the same
+    suite = load_suite(suite_file)
+    check_names(suite)
+    [run] = expand(suite)
+    assert run.task == str(tmp_path / "suites" / "my_task" / "task.yaml")
+    assert run.max_steps == 2  # the override still applies to the task as written
+
+    # the run's identity is the task file's content, not how its path is spelled
+    monkeypatch.chdir(tmp_path)
+    relative = RunSpec(**{**run.model_dump(), "task": "suites/my_task/task.yaml"})
+    assert relative.run_hash() == run.run_hash()
+    task_file = tmp_path / "suites" / "my_task" / "task.yaml"
+    before = run.run_hash()
+    task_file.write_text(task_file.read_text().replace("Sentiment:", "Verdict:"))
+    assert relative.run_hash() == run.run_hash() != before  # an edited task: another run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -59,6 +60,7 @@ class RunSpec(BaseModel):
         from peftbench.methods import get_method  # torch and peft: not at import time
 
         fields = {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
+        fields["task"] = task_identity(self.task)
         try:
             method = get_method(self.method)
             fields["method_args"] = method.resolve_args(self.method_args)
@@ -71,6 +73,18 @@ class RunSpec(BaseModel):
         """A short stable hash of :meth:`identity`: the run's id in results stores."""
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def task_identity(task: str) -> str:
+    """A built-in task's name; a task file's content hash (``task-file:sha256:...``), so
+    the same file under another spelling or folder is the same run, an edited one not."""
+    if not task.lower().endswith((".yaml", ".yml")):
+        return task
+    try:
+        content = Path(task).expanduser().read_bytes()
+    except OSError:  # reported when the run starts
+        return task
+    return "task-file:sha256:" + hashlib.sha256(content).hexdigest()
 
 
 def compact(value: object) -> str:

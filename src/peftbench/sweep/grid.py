@@ -33,7 +33,8 @@ def expand(suite: Suite, model: str | None = None, data_dir: str | None = None) 
                 fields["data_dir"] = data_dir
             for lr in spec.lr_grid.get(method) or [fields.get("lr")]:
                 try:
-                    run = RunSpec(model=model_name, task=task, method=method, train_size=size,
+                    run = RunSpec(model=model_name, task=suite.task_ref(task), method=method,
+                                  train_size=size,
                                   seed=seed, **{**fields, "lr": lr})
                 except ValidationError as exc:
                     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got "

@@ -51,9 +51,10 @@ def _data_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:
     from peftbench.tasks import load_task
 
     spec = suite.spec
+    named = {suite.task_ref(task): task for task in spec.tasks}  # a run's task -> suite's
     problems = []
     for task, data_dir in dict.fromkeys((s.task, s.data_dir) for s in specs):
-        index = spec.tasks.index(task)
+        index = spec.tasks.index(named[task])
         try:
             pool = len(load_task(task, data_dir).train)
         except PeftbenchError as exc:
@@ -63,11 +64,12 @@ def _data_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:
                               and s.data_dir == data_dir and s.train_size is not None)
         for size in sizes:
             if size > pool:
-                path = _size_path(suite, task, size)
+                path = _size_path(suite, named[task], size)
                 problems.append(
                     f"{where(path)}: {_dotted_size(path)}: {size} training examples, but "
-                    f"task '{task}' has {pool} in its training pool; give this task smaller "
-                    f"sizes (task_train_sizes: {{{task}: [...]}}; null = all {pool})")
+                    f"task '{named[task]}' has {pool} in its training pool; give this task "
+                    f"smaller sizes (task_train_sizes: {{{named[task]}: [...]}}; null = all "
+                    f"{pool})")
     return problems
 
 

@@ -79,6 +79,17 @@ class Suite(BaseModel):
     spec: SuiteSpec
     source: str
     text: str
+    folder: Path | None = None  # of a suite file: where its relative task paths start
+
+    def task_ref(self, task: str) -> str:
+        """``task`` as a run names it: a relative task-file path is taken from the suite
+        file's folder (where it exists there), like the paths inside a task file."""
+        path = Path(task).expanduser()
+        if self.folder is None or path.is_absolute() \
+                or not task.lower().endswith((".yaml", ".yml")):
+            return task
+        beside = self.folder / path
+        return str(beside) if beside.is_file() else task
 
 
 # -- locating mistakes in the YAML text --------------------------------------------------
@@ -250,7 +261,7 @@ def check_names(suite: Suite) -> None:
     problems = []
     for index, task in enumerate(spec.tasks):
         try:
-            get_spec(task)
+            get_spec(suite.task_ref(task))
         except UsageError as exc:
             problems.append(f"{where(('tasks', index))}: tasks[{index}]: {exc}")
     for index, name in enumerate(spec.methods):
@@ -379,7 +390,8 @@ def load_suite(name_or_path: str | Path) -> Suite:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read suite file {path}: {exc} (a suite is a UTF-8 "
                              "YAML text file)") from None
-        return parse_suite(text, str(path), default_name=path.stem)
+        suite = parse_suite(text, str(path), default_name=path.stem)
+        return suite.model_copy(update={"folder": path.resolve().parent})
     names = shipped_suites()
     if text_name not in names:
         raise UsageError(f"unknown suite '{text_name}'.{did_you_mean(text_name, names)} "
