@@ -34,6 +34,13 @@ def test_train_writes_result_and_prints_summary(tmp_path):
     assert (out / "adapter" / "adapter_config.json").exists()
 
 
+def test_version():
+    from peftbench import __version__
+
+    proc = peftbench("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"peftbench {__version__}"
+
+
 @pytest.mark.parametrize("command", ["tasks", "methods", "models"])
 def test_listings(command):
     proc = peftbench(command)

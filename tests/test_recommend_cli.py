@@ -91,6 +91,21 @@ def test_reference_build_and_recommend_from_the_shipped_reference(capsys, monkey
     assert json.loads(out)["source"]["suite"] == "fake"
 
 
+def test_reference_build_without_a_suite_and_to_an_unwritable_place(capsys, monkeypatch, db,
+                                                                    tmp_path):
+    records = tmp_path / "one.json"
+    code, out, _ = cli(capsys, monkeypatch, "results", "--db", str(db), "--format", "json")
+    records.write_text(json.dumps(json.loads(out)[:1]))
+    code, out, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(records),
+                         "--out", str(tmp_path / "ref.json"))
+    assert code == 0, err
+    assert "(1 run, suite (none), model smollm2-135m" in " ".join(out.split())
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(records),
+                       "--out", str(tmp_path / "file" / "ref.json"))
+    assert code == 2 and "cannot write the reference file" in err
+
+
 def test_missing_reference_is_a_clear_usage_error(capsys, monkeypatch):
     monkeypatch.setattr(reference, "shipped", lambda: [])
     code, out, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",

@@ -215,6 +215,7 @@ labels: {pos: positive, neg: negative}
         ),
         ("type: [classification\n", ["task.yaml:2: invalid YAML"]),
         ("- just a list\n", ["task.yaml:1: a task file is a YAML mapping"]),
+        (GOOD + 'template: "{review} !"\n', ["task.yaml:7: key 'template' given twice"]),
     ],
 )
 def test_schema_errors_name_the_key_and_line(tmp_path, body, expected):

@@ -167,6 +167,23 @@ def models() -> None:
     console.print(table)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from peftbench import __version__
+
+        console.print(f"peftbench {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="print peftbench's version and exit")] = False,
+) -> None:
+    """Which parameter-efficient fine-tuning method fits your task and data: measured."""
+
+
 def _register_commands() -> None:
     from peftbench import cli_analysis, cli_sweep
 

@@ -21,6 +21,7 @@ from rich.table import Table as RichTable
 
 from peftbench.errors import UsageError
 from peftbench.store import DEFAULT_DB
+from peftbench.text import count as counted
 
 console = Console(soft_wrap=True, emoji=False)
 wide_console = console if console.is_terminal else Console(width=200, emoji=False)
@@ -337,11 +338,15 @@ def reference_build(
     data = ref.build(source.records, suite or source.meta.get("suite"), description)
     if out is None:
         out = Path(ref.__file__).parent / f"{suite or 'reference'}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    console.print(f"reference: {escape(str(out))} ({len(data['runs'])} runs, suite "
-                  f"{escape(str(data['suite']))}, model {escape(str(data['model']))}, "
-                  f"{data['date']})", highlight=False)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write the reference file "
+                         f"({exc.strerror or exc}); give a writable path") from None
+    console.print(f"reference: {escape(str(out))} ({counted(len(data['runs']), 'run')}, suite "
+                  f"{escape(str(data['suite'] or '(none)'))}, model "
+                  f"{escape(str(data['model']))}, {data['date']})", highlight=False)
 
 
 @reference_app.command("show")
@@ -356,7 +361,7 @@ def reference_show() -> None:
         return
     for path in files:
         loaded = ref.read(path)
-        console.print(f"{escape(path.stem)}: {len(loaded.runs)} runs; "
+        console.print(f"{escape(path.stem)}: {counted(len(loaded.runs), 'run')}; "
                       f"{escape(loaded.describe())}", highlight=False)
 
 

@@ -17,6 +17,7 @@ from peftbench.config import compact
 from peftbench.errors import UsageError
 from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
 from peftbench.sweep.plan import PlannedRun
+from peftbench.text import count
 
 console = Console(soft_wrap=True, emoji=False)
 # when piped, rich assumes 80 columns: let tables be as wide as their content instead
@@ -109,13 +110,13 @@ def run(
                                       cpus_per_run=cpus_per_run, ray_address=ray_address,
                                       on_event=progress.event, on_finished=finished)
         except KeyboardInterrupt:
-            console.print(f"interrupted: {sum(progress.counts.values())} runs stored this "
-                          "time; the runs in progress left no result. Run the suite again "
-                          "to finish it.")
+            console.print(f"interrupted: {count(sum(progress.counts.values()), 'run')} "
+                          "stored this time; the runs in progress left no result. Run the "
+                          "suite again to finish it.")
             sys.exit(130)
     ran = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing to do"
-    console.print(f"[bold]{escape(name)}[/]: {len(runs)} runs, {len(runs) - len(todo)} already "
-                  f"done; this time: {ran}.", highlight=False)
+    console.print(f"[bold]{escape(name)}[/]: {count(len(runs), 'run')}, "
+                  f"{len(runs) - len(todo)} already done; this time: {ran}.", highlight=False)
     for run, record in failed:
         first = (record.get("error") or "?").splitlines()[0]
         console.print(f"[red]failed[/] {escape(run.long_label)} ({run.run_hash}): "
@@ -145,7 +146,7 @@ def _check_out_root(folder: Path, create: bool) -> None:
 
 def _print_plan(store: ResultStore, runs: list[PlannedRun]) -> None:
     statuses = store.statuses(run.run_hash for run in runs)
-    table = Table("#", "run", "hash", "stored", title=f"{len(runs)} runs")
+    table = Table("#", "run", "hash", "stored", title=count(len(runs), "run"))
     for index, run in enumerate(runs, 1):
         status = statuses.get(run.run_hash, "-")
         table.add_row(str(index), escape(run.long_label), run.run_hash, status)
@@ -181,7 +182,7 @@ def _fmt(value: object, digits: int = 2) -> str:
 
 def _print_table(records: list[dict]) -> None:
     table = Table("model", "task", "method", "args", "n", "seed", "lr", "status", "metric",
-                  "val", "test", "train %", "train s", title=f"{len(records)} runs",
+                  "val", "test", "train %", "train s", title=count(len(records), "run"),
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for record in records:
         row = flat_row(record)

@@ -40,3 +40,22 @@ def load(text: str) -> Any:
 def compose(text: str) -> yaml.Node | None:
     """The node tree of ``text`` (for line numbers), resolved as :func:`load` does."""
     return yaml.compose(text, Loader=Loader)
+
+
+def duplicate_keys(root: yaml.Node | None, source: str) -> list[str]:
+    """``file:line: key 'x' given twice`` for each key repeated in one mapping of the node
+    tree ``root`` (YAML silently keeps the last value)."""
+    found, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key, value in node.value:
+                if key.value in seen:
+                    found.append(f"{source}:{key.start_mark.line + 1}: key '{key.value}' "
+                                 "given twice")
+                seen.add(key.value)
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return sorted(found, key=lambda text: int(text[len(source) + 1:].split(":", 1)[0]))

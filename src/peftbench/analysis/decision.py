@@ -189,7 +189,8 @@ def _times(a: float | None, b: float | None, what: str) -> str | None:
     ratio = a / b
     if 0.9 <= ratio <= 1.1:
         return f"about the same {what}"
-    return f"{1 / ratio:.1f}x less {what}" if ratio < 1 else f"{ratio:.1f}x more {what}"
+    fewer = "fewer" if what.endswith("parameters") else "less"  # countable or not
+    return f"{1 / ratio:.1f}x {fewer} {what}" if ratio < 1 else f"{ratio:.1f}x more {what}"
 
 
 def points(value: float | None) -> str:

@@ -123,20 +123,7 @@ class _Locator:
 
     def duplicate_keys(self) -> list[str]:
         """``file:line: key`` for keys given twice in one mapping (YAML keeps the last)."""
-        found, stack = [], [self.root]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, yaml.MappingNode):
-                seen: set[str] = set()
-                for key, value in node.value:
-                    if key.value in seen:
-                        found.append(f"{self.source}:{key.start_mark.line + 1}: key "
-                                     f"'{key.value}' given twice")
-                    seen.add(key.value)
-                    stack.append(value)
-            elif isinstance(node, yaml.SequenceNode):
-                stack.extend(node.value)
-        return found
+        return yaml_text.duplicate_keys(self.root, self.source)
 
 
 def _dotted(path: KeyPath) -> str:

@@ -46,6 +46,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from peftbench import yaml_text
 from peftbench.errors import UsageError, did_you_mean
 from peftbench.tasks.base import TaskSpec
 from peftbench.tasks.readers import FORMATS, detect_format
@@ -171,6 +172,8 @@ def parse_task_file(path: Path) -> UserTask:
             f"{path}:1: a task file is a YAML mapping with keys like name:, type:, files:, "
             f"template:; found {type(raw).__name__}"
         )
+    if twice := yaml_text.duplicate_keys(node, str(path)):
+        raise UsageError("\n".join(twice))
     lines: dict[tuple[str, ...], int] = {}
     _collect_lines(node, (), lines)
     try:
