@@ -31,7 +31,7 @@ def test_single_seed_tie_within_one_point_is_broken_by_cost():
     assert ranking(records, prefer="accuracy")[:2] == ["lora", "full"]
     d = decide(build_cells(records), "classification", "low", DecisionConfig(prefer="accuracy"))
     assert d.noise == 1.0 and d.noise_kind == "single seed"
-    assert "within 1.0 of full" in d.why and "less trainable parameters" in d.why
+    assert "within 1.0 of full" in d.why and "fewer trainable parameters" in d.why
 
 
 def test_difference_beyond_single_seed_noise_is_not_a_tie():
