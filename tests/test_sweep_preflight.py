@@ -102,3 +102,29 @@ def test_out_dir_must_be_a_folder(tmp_path, monkeypatch, capsys):
     assert code == 2 and "--out-dir file: is a file, not a folder" in " ".join(out.split())
     code, out = cli(capsys, monkeypatch, "run", "smoke", "--out-dir", "file/sub", "--quiet")
     assert code == 2 and "--out-dir file/sub: cannot create the folder" in " ".join(out.split())
+
+
+def test_method_variants_are_tried_on_the_model_before_the_sweep(tmp_path):
+    """Module names and layer selections the model lacks were found only when each run
+    started (one failed run per grid cell)."""
+    text = """\
+name: sel
+models: [tiny-random-llama]
+tasks: [toy_cls]
+methods: [lora, partial]
+method_overrides:
+  lora: {method_args: {r: 4}}
+method_variants:
+  lora: [{}, {target_modules: [q_proj, v_projj]}]
+  partial: [{layers: "-1:"}, {layers: "-5:"}, {modules: attn}]
+"""
+    found = [" ".join(line.split()) for line in problems(tmp_path, text)]
+    source = tmp_path / "pre.yaml"
+    assert len(found) == 3, found
+    assert found[0].startswith(f"{source}:8: method_variants.lora[1] on model "
+                               "tiny-random-llama: --method-arg target_modules=")
+    assert "'v_projj' names no module of this model" in found[0]
+    assert found[1].startswith(f"{source}:9: method_variants.partial[1] on model")
+    assert "the model has 2 layers" in found[1]
+    assert found[2].startswith(f"{source}:9: method_variants.partial[2] on model")
+    assert "'attn' names no module" in found[2]

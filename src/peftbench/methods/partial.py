@@ -69,7 +69,8 @@ class PartialFineTuning(Method):
         unknown = [m for m in modules or [] if not any(_in_modules(n, [m]) for n in names)]
         if unknown:
             raise UsageError(f"--method-arg modules={modules} (method 'partial'): "
-                             f"{', '.join(repr(m) for m in unknown)} names no module of this "
+                             f"{', '.join(repr(m) for m in unknown)} "
+                             f"{'names' if len(unknown) == 1 else 'name'} no module of this "
                              f"model. Module names in its layers: "
                              f"{', '.join(_module_names(model))}; outside them: "
                              f"{', '.join(n for n, _ in model.named_children())}")

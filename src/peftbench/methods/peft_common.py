@@ -37,7 +37,8 @@ def require_modules(model: nn.Module, names: Any, method: str, key: str) -> None
         linear = sorted({d.rsplit(".", 1)[-1] for d, m in model.named_modules()
                          if isinstance(m, nn.Linear)})
         raise UsageError(f"--method-arg {key}={names} (method '{method}'): "
-                         f"{', '.join(repr(n) for n in missing)} names no module of this "
+                         f"{', '.join(repr(n) for n in missing)} "
+                         f"{'names' if len(missing) == 1 else 'name'} no module of this "
                          f"model; its linear layers are called {', '.join(linear)}")
 
 

@@ -8,9 +8,20 @@ there is a usage error (exit 2) before anything runs, not one failed run per gri
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from peftbench.config import RunSpec
 from peftbench.errors import PeftbenchError, UsageError
-from peftbench.sweep.suite import KeyPath, Suite, _Locator, check_names
+from peftbench.sweep.suite import (
+    KeyPath,
+    Suite,
+    _blame,
+    _dotted,
+    _Locator,
+    check_names,
+    variant_fields,
+)
 
 
 def check_runnable(suite: Suite, specs: list[RunSpec], model_option: str | None = None) -> None:
@@ -22,6 +33,8 @@ def check_runnable(suite: Suite, specs: list[RunSpec], model_option: str | None 
     spec = suite.spec
     problems = [_where_model(where, spec.models, name, model_option) + f": {message}"
                 for name, message in _model_problems(specs)]
+    if not problems:  # the methods are tried on models that resolve
+        problems += _method_problems(suite, specs, where)
     problems += _data_problems(suite, specs, where)
     if problems:
         raise UsageError(f"suite {spec.name}: nothing was run:\n" + "\n".join(problems))
@@ -46,6 +59,47 @@ def _model_problems(specs: list[RunSpec]) -> list[tuple[str, str]]:
     return problems
 
 
+def _method_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:
+    """Each method variant applied to a weightless copy of each model: module names and
+    layer selections the model does not have. Best effort: only usage errors count (a
+    method that cannot run on the meta device is tried for real when its run starts)."""
+    from peftbench.methods import get_method
+    from peftbench.models.skeleton import skeleton
+
+    spec = suite.spec
+    named = {suite.task_ref(task): task for task in spec.tasks}
+    problems: list[str] = []
+    tried: set[str] = set()
+    for run in specs:
+        key = json.dumps([run.model, run.method, run.method_args], sort_keys=True)
+        if key in tried:
+            continue
+        tried.add(key)
+        method = get_method(run.method)
+        try:
+            model, encoder_decoder = skeleton(run.model)
+            method.apply(model, method.resolve_args(run.method_args),
+                         encoder_decoder=encoder_decoder)
+        except PeftbenchError as exc:
+            path = _method_path(spec, named[run.task], run)
+            problems.append(f"{where(path)}: {_dotted(path)} on model {run.model}: {exc}")
+        except Exception:  # not a usage error: left to the run
+            continue
+    return problems
+
+
+def _method_path(spec: Any, task: str, run: RunSpec) -> KeyPath:
+    """Where the suite sets the method arguments ``run`` failed with: its variant when it
+    has arguments of its own, else the section that sets the method's arguments."""
+    from peftbench.methods import get_method
+
+    variants = spec.method_variants.get(run.method) or []
+    for index, fields in enumerate(variant_fields(spec, task, run.method)):
+        if variants and variants[index] and fields.get("method_args", {}) == run.method_args:
+            return ("method_variants", run.method, index)
+    return _blame(spec, run.method, task, None, get_method(run.method))
+
+
 def _data_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:
     """Each task's data loads (once per task and data folder) and holds the train sizes."""
     from peftbench.tasks import load_task
@@ -66,7 +120,7 @@ def _data_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:
             if size > pool:
                 path = _size_path(suite, named[task], size)
                 problems.append(
-                    f"{where(path)}: {_dotted_size(path)}: {size} training examples, but "
+                    f"{where(path)}: {_dotted(path)}: {size} training examples, but "
                     f"task '{named[task]}' has {pool} in its training pool; give this task "
                     f"smaller sizes (task_train_sizes: {{{named[task]}: [...]}}; null = all "
                     f"{pool})")
@@ -80,5 +134,3 @@ def _size_path(suite: Suite, task: str, size: int) -> KeyPath:
     return ("train_sizes", suite.spec.train_sizes.index(size))
 
 
-def _dotted_size(path: KeyPath) -> str:
-    return ".".join(str(p) for p in path[:-1]) + f"[{path[-1]}]"
