@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftbench.errors import UsageError
 from peftbench.sweep import expand, load_suite
@@ -128,3 +129,16 @@ method_variants:
     assert "the model has 2 layers" in found[1]
     assert found[2].startswith(f"{source}:9: method_variants.partial[2] on model")
     assert "'attn' names no module" in found[2]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_cuda_device_this_machine_lacks_is_named(tmp_path):
+    text = SUITE.replace(", tiny-random-lama", "").replace("[32, 5000]", "[32]") + \
+        "method_overrides: {lora: {device: cuda}}\n"
+    found = problems(tmp_path, text)
+    assert found == [f"{tmp_path / 'pre.yaml'}:9: method_overrides.lora.device: cuda, but no "
+                     "CUDA GPU is visible to torch on this machine; use device: auto (or "
+                     "cpu), or --backend ray with a cluster that has GPUs"]
+    path = tmp_path / "pre.yaml"
+    suite = load_suite(path)
+    check_runnable(suite, expand(suite), local=False)  # a Ray cluster may have GPUs

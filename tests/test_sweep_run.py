@@ -112,17 +112,27 @@ def test_sweep_runs_skips_done_runs_and_exports(tmp_path, monkeypatch, capsys):
 
 
 def test_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    """A model folder whose weights file is damaged passes the checks before the sweep
+    (they read its config only) and fails when its run loads it."""
+    from peftbench.models import load_model
+
     monkeypatch.chdir(tmp_path)
-    suite = tiny_suite(tmp_path, extra="method_overrides:\n"
-                                       "  lora: {method_args: {target_modules: [no_such]}}\n")
+    tiny = load_model("tiny-random-llama")
+    tiny.model.save_pretrained(tmp_path / "damaged")
+    tiny.tokenizer.save_pretrained(tmp_path / "damaged")
+    with open(tmp_path / "damaged" / "model.safetensors", "r+b") as weights:
+        weights.truncate(100)
+    suite = tiny_suite(tmp_path, methods="[lora]")
+    suite.write_text(suite.read_text().replace(
+        "models: [tiny-random-llama]", f"models: [tiny-random-llama, {tmp_path / 'damaged'}]"))
     code, out = cli(capsys, monkeypatch, "run", str(suite), "--quiet")
     assert code == 11, out  # 10 + one failed run
-    assert "1 completed, 1 failed" in out and "no_such" in out
+    assert "1 completed, 1 failed" in out and "could not load model" in out
     with ResultStore("peftbench-results.sqlite") as store:
-        by_method = {r["run"]["config"]["method"]: r for r in store.records("tiny")}
-    assert by_method["bitfit"]["status"] == "completed"
-    assert by_method["lora"]["status"] == "failed"
-    assert "no_such" in by_method["lora"]["error"]
+        by_model = {Path(r["run"]["config"]["model"]).name: r for r in store.records("tiny")}
+    assert by_model["tiny-random-llama"]["status"] == "completed"
+    assert by_model["damaged"]["status"] == "failed"
+    assert "deserializing header" in by_model["damaged"]["error"]
     # failed runs are retried, completed ones are not
     code, out = cli(capsys, monkeypatch, "run", str(suite), "--quiet")
     assert code == 11 and "1 already done; this time: 1 failed" in out

@@ -90,7 +90,8 @@ def run(
             # anything runs. Checked in the runs' fork server, which imports torch & co.
             # once for everything.
             call_in_fork_server(check_runnable, loaded,
-                                [run.spec for run in (runs if dry_run else todo)], model)
+                                [run.spec for run in (runs if dry_run else todo)], model,
+                                backend == "local")
         if dry_run:
             _print_plan(store, runs)
             return

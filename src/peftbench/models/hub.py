@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from peftbench.errors import UsageError
@@ -26,7 +27,7 @@ from peftbench.models.quiet import no_weight_progress
 from peftbench.models.setup import prepare
 
 PROBE_TIMEOUT_S = 3.0
-_LOAD_ERRORS = (OSError, ValueError, KeyError)
+_LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)  # the last: a damaged file
 
 
 def looks_like_path(name: str) -> bool:

@@ -24,20 +24,39 @@ from peftbench.sweep.suite import (
 )
 
 
-def check_runnable(suite: Suite, specs: list[RunSpec], model_option: str | None = None) -> None:
+def check_runnable(suite: Suite, specs: list[RunSpec], model_option: str | None = None,
+                   local: bool = True) -> None:
     """Raise :class:`UsageError` listing every problem of the runs ``specs`` of ``suite``:
-    names (see ``check_names``), models, task data, train sizes. ``model_option`` is the
-    ``--model`` that replaced the suite's models."""
+    names (see ``check_names``), models, method arguments on the models, task data, train
+    sizes, and (``local``: the runs execute on this machine) a CUDA device this machine
+    lacks. ``model_option`` is the ``--model`` that replaced the suite's models."""
     check_names(suite)
     where = _Locator(suite.text, suite.source).where
     spec = suite.spec
     problems = [_where_model(where, spec.models, name, model_option) + f": {message}"
                 for name, message in _model_problems(specs)]
+    if local:
+        problems += _device_problems(spec, specs, where)
     if not problems:  # the methods are tried on models that resolve
         problems += _method_problems(suite, specs, where)
     problems += _data_problems(suite, specs, where)
     if problems:
         raise UsageError(f"suite {spec.name}: nothing was run:\n" + "\n".join(problems))
+
+
+def _device_problems(spec: Any, specs: list[RunSpec], where) -> list[str]:
+    import torch
+
+    if torch.cuda.is_available() or not any(s.device == "cuda" for s in specs):
+        return []
+    sections = [("defaults",), *(("task_overrides", t) for t in spec.task_overrides),
+                *(("method_overrides", m) for m in spec.method_overrides)]
+    found = [(*section, "device") for section in sections
+             if (spec.defaults if section == ("defaults",) else
+                 getattr(spec, section[0])[section[1]]).get("device") == "cuda"]
+    return [f"{where(path)}: {_dotted(path)}: cuda, but no CUDA GPU is visible to torch on "
+            "this machine; use device: auto (or cpu), or --backend ray with a cluster that "
+            "has GPUs" for path in found]
 
 
 def _where_model(where, models: list[str], name: str, model_option: str | None) -> str:
