@@ -161,6 +161,19 @@ def test_a_misspelled_module_beside_right_ones_is_a_usage_error(method, args, na
         chosen.apply(loaded.model, chosen.resolve_args(args), encoder_decoder=False)
 
 
+@pytest.mark.parametrize(("modules", "message"), [
+    ("lm_head,q_proj", r"'lm_head' selects no parameter to train.*lm_head\.weight is "
+                       r"model\.embed_tokens\.weight"),  # tied: selected by the other name
+    ("act_fn,q_proj", "'act_fn' selects no parameter to train"),  # no weights of its own
+])
+def test_partial_modules_that_add_nothing_are_a_usage_error(modules, message):
+    loaded = load_model("tiny-random-llama", seed=0)
+    partial = get_method("partial")
+    with pytest.raises(UsageError, match=message):
+        partial.apply(loaded.model, partial.resolve_args({"modules": modules}),
+                      encoder_decoder=False)
+
+
 @pytest.mark.parametrize("model_name", ["tiny-random-llama", "tiny-random-t5"])
 def test_all_linear_lora_on_chosen_layers_adapts_every_linear_of_those_layers_only(model_name):
     """peft refuses all-linear with layers_to_transform; peftbench names the linear layers."""
@@ -313,6 +326,15 @@ def test_ranges_count_from_the_end_of_each_stack_of_an_encoder_decoder():
                           encoder_decoder=True)
     blocks = {n.split(".layer.")[0] for n in _trainable(model)}
     assert blocks == {"encoder.block.3", "decoder.block.1"}
+    # a range within the deeper stack covers all of a shallower one; beyond it: an error
+    model = partial.apply(_t5_with_stacks(4, 2), partial.resolve_args({"layers": "-3:"}),
+                          encoder_decoder=True)
+    blocks = {n.split(".layer.")[0] for n in _trainable(model)}
+    assert blocks == {"encoder.block.1", "encoder.block.2", "encoder.block.3",
+                      "decoder.block.0", "decoder.block.1"}
+    with pytest.raises(UsageError, match="the model has 4 layers; a range's ends go from -4"):
+        partial.apply(_t5_with_stacks(4, 2), partial.resolve_args({"layers": "-5:"}),
+                      encoder_decoder=True)
     lora = get_method("lora")
     with pytest.raises(UsageError, match=r"different depths .*encoder 4, decoder 2"):
         lora.apply(_t5_with_stacks(4, 2), lora.resolve_args({"layers_to_transform": "-1:"}),
@@ -359,3 +381,13 @@ def test_one_plain_target_module_name_is_a_list_for_peft():
     _, model = _apply("tiny-random-llama", "lora", target_modules="q_proj")
     assert {n.split(".")[-4] for n, p in model.named_parameters() if p.requires_grad} == {
         "q_proj"}
+
+
+def test_module_hint_lists_gpt2_conv1d_layers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64,
+                                      n_positions=32))
+    lora = get_method("lora")
+    with pytest.raises(UsageError, match="its linear layers are called c_attn, c_fc, c_proj"):
+        lora.apply(gpt2, lora.resolve_args({"target_modules": "q_proj"}), encoder_decoder=False)

@@ -119,3 +119,32 @@ def test_hub_id_from_local_hf_cache_needs_no_network(tmp_path: Path, monkeypatch
     assert loaded.source == f"Hugging Face Hub (local cache): testorg/tiny-t5 (revision {revision})"
     assert loaded.model.config.name_or_path == "testorg/tiny-t5"
     assert loaded.fingerprint == dir_fingerprint(snapshot)
+
+
+def test_check_model_needs_cached_weights_or_a_reachable_hub(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """The check before a sweep: a Hub id whose cache holds only config.json (what a
+    check fetches) is not loadable offline."""
+    from huggingface_hub import constants
+
+    from peftbench.models import check_model
+    from peftbench.models.skeleton import skeleton
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    revision = "b" * 40
+    repo = tmp_path / "models--testorg--tiny-llama"
+    snapshot = repo / "snapshots" / revision
+    original = load_model("tiny-random-llama")
+    original.model.config.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    with pytest.raises(UsageError, match="the Hub is unreachable and it is not in the local"):
+        check_model("testorg/tiny-llama")
+    original.model.save_pretrained(snapshot)
+    check_model("testorg/tiny-llama")
+    model, encoder_decoder = skeleton("testorg/tiny-llama")  # weightless, from the cache
+    assert not encoder_decoder and next(model.parameters()).device.type == "meta"
+    assert [n for n, _ in model.named_parameters()] == \
+        [n for n, _ in original.model.named_parameters()]

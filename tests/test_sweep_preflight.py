@@ -142,3 +142,33 @@ def test_a_cuda_device_this_machine_lacks_is_named(tmp_path):
     path = tmp_path / "pre.yaml"
     suite = load_suite(path)
     check_runnable(suite, expand(suite), local=False)  # a Ray cluster may have GPUs
+
+
+def test_a_mistake_is_blamed_on_the_section_that_writes_it(tmp_path):
+    text = """\
+name: blame
+models: [tiny-random-llama]
+tasks: [toy_cls]
+methods: [lora]
+method_overrides:
+  lora:
+    method_args:
+      r: 4
+      target_modules: [q_proj, vv_proj]
+method_variants:
+  lora:
+    - {alpha: 8}
+    - {layers_to_transform: "-5:"}
+"""
+    found = [" ".join(line.split()) for line in problems(tmp_path, text)]
+    assert [line.split(" on model")[0] for line in found] == [
+        f"{tmp_path / 'pre.yaml'}:9: method_overrides.lora.method_args.target_modules",
+        f"{tmp_path / 'pre.yaml'}:13: method_variants.lora[1]"]
+    assert "'vv_proj' names no module" in found[0] and "2 layers" in found[1]
+
+
+def test_a_dry_run_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out = cli(capsys, monkeypatch, "run", "smoke", "--dry-run", "--db", "new.sqlite")
+    assert code == 0 and "80 runs" in out
+    assert list(tmp_path.iterdir()) == []  # no database, no runs folder

@@ -332,8 +332,8 @@ def test_a_suite_file_that_is_not_utf8_is_a_usage_error(tmp_path):
         load_suite(path)
 
 
-def test_task_files_are_found_beside_the_suite_and_identified_by_content(tmp_path,
-                                                                         monkeypatch):
+def test_task_files_are_found_beside_the_suite_and_identified_by_place_and_content(
+        tmp_path, monkeypatch):
     import shutil
 
     from peftbench.config import RunSpec
@@ -353,10 +353,13 @@ def test_task_files_are_found_beside_the_suite_and_identified_by_content(tmp_pat
     assert run.task == str(tmp_path / "suites" / "my_task" / "task.yaml")
     assert run.max_steps == 2  # the override still applies to the task as written
 
-    # the run's identity is the task file's content, not how its path is spelled
+    # the run's identity is the task file (where it is, what it says), not its spelling
     monkeypatch.chdir(tmp_path)
     relative = RunSpec(**{**run.model_dump(), "task": "suites/my_task/task.yaml"})
     assert relative.run_hash() == run.run_hash()
+    shutil.copytree(example, tmp_path / "copy")  # same file, other data folder: other run
+    assert RunSpec(**{**run.model_dump(), "task": "copy/task.yaml"}).run_hash() != \
+        run.run_hash()
     task_file = tmp_path / "suites" / "my_task" / "task.yaml"
     before = run.run_hash()
     task_file.write_text(task_file.read_text().replace("Sentiment:", "Verdict:"))

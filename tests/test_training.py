@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -173,6 +174,9 @@ def test_a_reused_output_folder_holds_only_the_last_runs_adapter(tmp_path):
     assert lora["efficiency"]["adapter_bytes"] == on_disk
     assert on_disk < full["efficiency"]["adapter_bytes"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes
 
 
 def test_epochs_that_overshoot_are_recorded_and_warned(tmp_path):

@@ -83,6 +83,11 @@ def run(
     out_root = out_dir or Path("runs") / name
     _check_out_root(out_root, create=not dry_run)
     runs = plan_runs(specs, out_root)
+    if dry_run and not db.exists():  # a dry run creates nothing
+        call_in_fork_server(check_runnable, loaded, [run.spec for run in runs], model,
+                            backend == "local")
+        _print_plan({}, runs)
+        return
     with ResultStore(db) as store:
         todo = runs_to_do(store, runs)
         if todo or dry_run:
@@ -93,7 +98,7 @@ def run(
                                 [run.spec for run in (runs if dry_run else todo)], model,
                                 backend == "local")
         if dry_run:
-            _print_plan(store, runs)
+            _print_plan(store.statuses(run.run_hash for run in runs), runs)
             return
         store.add_to_suite(name, [run.run_hash for run in runs])
         failed: list[tuple[PlannedRun, dict]] = []
@@ -145,8 +150,7 @@ def _check_out_root(folder: Path, create: bool) -> None:
                              f"({exc.strerror or exc}); give a writable folder") from None
 
 
-def _print_plan(store: ResultStore, runs: list[PlannedRun]) -> None:
-    statuses = store.statuses(run.run_hash for run in runs)
+def _print_plan(statuses: dict[str, str], runs: list[PlannedRun]) -> None:
     table = Table("#", "run", "hash", "stored", title=count(len(runs), "run"))
     for index, run in enumerate(runs, 1):
         status = statuses.get(run.run_hash, "-")

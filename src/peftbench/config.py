@@ -76,15 +76,17 @@ class RunSpec(BaseModel):
 
 
 def task_identity(task: str) -> str:
-    """A built-in task's name; a task file's content hash (``task-file:sha256:...``), so
-    the same file under another spelling or folder is the same run, an edited one not."""
+    """A built-in task's name; for a task file, its resolved path and content hash: the same
+    file spelled differently (relative, absolute) is the same run, an edited one is another
+    run, and so is a copy elsewhere (its data files are found beside it)."""
     if not task.lower().endswith((".yaml", ".yml")):
         return task
+    path = Path(task).expanduser()
     try:
-        content = Path(task).expanduser().read_bytes()
+        content = path.read_bytes()
     except OSError:  # reported when the run starts
         return task
-    return "task-file:sha256:" + hashlib.sha256(content).hexdigest()
+    return f"{path.resolve()}#sha256:{hashlib.sha256(content).hexdigest()}"
 
 
 def compact(value: object) -> str:

@@ -49,8 +49,10 @@ def _expected(value: Any, method: str, key: str) -> str:
 
 
 def resolve_layers(selection: Selection, count: int | None, method: str,
-                   key: str) -> list[int] | None:
-    """The sorted layer indices (0 to ``count - 1``) that ``selection`` names."""
+                   key: str, check_bounds: bool = True) -> list[int] | None:
+    """The sorted layer indices (0 to ``count - 1``) that ``selection`` names. A range's
+    ends must lie within the layers, unless ``check_bounds`` is off (then it is clipped:
+    a shallower stack of an encoder-decoder, the range checked on the deepest)."""
     if selection is None:
         return None
     where = f"--method-arg {key}={selection} (method '{method}')"
@@ -61,7 +63,8 @@ def resolve_layers(selection: Selection, count: int | None, method: str,
                          "layer indices counted from 0 instead of a range or negative ones")
     if isinstance(selection, str):
         start, stop = (int(part) if part else None for part in selection.split(":"))
-        if any(end is not None and not -count <= end <= count for end in (start, stop)):
+        if check_bounds and any(end is not None and not -count <= end <= count
+                                for end in (start, stop)):
             raise UsageError(f"{where}: the model has {count} layers; a range's ends go "
                              f"from -{count} to {count} (e.g. -{min(count, 6)}: = the last "
                              f"{min(count, 6)})")
@@ -118,7 +121,8 @@ def resolve_per_stack(selection: Selection, model: nn.Module, method: str,
     if not is_relative(selection) or len(set(depths.values())) <= 1:
         chosen = resolve_layers(selection, layer_count(model), method, key)
         return {stack: chosen or [] for stack in depths}
-    return {stack: resolve_layers(selection, depth, method, key)
+    resolve_layers(selection, max(depths.values()), method, key)  # within the deepest
+    return {stack: resolve_layers(selection, depth, method, key, check_bounds=False)
             for stack, depth in depths.items()}
 
 

@@ -65,18 +65,25 @@ class PartialFineTuning(Method):
         freeze(model)
         chosen = [param for name, param in model.named_parameters()
                   if _in_layers(name, layers) and _in_modules(name, modules)]
-        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-        unknown = [m for m in modules or [] if not any(_in_modules(n, [m]) for n in names)]
-        if unknown:
-            raise UsageError(f"--method-arg modules={modules} (method 'partial'): "
-                             f"{', '.join(repr(m) for m in unknown)} "
-                             f"{'names' if len(unknown) == 1 else 'name'} no module of this "
-                             f"model. Module names in its layers: "
-                             f"{', '.join(_module_names(model))}; outside them: "
-                             f"{', '.join(n for n, _ in model.named_children())}")
-        if not chosen:
-            raise UsageError(f"method 'partial': layers={args['layers']} modules={modules} "
-                             "select no parameter of this model. Module names in its layers: "
+        known = [n for n, _ in model.named_modules()]
+        unknown = [m for m in modules or [] if not any(_in_modules(n, [m]) for n in known)]
+        where = (f"--method-arg modules={modules} (method 'partial'): "
+                 f"{', '.join(repr(m) for m in unknown)} "
+                 f"{'names' if len(unknown) == 1 else 'name'} no module of this model"
+                 if unknown else
+                 f"method 'partial': layers={args['layers']} modules={modules} select no "
+                 "parameter of this model" if not chosen else None)
+        if where is None:  # each listed module must add something: a silent no-op is a typo
+            idle = [m for m in modules or [] if not any(
+                _in_layers(n, layers) and _in_modules(n, [m])
+                for n, _ in model.named_parameters())]
+            if idle:
+                where = (f"--method-arg modules={modules} (method 'partial'): "
+                         f"{', '.join(repr(m) for m in idle)} "
+                         f"{'selects' if len(idle) == 1 else 'select'} no parameter to train"
+                         + (f" in layers {args['layers']}" if layers is not None else ""))
+        if where is not None:
+            raise UsageError(f"{where}. Module names in its layers: "
                              f"{', '.join(_module_names(model))}; outside them: "
                              f"{', '.join(n for n, _ in model.named_children())}"
                              f"{_tied_note(model)}")

@@ -34,8 +34,10 @@ def require_modules(model: nn.Module, names: Any, method: str, key: str) -> None
     dotted = [name for name, _ in model.named_modules() if name]
     missing = [n for n in names if not any(d == n or d.endswith(f".{n}") for d in dotted)]
     if missing:
+        from transformers.pytorch_utils import Conv1D
+
         linear = sorted({d.rsplit(".", 1)[-1] for d, m in model.named_modules()
-                         if isinstance(m, nn.Linear)})
+                         if isinstance(m, nn.Linear | Conv1D)})
         raise UsageError(f"--method-arg {key}={names} (method '{method}'): "
                          f"{', '.join(repr(n) for n in missing)} "
                          f"{'names' if len(missing) == 1 else 'name'} no module of this "

@@ -163,12 +163,23 @@ def _require_hub(unknown: Any, error: Exception) -> None:
 
 
 def check_hub(name: str, unknown: Any) -> None:
-    """Raise ``unknown(reason, exc)`` unless Hub id ``name`` is in the local cache or the
-    reachable Hub has it (only its config is fetched: a check before a sweep)."""
-    if cached_snapshot(name) is not None:
+    """Raise ``unknown(reason, exc)`` unless Hub id ``name`` is in the local cache with its
+    weights or the reachable Hub has it (only its config is fetched: a check before a
+    sweep)."""
+    snapshot = cached_snapshot(name)
+    if snapshot is not None and _has_weights(snapshot):
         return
     _require_hub(unknown, FileNotFoundError(f"'{name}' is not in the local Hugging Face cache"))
     try:
         AutoConfig.from_pretrained(name)
     except _LOAD_ERRORS as exc:
         raise unknown("the Hub has no such model or refused it", exc) from exc
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def _has_weights(snapshot: Path) -> bool:
+    """Whether a cached snapshot holds weights (a config alone is cached by a check)."""
+    return any((snapshot / name).is_file() for name in WEIGHT_FILES)

@@ -9,6 +9,7 @@ there is a usage error (exit 2) before anything runs, not one failed run per gri
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from peftbench.config import RunSpec
@@ -19,6 +20,7 @@ from peftbench.sweep.suite import (
     _blame,
     _dotted,
     _Locator,
+    _section,
     check_names,
     variant_fields,
 )
@@ -100,23 +102,29 @@ def _method_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:
             method.apply(model, method.resolve_args(run.method_args),
                          encoder_decoder=encoder_decoder)
         except PeftbenchError as exc:
-            path = _method_path(spec, named[run.task], run)
+            path = _method_path(spec, named[run.task], run, str(exc))
             problems.append(f"{where(path)}: {_dotted(path)} on model {run.model}: {exc}")
         except Exception:  # not a usage error: left to the run
             continue
     return problems
 
 
-def _method_path(spec: Any, task: str, run: RunSpec) -> KeyPath:
-    """Where the suite sets the method arguments ``run`` failed with: its variant when it
-    has arguments of its own, else the section that sets the method's arguments."""
+def _method_path(spec: Any, task: str, run: RunSpec, message: str) -> KeyPath:
+    """Where the suite sets the method argument ``message`` complains about: the variant of
+    ``run`` when the variant sets it, else the section that sets the method's arguments."""
     from peftbench.methods import get_method
 
+    named = re.search(r"--method-arg (\w+)=", message)
     variants = spec.method_variants.get(run.method) or []
     for index, fields in enumerate(variant_fields(spec, task, run.method)):
-        if variants and variants[index] and fields.get("method_args", {}) == run.method_args:
+        if variants and fields.get("method_args", {}) == run.method_args \
+                and (named is None or named.group(1) in variants[index]):
             return ("method_variants", run.method, index)
-    return _blame(spec, run.method, task, None, get_method(run.method))
+    path = _blame(spec, run.method, task, None, get_method(run.method))
+    if named and path[-1] == "method_args" \
+            and named.group(1) in _section(spec, path[:-1]).get("method_args", {}):
+        return (*path, named.group(1))
+    return path
 
 
 def _data_problems(suite: Suite, specs: list[RunSpec], where) -> list[str]:

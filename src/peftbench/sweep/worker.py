@@ -228,19 +228,22 @@ def call_in_fork_server(function: Callable[..., Any], *args: Any) -> Any:
     context = _fork_context()
     reader, writer = context.Pipe(duplex=False)
     process = context.Process(target=_call_child, args=(function, args, writer), daemon=True)
-    process.start()
-    writer.close()
     try:
+        process.start()
+        writer.close()
         ok, value = reader.recv()
     except EOFError:
         raise RuntimeError(f"{function.__name__}: its process died (exit code "
                            f"{process.exitcode})") from None
     except BaseException:
-        process.kill()
+        if process.pid is not None:
+            process.kill()
         raise
     finally:
+        writer.close()
         reader.close()
-        process.join()
+        if process.pid is not None:
+            process.join()
     if not ok:
         raise value
     return value

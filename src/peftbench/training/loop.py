@@ -7,6 +7,7 @@ the result record (a plain dict, the content of ``result.json``).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -220,14 +221,21 @@ def save_adapter(method: Any, model: Any, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "adapter"
     fresh = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter."))
+    umask = os.umask(0)
+    os.umask(umask)
+    fresh.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp: owner only)
+    old = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter-old."))
     try:
         method.save(model, fresh)
-    except BaseException:
+        if target.exists():
+            target.rename(old / "adapter")
+        try:
+            fresh.rename(target)
+        except OSError:
+            if (old / "adapter").exists():
+                (old / "adapter").rename(target)
+            raise
+    finally:
         shutil.rmtree(fresh, ignore_errors=True)
-        raise
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter-old."))
-        target.rename(old / "adapter")
         shutil.rmtree(old, ignore_errors=True)
-    fresh.rename(target)
     return target
