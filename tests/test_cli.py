@@ -63,6 +63,8 @@ BAD_INPUTS = [
     (["--method", "partial"], "to train every weight use method 'full'"),
     (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
     (["--lr", "inf"], "--lr: Input should be a finite number"),
+    (["--epochs", "inf"], "--epochs: Input should be a finite number"),
+    (["--model", ""], "--model: String should have at least 1 character"),
     (["--method", "partial", "--method-arg", "layers=40:"], "a range's ends go from -2 to 2"),
     (["--method", "partial", "--method-arg", "layers=1:0"], "selects none of the model's 2"),
 ]

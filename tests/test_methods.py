@@ -130,6 +130,17 @@ def test_method_arguments_out_of_range_are_refused_before_a_run(method, args, me
     assert get_method(method).resolve_args({k: None for k in args})  # None: the default
 
 
+def test_none_is_the_default_and_other_odd_values_are_refused():
+    lora = get_method("lora")
+    assert lora.resolve_args({"r": None, "dropout": None}) == lora.resolve_args({})
+    assert get_method("prompt_tuning").resolve_args({"init": None})["init"] == "sample_vocab"
+    with pytest.raises(UsageError, match="expected a number"):
+        lora.resolve_args({"dropout": float("nan")})
+    for method, key in (("ia3", "target_modules"), ("partial", "modules")):
+        with pytest.raises(UsageError, match="expected a name, a number or a list of them"):
+            get_method(method).resolve_args({key: True})
+
+
 def test_every_method_is_listed_with_a_default_lr():
     names = {m.name for m in list_methods()}
     assert names == {"full", "lora", "ia3", "prompt_tuning", "bitfit", "partial"}
@@ -201,9 +212,11 @@ def test_layer_selections_are_parsed_and_checked():
                         (" 0 : 4 ", "0:4"), (":-2", ":-2")]
     for given, parsed in given_and_parsed:
         assert lora.resolve_args({"layers_to_transform": given})["layers_to_transform"] == parsed
-    for bad in ("last", "1,x", "1:2:3", "a:", {"-6": None}):
+    for bad in ("last", "1,x", "1:2:3", "a:"):
         with pytest.raises(UsageError, match="expected layer indices"):
             lora.resolve_args({"layers_to_transform": bad})
+    with pytest.raises(UsageError, match=r"a layer range such as -6:\) must be quoted"):
+        lora.resolve_args({"layers_to_transform": {"-6": None}})  # YAML's reading of -6:
 
 
 def test_layer_selections_resolve_against_the_layer_count():

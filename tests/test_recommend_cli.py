@@ -210,3 +210,10 @@ def test_report_to_an_unwritable_place_is_a_usage_error(capsys, monkeypatch, tmp
     code, _, err = cli(capsys, monkeypatch, "report", "--db", str(db), "--out",
                        str(blocker / "r.html"))
     assert code == 2 and "cannot write the report" in err
+
+
+@pytest.mark.parametrize("cap", ["nan", "-1", "0", "inf"])
+def test_caps_must_be_positive_numbers(capsys, monkeypatch, db, cap):
+    code, _, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                       "--train-size", "100", "--db", str(db), "--max-trainable-params", cap)
+    assert code == 2 and "give a positive number" in err

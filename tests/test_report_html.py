@@ -175,3 +175,13 @@ def test_records_without_a_precision_do_not_count_as_another_precision():
     del records[0]["run"]["config"]["precision"]  # an older record that does not say
     table = benchmark(analyse_records(records))
     assert not any("more than one precision" in n for n in table.notes)
+
+
+def test_markdown_links_survive_spaces_and_brackets_in_the_file_name(tmp_path):
+    from urllib.parse import unquote
+
+    _, md = write_report(analyse_records(fake_suite(tasks=("rotten_tomatoes",),
+                                                      sizes=(100,), seeds=(0,))),
+                           tmp_path / "my report (v1).html", "edge")
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", md.read_text())
+    assert links and all((md.parent / unquote(link)).is_file() for link in links)

@@ -152,3 +152,20 @@ def test_export_csv_and_json(store):
     text = io.StringIO()
     write_json(stored, text)
     assert json.loads(text.getvalue()) == records
+
+
+def test_a_database_path_that_cannot_be_one_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="is a folder; give the results database file"):
+        ResultStore(tmp_path)
+    with pytest.raises(UsageError, match="cannot open or create it"):
+        ResultStore("/proc/peftbench-test/results.sqlite")
+
+
+def test_json_export_writes_no_bare_nan(store):
+    record = make_record("h1")
+    record["curve"][-1]["train_loss"] = float("nan")
+    store.save(record)
+    text = io.StringIO()
+    write_json(store.records(), text)
+    assert "NaN" not in text.getvalue()
+    assert json.loads(text.getvalue())[0]["curve"][-1]["train_loss"] is None

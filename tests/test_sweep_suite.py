@@ -319,10 +319,15 @@ def test_method_argument_mistakes_are_blamed_where_they_are_written(tmp_path):
 
 
 def test_values_outside_a_runs_range_are_usage_errors_before_any_run(tmp_path):
-    path = write(tmp_path, "models: [m]\ntasks: [toy_cls]\nmethods: [lora]\nseeds: [-1]\n")
-    with pytest.raises(UsageError, match=r"lora: seed: Input should be greater than or equal "
-                                         r"to 0 \(got -1\)"):
+    path = write(tmp_path, "models: [m]\ntasks: [toy_cls]\nmethods: [lora]\n"
+                           "defaults: {max_steps: 0}\n")
+    with pytest.raises(UsageError, match=r":4: defaults.max_steps: Input should be greater "
+                                         r"than or equal to 1 \(got 0\)"):
         expand(load_suite(path))
+    path = write(tmp_path, "models: [m]\ntasks: [toy_cls]\nmethods: [lora]\nseeds: [-1]\n")
+    with pytest.raises(UsageError, match=r":4: seeds\[0\]: Input should be greater than or "
+                                         r"equal to 0 \(got -1\)"):
+        load_suite(path)
 
 
 def test_a_suite_file_that_is_not_utf8_is_a_usage_error(tmp_path):
@@ -364,3 +369,20 @@ def test_task_files_are_found_beside_the_suite_and_identified_by_place_and_conte
     before = run.run_hash()
     task_file.write_text(task_file.read_text().replace("Sentiment:", "Verdict:"))
     assert relative.run_hash() == run.run_hash() != before  # an edited task: another run
+
+
+def test_odd_values_in_a_suite_are_located(tmp_path):
+    base = "name: s\nmodels: [m]\ntasks: [toy_cls]\nmethods: [lora]\n"
+    message = error_of(tmp_path, base + "defaults: {1: 2}\n")
+    assert ":5: defaults[1]: 1 is not a setting name" in message and "[key]" not in message
+    assert ":5: lr_grid.lora[0]: Input should be a finite number" in error_of(
+        tmp_path, base + "lr_grid: {lora: [.inf]}\n")
+    message = error_of(tmp_path, base + "seeds: [-1, 99999999999999999999]\n")
+    assert ":5: seeds[0]: Input should be greater than or equal to 0" in message
+    assert ":5: seeds[1]: Input should be less than or equal to 4294967295" in message
+
+
+def test_a_suite_without_name_takes_its_file_name_made_valid(tmp_path):
+    path = tmp_path / "my suite (ü).yaml"
+    path.write_text("models: [m]\ntasks: [toy_cls]\nmethods: [lora]\n")
+    assert load_suite(path).spec.name == "my_suite"

@@ -115,6 +115,18 @@ def test_generation_with_grouped_carving_and_compressed_file(tmp_path):
     assert load_task(path, train_size=20, seed=4).validation == data.validation
 
 
+def test_one_group_for_all_rows_is_a_data_error(tmp_path):
+    """Carving by group needs several groups (it was an IndexError)."""
+    rows = [{"article": f"text {i}", "title": f"Title {i}", "topic": "same"} for i in range(400)]
+    (tmp_path / "news.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = _task(tmp_path, "type: generation\nfiles: {train: news.jsonl}\n"
+                 "template: 'Article: {source}'\ncolumns: {source: article, target: title}\n"
+                 "group_by: topic\n")
+    with pytest.raises(DataError, match="400 training examples: they fall in 1 'topic' "
+                                        "group"):
+        load_task(path)
+
+
 def test_list_labels_values_or_indexes_and_multi_reference_targets(tmp_path):
     rows = [{"s": f"s{i}", "y": i % 2} for i in range(20)] + [{"s": "s", "y": "yes"}]
     _write(tmp_path / "a.json", "json", rows)
@@ -216,6 +228,12 @@ labels: {pos: positive, neg: negative}
         ("type: [classification\n", ["task.yaml:2: invalid YAML"]),
         ("- just a list\n", ["task.yaml:1: a task file is a YAML mapping"]),
         (GOOD + 'template: "{review} !"\n', ["task.yaml:7: key 'template' given twice"]),
+        (GOOD.replace('"{review}"', '"{review!x}"'),
+         ["task.yaml:4: template: not a valid format string ({review!x} has a conversion"]),
+        (GOOD.replace('"{review}"', '"{review:d}"'),
+         ["task.yaml:4: template: not a valid format string ({review:d} has a conversion"]),
+        (GOOD.replace('"{review}"', '"{review} {label}"'),
+         ["task.yaml:4: template: field {label} reads column 'stars', the label itself"]),
     ],
 )
 def test_schema_errors_name_the_key_and_line(tmp_path, body, expected):

@@ -95,7 +95,18 @@ def test_nan_loss_stops_the_run_as_diverged(tmp_path):
     record = execute(_spec("tiny-random-llama", "full", lr=1e30, max_steps=30), tmp_path)
     assert record["status"] == "diverged"
     assert "loss became" in record["error"]
-    assert json.loads((tmp_path / "result.json").read_text())["status"] == "diverged"
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    saved = json.loads((tmp_path / "result.json").read_text(), parse_constant=strict)
+    assert saved["status"] == "diverged"  # the NaN loss written as null, not a bare NaN
+    assert (tmp_path / "result.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def test_best_validation_checkpoint_is_the_one_tested(tmp_path):
@@ -174,9 +185,7 @@ def test_a_reused_output_folder_holds_only_the_last_runs_adapter(tmp_path):
     assert lora["efficiency"]["adapter_bytes"] == on_disk
     assert on_disk < full["efficiency"]["adapter_bytes"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~umask  # as mkdir makes
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir
 
 
 def test_epochs_that_overshoot_are_recorded_and_warned(tmp_path):

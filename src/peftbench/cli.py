@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -118,7 +119,9 @@ def train(
     except OSError as exc:
         raise UsageError(f"--out {out_dir}: cannot create the output folder "
                          f"({exc.strerror or exc}); give a writable folder") from None
-    with RunProgress(console, enabled=not quiet) as progress:
+    with RunProgress(console, enabled=not quiet) as progress, warnings.catch_warnings():
+        # the run's warnings are in its record: the summary prints them once
+        warnings.filterwarnings("ignore", message="precision bf16", category=RuntimeWarning)
         record = execute(spec, out_dir, on_event=progress.update)
     print_summary(console, record, out_dir)
     if record["status"] != "completed":

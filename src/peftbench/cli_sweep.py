@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -128,8 +129,8 @@ def run(
         console.print(f"[red]failed[/] {escape(run.long_label)} ({run.run_hash}): "
                       f"{escape(first)}",
                       highlight=False)
-    console.print(f"results: peftbench results --db {escape(str(db))} --suite {escape(name)}",
-                  highlight=False)
+    console.print(f"results: peftbench results --db {escape(shlex.quote(str(db)))} --suite "
+                  f"{escape(shlex.quote(name))}", highlight=False)
     code = exit_code(len(failed))
     if code:
         # SystemExit, not typer.Exit: in non-standalone mode (cli.main) click returns the

@@ -46,6 +46,11 @@ class DecisionConfig:
         if self.prefer not in PREFERENCES:
             raise UsageError(f"--prefer {self.prefer!r}: choose one of "
                              f"{', '.join(PREFERENCES)}.")
+        for flag, cap in (("--max-trainable-params", self.max_trainable_params),
+                          ("--max-memory-mb", self.max_memory_mb)):
+            if cap is not None and not (math.isfinite(cap) and cap > 0):
+                raise UsageError(f"{flag} {cap}: give a positive number, e.g. {flag} 1e6 "
+                                 "(or leave it out for no cap).")
 
     @property
     def slack(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +41,8 @@ class Method(ABC):
                     f"--method-arg {key}={value!r}: method '{self.name}' has no argument "
                     f"'{key}'. Its arguments are: {known}."
                 )
+            if value is None:  # None: the default, as `peftbench methods` prints it
+                continue
             default = None if key in self.free_form else self.defaults[key]
             args[key] = _coerce(self.name, key, value, default)
             _check_value(self, key, args[key])
@@ -83,7 +86,15 @@ def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
     if default is None:  # free-form (e.g. module names): "a,b" means the list [a, b]
         if isinstance(value, str) and "," in value:
             return [v.strip() for v in value.split(",") if v.strip()]
-        return value
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str | int) and not isinstance(v, bool)
+                                           for v in value):
+            return value
+        quote = ("; in YAML a value with ':' (a layer range such as -6:) must be quoted, "
+                 "\"-6:\"" if isinstance(value, dict) else "")
+        raise UsageError(f"{where}: expected a name, a number or a list of them, e.g. "
+                         f"{key}=a,b{quote}.")
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value
@@ -93,7 +104,8 @@ def _coerce(method: str, key: str, value: Any, default: Any) -> Any:
             return value
         raise UsageError(f"{where}: expected an integer, e.g. {key}={default}.")
     if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                and math.isfinite(value):
             return float(value)
         raise UsageError(f"{where}: expected a number, e.g. {key}={default}.")
     if isinstance(default, str):

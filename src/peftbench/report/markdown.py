@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from typing import Any
+from urllib.parse import quote
 
 from peftbench.report.figures import Figure
 from peftbench.report.tables import Strong, Table
@@ -46,9 +47,9 @@ def render_markdown(tables: dict[str, Table], figures: list[Figure], meta: dict[
         out = []
         for f in figures:
             if f.section in sections and f.key in figure_paths:
-                out += [f"### {text(f.title)}", "",
-                        f"![{text(f.title)}]({figure_paths[f.key]})", "", f"_{text(f.caption)}_",
-                        ""]
+                link = quote(str(figure_paths[f.key]))  # spaces, brackets: a valid link
+                out += [f"### {text(f.title)}", "", f"![{text(f.title)}]({link})", "",
+                        f"_{text(f.caption)}_", ""]
         return out or ["_No completed runs to plot._", ""]
 
     parts = [

@@ -51,13 +51,20 @@ class ResultStore:
 
     def __init__(self, path: str | Path, must_exist: bool = False) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise UsageError(f"--db {self.path}: is a folder; give the results database "
+                             f"file, e.g. --db {self.path / DEFAULT_DB}")
         if must_exist and not self.path.is_file():
             raise UsageError(f"--db {self.path}: no such results database (it is created by "
                              "`peftbench run`).")
-        if self.path.parent != Path():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            if self.path.parent != Path():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise UsageError(f"--db {self.path}: cannot open or create it ({exc}); give a "
+                             "path in a folder you can write") from None
+        try:
             self._conn.row_factory = sqlite3.Row
             self._check_ours(reading=must_exist)  # before any pragma changes the file
             for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",

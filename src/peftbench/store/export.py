@@ -6,6 +6,8 @@ import csv
 import json
 from typing import Any, TextIO
 
+from peftbench.files import json_safe
+
 FLAT_COLUMNS = ("run_hash", "model", "task", "method", "method_args", "train_size", "seed", "lr",
                 "precision", "status",
                 "primary_metric", "val_score", "test_score", "best_step", "total_steps",
@@ -60,5 +62,5 @@ def write_csv(records: list[dict[str, Any]], stream: TextIO) -> None:
 
 
 def write_json(records: list[dict[str, Any]], stream: TextIO) -> None:
-    json.dump(records, stream, indent=2, default=str)
+    json.dump(json_safe(records), stream, indent=2, default=str, allow_nan=False)
     stream.write("\n")

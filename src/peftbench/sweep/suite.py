@@ -11,6 +11,7 @@ per-task train sizes, per-method variants and learning-rate grids) and the other
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -56,7 +57,8 @@ class SuiteSpec(BaseModel):
     task_train_sizes: dict[str, list[Annotated[int, Field(ge=1)] | None]] = Field(
         default_factory=dict, description="train sizes of one task, instead of train_sizes "
         "(e.g. a task whose training pool is smaller than the largest size)")
-    seeds: list[int] = Field(default=[0], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
+        default=[0], min_length=1, description="torch's seed range")
     defaults: dict[str, Any] = Field(default_factory=dict,
                                      description="RunSpec fields for every run")
     task_overrides: dict[str, dict[str, Any]] = Field(
@@ -66,7 +68,7 @@ class SuiteSpec(BaseModel):
     method_variants: dict[str, list[dict[str, Any]]] = Field(
         default_factory=dict, description="per-method lists of method_args: one run for each "
         "(e.g. LoRA on every layer and on the last six)")
-    lr_grid: dict[str, list[Annotated[float, Field(gt=0)]]] = Field(
+    lr_grid: dict[str, list[Annotated[float, Field(gt=0, allow_inf_nan=False)]]] = Field(
         default_factory=dict, description="per-method learning rates: one run for each")
     execution: Execution = Field(default_factory=Execution)
 
@@ -142,6 +144,8 @@ def _schema_problems(exc: ValidationError, locate: _Locator) -> list[str]:
     problems = []
     for error in exc.errors():
         path = tuple(error["loc"])
+        if path and path[-1] == "[key]":  # a key that is not text: said by _field_problems
+            continue
         if error["type"] == "extra_forbidden":
             key, parent = str(path[-1]), path[:-1]
             choices = list(SuiteSpec.model_fields) if not parent else []
@@ -159,7 +163,10 @@ def _field_problems(values: dict[str, Any], path: KeyPath, locate: _Locator) -> 
     """Check a ``defaults`` / ``*_overrides`` mapping: RunSpec fields, valid values."""
     problems = []
     for key in values:
-        if key in AXES:
+        if not isinstance(key, str):
+            problems.append(_problem(locate, (*path, key), f"{key!r} is not a setting name: "
+                                     f"use one of {', '.join(SETTABLE)}", at_key=True))
+        elif key in AXES:
             problems.append(_problem(locate, (*path, key), f"'{key}' is a grid axis: list it "
                                      f"under '{AXES[key]}' instead.", at_key=True))
         elif key not in RunSpec.model_fields:
@@ -350,7 +357,8 @@ def parse_suite(text: str, source: str, default_name: str = "suite") -> Suite:
         raise UsageError(f"{source}:1: a suite is a YAML mapping with keys "
                          f"{', '.join(SuiteSpec.model_fields)}.")
     problems = locate.duplicate_keys()
-    data.setdefault("name", default_name)
+    if "name" not in data:  # the file's name, made a valid suite name
+        data["name"] = re.sub(r"[^A-Za-z0-9_.-]+", "_", default_name).strip("_.-") or "suite"
     problems += _settings_problems(data, locate)
     try:
         spec = SuiteSpec.model_validate(data)

@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench.config import RunSpec
+from peftbench.files import write_json_atomic
 
 Event = dict[str, Any]
 EventSink = Callable[[Event], None]
@@ -121,10 +121,7 @@ def failed_record(spec: RunSpec, error: str, started_at: str | None = None) -> d
 
 def write_result(out_dir: Path, record: dict[str, Any]) -> None:
     """Write ``result.json`` atomically (temporary file + rename)."""
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".result.json.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle, indent=2, default=str)
-    os.replace(tmp, out_dir / "result.json")
+    write_json_atomic(out_dir / "result.json", record)
 
 
 def _read_result(out_dir: Path, spec: RunSpec) -> dict[str, Any] | None:

@@ -57,6 +57,8 @@ def choose(
         for i, ex in enumerate(examples):
             groups.setdefault(ex.group if ex.group is not None else f"\0{i}", []).append(i)
         order = list(groups.values())
+        if not order:
+            return []
         rng.shuffle(order)
         taken: list[int] = []
         for members in order:

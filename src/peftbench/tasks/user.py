@@ -174,10 +174,13 @@ def _carve_missing(task: UserTask, splits: dict[str, list[Example]], notes: list
                     f"{round(100 * CARVE_FRACTION)}%, {how}",
                 )
             )
-    if not pool:
+    if not pool or any(not splits[split] for split in ("test", "validation")):
+        groups = len({ex.group for ex in splits["train"]}) if grouped else None
+        why = (f"they fall in {groups} '{task.file.group_by}' group(s), and carving keeps "
+               "groups whole" if grouped and groups is not None and groups < 3 else
+               "too few to carve validation/test from")
         raise DataError(
-            f"{task.where('files', 'train')}: only {len(splits['train'])} training "
-            "examples: too few to carve validation/test from; add files.validation "
-            "and files.test"
+            f"{task.where('files', 'train')}: {len(splits['train'])} training examples: "
+            f"{why}; add files.validation and files.test"
         )
     splits["train"] = pool

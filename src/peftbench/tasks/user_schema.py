@@ -221,7 +221,14 @@ def _fail(path: Path, lines: dict, key: tuple[str, ...], message: str) -> UsageE
 
 def _template_fields(path: Path, lines: dict, template: str) -> tuple[str, ...]:
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template)
+                  if f is not None]
+        names = [f for f, _, _ in parsed]
+        for field, spec, conversion in parsed:
+            if spec or conversion:
+                raise ValueError(f"{{{field}{'!' + conversion if conversion else ''}"
+                                 f"{':' + spec if spec else ''}}} has a conversion or format "
+                                 "spec; fields are plain text")
     except ValueError as exc:
         raise _fail(
             path,
@@ -299,6 +306,12 @@ def _interpret(path: Path, model: TaskFile, lines: dict) -> UserTask:
                 ("columns", field),
                 f"'{field}' is neither a template field ({', '.join(fields)}) nor '{reserved}'",
             )
+    answer = model.columns.get(reserved, reserved)
+    for field in fields:
+        if model.columns.get(field, field) == answer:
+            raise _fail(path, lines, ("template",),
+                        f"field {{{field}}} reads column '{answer}', the {reserved} itself: "
+                        "the answer would be in every input")
     allowed = CLASSIFICATION_METRICS if model.type == "classification" else GENERATION_METRICS
     metric = model.metric or allowed[0]
     if metric not in allowed:

@@ -7,7 +7,6 @@ the result record (a plain dict, the content of ``result.json``).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -20,6 +19,7 @@ from transformers import set_seed
 
 from peftbench.config import RunSpec
 from peftbench.evaluation.evaluator import Evaluator
+from peftbench.files import umask_mode
 from peftbench.methods import count_parameters
 from peftbench.models import load_model
 from peftbench.tasks import load_task
@@ -221,9 +221,7 @@ def save_adapter(method: Any, model: Any, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / "adapter"
     fresh = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter."))
-    umask = os.umask(0)
-    os.umask(umask)
-    fresh.chmod(0o777 & ~umask)  # as mkdir would make it (mkdtemp: owner only)
+    fresh.chmod(umask_mode(0o777))  # as mkdir would make it (mkdtemp: owner only)
     old = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter-old."))
     try:
         method.save(model, fresh)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 import traceback
 from datetime import datetime, timezone
@@ -13,6 +10,7 @@ from typing import Any
 
 from peftbench.config import RunSpec
 from peftbench.errors import PeftbenchError
+from peftbench.files import write_json_atomic
 from peftbench.training.loop import Diverged, EventSink, train
 from peftbench.training.provenance import git_sha, package_versions
 
@@ -34,17 +32,6 @@ def new_record(spec: RunSpec) -> dict[str, Any]:
         "efficiency": {},
         "provenance": {"versions": package_versions(), "git_sha": git_sha()},
     }
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON via a temporary file and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def execute(spec: RunSpec, out_dir: Path, on_event: EventSink | None = None,
