@@ -377,6 +377,8 @@ def test_odd_values_in_a_suite_are_located(tmp_path):
     assert ":5: defaults[1]: 1 is not a setting name" in message and "[key]" not in message
     assert ":5: lr_grid.lora[0]: Input should be a finite number" in error_of(
         tmp_path, base + "lr_grid: {lora: [.inf]}\n")
+    assert ":5: defaults.max_steps: Value error, expected a number, not true/false" in \
+        error_of(tmp_path, base + "defaults: {max_steps: true}\n")  # was taken as 1
     message = error_of(tmp_path, base + "seeds: [-1, 99999999999999999999]\n")
     assert ":5: seeds[0]: Input should be greater than or equal to 0" in message
     assert ":5: seeds[1]: Input should be less than or equal to 4294967295" in message

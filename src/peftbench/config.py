@@ -48,6 +48,16 @@ class RunSpec(BaseModel):
     compile: bool = Field(default=False, description="torch.compile the training forward")
     data_dir: str | None = None
 
+    @field_validator("train_size", "seed", "max_steps", "epochs", "lr", "batch_size",
+                     "grad_accum", "warmup_ratio", "weight_decay", "max_grad_norm",
+                     "eval_every", "num_evals", "max_eval_examples", "max_source_length",
+                     "max_target_length", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # pydantic would take true for 1
+            raise ValueError("expected a number, not true/false")
+        return value
+
     @field_validator("method_args")
     @classmethod
     def _json_safe(cls, value: dict[str, Any]) -> dict[str, Any]:
