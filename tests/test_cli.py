@@ -64,6 +64,7 @@ BAD_INPUTS = [
     (["--seed", "-1"], "--seed: Input should be greater than or equal to 0"),
     (["--lr", "inf"], "--lr: Input should be a finite number"),
     (["--epochs", "inf"], "--epochs: Input should be a finite number"),
+    (["--epochs", "2"], "--max-steps 1 and --epochs 2: give one of them"),
     (["--model", ""], "--model: String should have at least 1 character"),
     (["--method", "partial", "--method-arg", "layers=40:"], "a range's ends go from -2 to 2"),
     (["--method", "partial", "--method-arg", "layers=1:0"], "selects none of the model's 2"),

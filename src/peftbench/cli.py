@@ -113,6 +113,9 @@ def train(
                       batch_size=batch_size, grad_accum=grad_accum, eval_every=eval_every,
                       max_eval_examples=max_eval_examples, precision=precision, device=device,
                       compile=compile_forward, data_dir=str(data_dir) if data_dir else None)
+    if max_steps is not None and epochs is not None:
+        raise UsageError(f"--max-steps {max_steps} and --epochs {epochs:g}: give one of them "
+                         "(the steps to train, or the epochs over the training examples).")
     out_dir = out or default_out_dir(spec)
     try:  # before training: an unusable folder must not cost the run
         Path(out_dir).mkdir(parents=True, exist_ok=True)
