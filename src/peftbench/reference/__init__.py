@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from peftbench.errors import UsageError
+from peftbench.text import dotted
 
 FORMAT = "peftbench-reference"
 FORMAT_VERSION = 1
@@ -95,17 +96,13 @@ class _Record(BaseModel):
 _RECORDS = TypeAdapter(list[_Record])
 
 
-def _dotted(loc: tuple[Any, ...]) -> str:
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc)
-
-
 def _check_runs(runs: Any, where: str) -> list[dict[str, Any]]:
     """``runs`` if it is a list of run records, else a :class:`UsageError` naming the first
     few problems (``runs[3].run.config.method: Field required``)."""
     try:
         _RECORDS.validate_python(runs)
     except ValidationError as exc:
-        problems = [f"runs{_dotted(e['loc'])}: "
+        problems = [f"{dotted(('runs', *e['loc']))}: "
                     f"{e['msg'].replace(' or instance of _Record', '')}"
                     for e in exc.errors()[:3]]
         more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from peftbench.config import RunSpec
 from peftbench.errors import UsageError
 from peftbench.sweep.suite import Suite, variant_fields
+from peftbench.text import dotted
 
 
 def expand(suite: Suite, model: str | None = None, data_dir: str | None = None) -> list[RunSpec]:
@@ -37,7 +38,7 @@ def expand(suite: Suite, model: str | None = None, data_dir: str | None = None) 
                                   train_size=size,
                                   seed=seed, **{**fields, "lr": lr})
                 except ValidationError as exc:
-                    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got "
+                    problems = "; ".join(f"{dotted(e['loc'])}: {e['msg']} (got "
                                          f"{e['input']!r})" for e in exc.errors())
                     raise UsageError(f"{suite.source}: suite {spec.name}: run {model_name} / "
                                      f"{task} / {method}: {problems}") from None

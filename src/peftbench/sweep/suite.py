@@ -12,7 +12,6 @@ per-task train sizes, per-method variants and learning-rate grids) and the other
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from peftbench import yaml_text
 from peftbench.config import RunSpec
 from peftbench.errors import UsageError, did_you_mean
+from peftbench.text import dotted
 
 # RunSpec fields that are grid axes: set by the suite's lists, not in defaults/overrides.
 AXES = {"model": "models", "task": "tasks", "method": "methods", "train_size": "train_sizes",
@@ -95,7 +95,7 @@ class Suite(BaseModel):
 
 
 # -- locating mistakes in the YAML text --------------------------------------------------
-class _Locator:
+class Locator:
     """Maps a key path (``("defaults", "lr")``) to ``file:line`` using the YAML node tree."""
 
     def __init__(self, text: str, source: str) -> None:
@@ -128,19 +128,22 @@ class _Locator:
         return yaml_text.duplicate_keys(self.root, self.source)
 
 
-def _dotted(path: KeyPath) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
+def problem(locate: Locator, path: KeyPath, message: str, at_key: bool = False) -> str:
+    """``file:line: key.path: message`` for the value (or, ``at_key``, the key) at ``path``."""
+    return f"{locate.where(path, at_key)}: {dotted(path)}: {message}"
 
 
-def _problem(locate: _Locator, path: KeyPath, message: str, at_key: bool = False) -> str:
-    return f"{locate.where(path, at_key)}: {_dotted(path)}: {message}"
+def _list_problems(locate: Locator, path: KeyPath, items: list[Any], empty: str,
+                   duplicate: str) -> list[str]:
+    """An empty list, and each item that repeats an earlier one, located in the file."""
+    problems = [] if items else [problem(locate, path, empty)]
+    problems += [problem(locate, (*path, index), duplicate.format(item=item))
+                 for index, item in enumerate(items) if item in items[:index]]
+    return problems
 
 
 # -- validation ----------------------------------------------------------------------------
-def _schema_problems(exc: ValidationError, locate: _Locator) -> list[str]:
+def _schema_problems(exc: ValidationError, locate: Locator) -> list[str]:
     problems = []
     for error in exc.errors():
         path = tuple(error["loc"])
@@ -150,39 +153,39 @@ def _schema_problems(exc: ValidationError, locate: _Locator) -> list[str]:
             key, parent = str(path[-1]), path[:-1]
             choices = list(SuiteSpec.model_fields) if not parent else []
             hint = did_you_mean(key, choices) if choices else ""
-            problems.append(_problem(locate, path, f"unknown key '{key}'.{hint}", at_key=True))
+            problems.append(problem(locate, path, f"unknown key '{key}'.{hint}", at_key=True))
         elif error["type"] == "missing":
             problems.append(f"{locate.where(path[:-1])}: missing required key "
-                            f"'{_dotted(path)}'")
+                            f"'{dotted(path)}'")
         else:
-            problems.append(_problem(locate, path, f"{error['msg']} (got {error['input']!r})"))
+            problems.append(problem(locate, path, f"{error['msg']} (got {error['input']!r})"))
     return problems
 
 
-def _field_problems(values: dict[str, Any], path: KeyPath, locate: _Locator) -> list[str]:
+def _field_problems(values: dict[str, Any], path: KeyPath, locate: Locator) -> list[str]:
     """Check a ``defaults`` / ``*_overrides`` mapping: RunSpec fields, valid values."""
     problems = []
     for key in values:
         if not isinstance(key, str):
-            problems.append(_problem(locate, (*path, key), f"{key!r} is not a setting name: "
-                                     f"use one of {', '.join(SETTABLE)}", at_key=True))
+            problems.append(problem(locate, (*path, key), f"{key!r} is not a setting name: "
+                                    f"use one of {', '.join(SETTABLE)}", at_key=True))
         elif key in AXES:
-            problems.append(_problem(locate, (*path, key), f"'{key}' is a grid axis: list it "
-                                     f"under '{AXES[key]}' instead.", at_key=True))
+            problems.append(problem(locate, (*path, key), f"'{key}' is a grid axis: list it "
+                                    f"under '{AXES[key]}' instead.", at_key=True))
         elif key not in RunSpec.model_fields:
-            problems.append(_problem(locate, (*path, key), f"unknown key '{key}'."
-                                     f"{did_you_mean(key, SETTABLE)}", at_key=True))
+            problems.append(problem(locate, (*path, key), f"unknown key '{key}'."
+                                    f"{did_you_mean(key, SETTABLE)}", at_key=True))
     valid = {k: v for k, v in values.items() if k in SETTABLE}
     try:
         RunSpec(model="m", task="t", method="x", **valid)
     except ValidationError as exc:
         for error in exc.errors():
-            problems.append(_problem(locate, (*path, *error["loc"]),
-                                     f"{error['msg']} (got {error['input']!r})"))
+            problems.append(problem(locate, (*path, *error["loc"]),
+                                    f"{error['msg']} (got {error['input']!r})"))
     return problems
 
 
-def _settings_problems(data: dict[str, Any], locate: _Locator) -> list[str]:
+def _settings_problems(data: dict[str, Any], locate: Locator) -> list[str]:
     """Field problems in ``defaults`` and the overrides (checked even when other parts of
     the file are wrong, so one pass reports everything)."""
     problems = []
@@ -196,22 +199,14 @@ def _settings_problems(data: dict[str, Any], locate: _Locator) -> list[str]:
     return problems
 
 
-def _grid_problems(spec: SuiteSpec, locate: _Locator) -> list[str]:
+def _grid_problems(spec: SuiteSpec, locate: Locator) -> list[str]:
     problems = []
-    for axis in ("models", "tasks", "methods", "train_sizes", "seeds"):
-        seen: set[Any] = set()
-        for index, value in enumerate(getattr(spec, axis)):
-            if value in seen:
-                problems.append(_problem(locate, (axis, index), f"duplicate entry {value!r}"))
-            seen.add(value)
+    for axis in ("models", "tasks", "methods", "train_sizes", "seeds"):  # never empty
+        problems += _list_problems(locate, (axis,), getattr(spec, axis), "",
+                                   "duplicate entry {item!r}")
     for task, sizes in spec.task_train_sizes.items():
-        if not sizes:
-            problems.append(_problem(locate, ("task_train_sizes", task), "empty list of "
-                                     "train sizes"))
-        for index, size in enumerate(sizes):
-            if size in sizes[:index]:
-                problems.append(_problem(locate, ("task_train_sizes", task, index),
-                                         f"duplicate entry {size!r}"))
+        problems += _list_problems(locate, ("task_train_sizes", task), sizes,
+                                   "empty list of train sizes", "duplicate entry {item!r}")
     for section, names, axis in (("task_overrides", spec.tasks, "tasks"),
                                  ("task_train_sizes", spec.tasks, "tasks"),
                                  ("method_overrides", spec.methods, "methods"),
@@ -219,26 +214,22 @@ def _grid_problems(spec: SuiteSpec, locate: _Locator) -> list[str]:
                                  ("lr_grid", spec.methods, "methods")):
         for name in getattr(spec, section):
             if name not in names:
-                problems.append(_problem(locate, (section, name), f"'{name}' is not one of "
-                                         f"this suite's {axis} ({', '.join(names)}).",
-                                         at_key=True))
+                problems.append(problem(locate, (section, name), f"'{name}' is not one of "
+                                        f"this suite's {axis} ({', '.join(names)}).",
+                                        at_key=True))
     for method, variants in spec.method_variants.items():
-        if not variants:
-            problems.append(_problem(locate, ("method_variants", method), "empty list: give "
-                                     "at least one set of method arguments ({} = the defaults)"))
-        for index, variant in enumerate(variants):
-            if variant in variants[:index]:
-                problems.append(_problem(locate, ("method_variants", method, index),
-                                         "duplicate variant"))
+        problems += _list_problems(locate, ("method_variants", method), variants,
+                                   "empty list: give at least one set of method arguments "
+                                   "({} = the defaults)", "duplicate variant")
     for method, lrs in spec.lr_grid.items():
         if not lrs:
-            problems.append(_problem(locate, ("lr_grid", method), "empty learning-rate list"))
+            problems.append(problem(locate, ("lr_grid", method), "empty learning-rate list"))
         if len(set(lrs)) != len(lrs):
-            problems.append(_problem(locate, ("lr_grid", method), "duplicate learning rates"))
+            problems.append(problem(locate, ("lr_grid", method), "duplicate learning rates"))
         if "lr" in spec.method_overrides.get(method, {}):
-            problems.append(_problem(locate, ("method_overrides", method, "lr"),
-                                     f"conflicts with lr_grid.{method}: give one or the other.",
-                                     at_key=True))
+            problems.append(problem(locate, ("method_overrides", method, "lr"),
+                                    f"conflicts with lr_grid.{method}: give one or the other.",
+                                    at_key=True))
     return problems
 
 
@@ -250,27 +241,27 @@ def check_names(suite: Suite) -> None:
     from peftbench.methods import get_method
     from peftbench.tasks import get_spec
 
-    where = _Locator(suite.text, suite.source).where
+    locate = Locator(suite.text, suite.source)
     spec = suite.spec
     problems = []
     for index, task in enumerate(spec.tasks):
         try:
             get_spec(suite.task_ref(task))
         except UsageError as exc:
-            problems.append(f"{where(('tasks', index))}: tasks[{index}]: {exc}")
+            problems.append(problem(locate, ("tasks", index), str(exc)))
     for index, name in enumerate(spec.methods):
         try:
             method = get_method(name)
         except UsageError as exc:
-            problems.append(f"{where(('methods', index))}: methods[{index}]: {exc}")
+            problems.append(problem(locate, ("methods", index), str(exc)))
             continue
-        problems += _method_args_problems(spec, name, method, where)
+        problems += _method_args_problems(spec, name, method, locate)
     if problems:
         raise UsageError("suite " + suite.spec.name + ":\n" + "\n".join(problems))
 
 
 def _method_args_problems(spec: SuiteSpec, name: str, method: Any,
-                          where: Callable[[KeyPath], str]) -> list[str]:
+                          locate: Locator) -> list[str]:
     """The first invalid method-argument set of method ``name``, located in the file."""
     variants = spec.method_variants.get(name)
     for task in spec.tasks:
@@ -278,18 +269,18 @@ def _method_args_problems(spec: SuiteSpec, name: str, method: Any,
             try:
                 method.resolve_args(fields.get("method_args", {}))
             except UsageError as exc:
-                path = _blame(spec, name, task, None if variants is None else index, method)
-                return [f"{where(path)}: {_dotted(path)}: {exc}"]
+                path = blame(spec, name, task, None if variants is None else index, method)
+                return [problem(locate, path, str(exc))]
     return []
 
 
-def _blame(spec: SuiteSpec, name: str, task: str, variant: int | None,
-           method: Any) -> KeyPath:
+def blame(spec: SuiteSpec, name: str, task: str, variant: int | None,
+          method: Any) -> KeyPath:
     """Where a method-argument mistake is: the variant when its own arguments are wrong (or
     nothing else sets any), else the most specific section that sets ``method_args``, else
     the method's entry in ``methods``."""
     shared = next((p for p in (("method_overrides", name), ("task_overrides", task),
-                               ("defaults",)) if "method_args" in _section(spec, p)), None)
+                               ("defaults",)) if "method_args" in section_values(spec, p)), None)
     if variant is not None:
         try:
             method.resolve_args(spec.method_variants[name][variant])
@@ -303,7 +294,8 @@ def _blame(spec: SuiteSpec, name: str, task: str, variant: int | None,
     return ("methods", spec.methods.index(name))
 
 
-def _section(spec: SuiteSpec, path: KeyPath) -> dict[str, Any]:
+def section_values(spec: SuiteSpec, path: KeyPath) -> dict[str, Any]:
+    """The settings of ``("defaults",)`` or ``(section, name)`` (e.g. a method override)."""
     if path == ("defaults",):
         return spec.defaults
     return getattr(spec, str(path[0])).get(path[1], {})
@@ -346,7 +338,7 @@ def shipped_suites() -> list[str]:
 def parse_suite(text: str, source: str, default_name: str = "suite") -> Suite:
     """Validate suite YAML ``text``; ``source`` names it in messages (``file``)."""
     try:
-        locate = _Locator(text, source)
+        locate = Locator(text, source)
         data = yaml_text.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
