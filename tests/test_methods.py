@@ -127,7 +127,8 @@ def test_method_arguments_out_of_range_are_refused_before_a_run(method, args, me
     """Caught when the run's config is resolved (a suite: before the sweep), not mid-run."""
     with pytest.raises(UsageError, match=message):
         get_method(method).resolve_args(args)
-    assert get_method(method).resolve_args({k: None for k in args})  # None: the default
+    assert get_method(method).resolve_args({k: None for k in args}) == \
+        get_method(method).resolve_args({})  # None: the default
 
 
 def test_none_is_the_default_and_other_odd_values_are_refused():

@@ -64,10 +64,8 @@ class Method(ABC):
 
 
 def _check_value(method: Method, key: str, value: Any) -> None:
-    """``value`` within the method's ``bounds`` / ``choices`` for ``key`` (None: default)."""
+    """``value`` within the method's ``bounds`` / ``choices`` for ``key``."""
     where = f"--method-arg {key}={value!r} (method '{method.name}')"
-    if value is None:
-        return
     low, high = method.bounds.get(key, (None, None))
     if (low is not None and value < low) or (high is not None and value > high):
         span = (f"from {low:g} to {high:g}" if low is not None and high is not None

@@ -32,8 +32,6 @@ class IA3(Method):
         return args
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        for key in ("target_modules", "feedforward_modules"):
-            peft_common.require_modules(model, args[key], self.name, key)
         return peft_common.wrap(
             model, IA3Config, self.name,
             task_type=peft_common.task_type(encoder_decoder),

@@ -72,7 +72,6 @@ class LoRA(Method):
                              "indices counted from 0")
         layers = resolve_layers(selection, layer_count(model), self.name,
                                 "layers_to_transform")
-        peft_common.require_modules(model, args["target_modules"], self.name, "target_modules")
         return peft_common.wrap(
             model, LoraConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),

@@ -21,6 +21,7 @@ from peftbench.errors import UsageError
 from peftbench.methods.base import Method, freeze, load_trainable, save_trainable
 from peftbench.methods.layers import layer_index, parse_layers, resolve_per_stack, stack_of
 from peftbench.methods.registry import register
+from peftbench.text import subject
 
 _FILE = "partial.safetensors"
 
@@ -65,25 +66,8 @@ class PartialFineTuning(Method):
         freeze(model)
         chosen = [param for name, param in model.named_parameters()
                   if _in_layers(name, layers) and _in_modules(name, modules)]
-        known = [n for n, _ in model.named_modules()]
-        unknown = [m for m in modules or [] if not any(_in_modules(n, [m]) for n in known)]
-        where = (f"--method-arg modules={modules} (method 'partial'): "
-                 f"{', '.join(repr(m) for m in unknown)} "
-                 f"{'names' if len(unknown) == 1 else 'name'} no module of this model"
-                 if unknown else
-                 f"method 'partial': layers={args['layers']} modules={modules} select no "
-                 "parameter of this model" if not chosen else None)
-        if where is None:  # each listed module must add something: a silent no-op is a typo
-            idle = [m for m in modules or [] if not any(
-                _in_layers(n, layers) and _in_modules(n, [m])
-                for n, _ in model.named_parameters())]
-            if idle:
-                where = (f"--method-arg modules={modules} (method 'partial'): "
-                         f"{', '.join(repr(m) for m in idle)} "
-                         f"{'selects' if len(idle) == 1 else 'select'} no parameter to train"
-                         + (f" in layers {args['layers']}" if layers is not None else ""))
-        if where is not None:
-            raise UsageError(f"{where}. Module names in its layers: "
+        if mistake := _selection_mistake(model, args, layers, bool(chosen)):
+            raise UsageError(f"{mistake}. Module names in its layers: "
                              f"{', '.join(_module_names(model))}; outside them: "
                              f"{', '.join(n for n, _ in model.named_children())}"
                              f"{_tied_note(model)}")
@@ -97,6 +81,27 @@ class PartialFineTuning(Method):
     def load(self, base, out_dir, args, *, encoder_decoder):  # type: ignore[override]
         model = self.apply(base, args, encoder_decoder=encoder_decoder)
         return load_trainable(model, out_dir / _FILE, self.name)
+
+
+def _selection_mistake(model: nn.Module, args: dict[str, Any],
+                       layers: dict[str, list[int]] | None, chose_any: bool) -> str | None:
+    """What is wrong with a selection: a module name the model lacks, nothing selected, or
+    a listed module that adds no parameter (a silent no-op is a typo or a tied weight)."""
+    modules = args["modules"] or []
+    where = f"--method-arg modules={args['modules']} (method 'partial')"
+    known = [name for name, _ in model.named_modules()]
+    unknown = [m for m in modules if not any(_in_modules(name, [m]) for name in known)]
+    if unknown:
+        return f"{where}: {subject(unknown, 'names', 'name')} no module of this model"
+    if not chose_any:
+        return (f"method 'partial': layers={args['layers']} modules={args['modules']} select "
+                "no parameter of this model")
+    idle = [m for m in modules if not any(_in_layers(name, layers) and _in_modules(name, [m])
+                                          for name, _ in model.named_parameters())]
+    if idle:
+        return (f"{where}: {subject(idle, 'selects', 'select')} no parameter to train"
+                + (f" in layers {args['layers']}" if layers is not None else ""))
+    return None
 
 
 def _in_layers(name: str, layers: dict[str, list[int]] | None) -> bool:

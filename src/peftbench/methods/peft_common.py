@@ -13,6 +13,7 @@ from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from peftbench.errors import UsageError
+from peftbench.text import subject
 
 
 def module_names(value: Any) -> Any:
@@ -39,9 +40,8 @@ def require_modules(model: nn.Module, names: Any, method: str, key: str) -> None
         linear = sorted({d.rsplit(".", 1)[-1] for d, m in model.named_modules()
                          if isinstance(m, nn.Linear | Conv1D)})
         raise UsageError(f"--method-arg {key}={names} (method '{method}'): "
-                         f"{', '.join(repr(n) for n in missing)} "
-                         f"{'names' if len(missing) == 1 else 'name'} no module of this "
-                         f"model; its linear layers are called {', '.join(linear)}")
+                         f"{subject(missing, 'names', 'name')} no module of this model; its "
+                         f"linear layers are called {', '.join(linear)}")
 
 
 def task_type(encoder_decoder: bool) -> TaskType:
@@ -60,7 +60,10 @@ def _no_peft_deprecation_warning() -> Iterator[None]:
 def wrap(model: nn.Module, config_class: type[PeftConfig], method: str,
          **config: Any) -> nn.Module:
     """``get_peft_model(model, config_class(**config))`` with configuration mistakes (peft's
-    validation, target modules that match nothing) turned into a clear UsageError."""
+    validation, target modules that match nothing) turned into a clear UsageError; every
+    name in a module list must name a module (peft ignores a wrong one beside right ones)."""
+    for key in ("target_modules", "feedforward_modules"):
+        require_modules(model, config.get(key), method, key)
     try:
         with _no_peft_deprecation_warning():
             return get_peft_model(model, config_class(**config))

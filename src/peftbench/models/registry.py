@@ -69,7 +69,7 @@ def load_model(name: str, *, seed: int = 0) -> LoadedModel:
     only matters for the randomly initialised tiny models. Raises :class:`UsageError` when
     the name cannot be resolved.
     """
-    kind = resolve_model_kind(name)
+    kind = _checked_kind(name)
     if kind == "builtin":
         if name == "smollm2-135m":
             from peftbench.models.smollm2 import load_smollm2
@@ -82,22 +82,28 @@ def load_model(name: str, *, seed: int = 0) -> LoadedModel:
 
     if kind == "local":
         return hub.load_local_dir(name, Path(name).expanduser())
-    if hub.looks_like_path(name):
-        raise _unknown(name)("no such directory", FileNotFoundError(f"{name} does not exist"))
     return hub.load_hub(name, _unknown(name))
 
 
 def check_model(name: str) -> None:
     """Raise :class:`UsageError` unless ``name`` can be loaded, without loading it: a
     built-in, a model directory, or a Hub id in the local cache or on a reachable Hub."""
-    kind = resolve_model_kind(name)
+    kind = _checked_kind(name)
     if kind == "builtin":
         return
     from peftbench.models import hub
 
     if kind == "local":
         hub.check_local_dir(Path(name).expanduser())
-    elif hub.looks_like_path(name):
-        raise _unknown(name)("no such directory", FileNotFoundError(f"{name} does not exist"))
     else:
         hub.check_hub(name, _unknown(name))
+
+
+def _checked_kind(name: str) -> Kind:
+    """:func:`resolve_model_kind`, refusing a name that can only be a missing path."""
+    kind = resolve_model_kind(name)
+    from peftbench.models.hub import looks_like_path
+
+    if kind == "hub" and looks_like_path(name):
+        raise _unknown(name)("no such directory", FileNotFoundError(f"{name} does not exist"))
+    return kind

@@ -9,22 +9,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.models.registry import check_model, resolve_model_kind
+from peftbench.models.registry import resolve_model_kind
 
 
 def model_config(name: str) -> Any:
-    """The transformers config of model ``name`` (built-in, folder or Hub id), without
-    loading weights; a Hub id is read from the local cache, else from the Hub."""
+    """The transformers config of model ``name`` (SmolLM2, a folder or a Hub id that
+    :func:`~peftbench.models.check_model` accepts), without loading weights; a Hub id is
+    read from the local cache, else from the Hub."""
     from transformers import AutoConfig
 
-    check_model(name)  # unknown names: the usual UsageError
-    kind = resolve_model_kind(name)
-    if kind == "builtin":
+    if name == "smollm2-135m":
         from peftbench.models.smollm2 import ensure_checkpoint
 
         folder, _ = ensure_checkpoint()
         return AutoConfig.from_pretrained(folder, local_files_only=True)
-    if kind == "local":
+    if resolve_model_kind(name) == "local":
         return AutoConfig.from_pretrained(Path(name).expanduser(), local_files_only=True)
     from peftbench.models.hub import cached_snapshot
 
