@@ -16,6 +16,7 @@ from rich.markup import escape
 from peftbench import yaml_text
 from peftbench.config import RunSpec
 from peftbench.errors import PeftbenchError, UsageError
+from peftbench.files import require_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -117,11 +118,7 @@ def train(
         raise UsageError(f"--max-steps {max_steps} and --epochs {epochs:g}: give one of them "
                          "(the steps to train, or the epochs over the training examples).")
     out_dir = out or default_out_dir(spec)
-    try:  # before training: an unusable folder must not cost the run
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out {out_dir}: cannot create the output folder "
-                         f"({exc.strerror or exc}); give a writable folder") from None
+    require_folder(Path(out_dir), "--out", "output folder")  # before training, not after
     with RunProgress(console, enabled=not quiet) as progress, warnings.catch_warnings():
         # the run's warnings are in its record: the summary prints them once
         warnings.filterwarnings("ignore", message="precision bf16", category=RuntimeWarning)

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from peftbench.config import compact
 from peftbench.errors import UsageError
+from peftbench.files import require_folder
 from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
 from peftbench.sweep.plan import PlannedRun
 from peftbench.text import count
@@ -82,25 +83,27 @@ def run(
     specs = expand(loaded, model=model,
                    data_dir=str(data_dir.expanduser().resolve()) if data_dir else None)
     out_root = out_dir or Path("runs") / name
-    _check_out_root(out_root, create=not dry_run)
+    require_folder(out_root, "--out-dir", create=not dry_run)
     runs = plan_runs(specs, out_root)
-    if dry_run and not db.exists():  # a dry run creates nothing
-        call_in_fork_server(check_runnable, loaded, [run.spec for run in runs], model,
+
+    def check(planned: list[PlannedRun]) -> None:
+        # unknown names, models or data, train sizes beyond the data: exit 2 before anything
+        # runs. Checked in the runs' fork server, which imports torch & co. once for all.
+        call_in_fork_server(check_runnable, loaded, [run.spec for run in planned], model,
                             backend == "local")
-        _print_plan({}, runs)
+
+    if dry_run:
+        check(runs)
+        statuses: dict[str, str] = {}
+        if db.exists():  # a dry run creates nothing
+            with ResultStore(db) as store:
+                statuses = store.statuses(run.run_hash for run in runs)
+        _print_plan(statuses, runs)
         return
     with ResultStore(db) as store:
         todo = runs_to_do(store, runs)
-        if todo or dry_run:
-            # unknown names, models or data, train sizes beyond the data: exit 2 before
-            # anything runs. Checked in the runs' fork server, which imports torch & co.
-            # once for everything.
-            call_in_fork_server(check_runnable, loaded,
-                                [run.spec for run in (runs if dry_run else todo)], model,
-                                backend == "local")
-        if dry_run:
-            _print_plan(store.statuses(run.run_hash for run in runs), runs)
-            return
+        if todo:
+            check(todo)
         store.add_to_suite(name, [run.run_hash for run in runs])
         failed: list[tuple[PlannedRun, dict]] = []
         progress = SweepProgress(console, f"suite {name}" + (f" on {model}" if model else ""),
@@ -136,19 +139,6 @@ def run(
         # SystemExit, not typer.Exit: in non-standalone mode (cli.main) click returns the
         # code of a typer.Exit instead of exiting with it
         sys.exit(code)
-
-
-def _check_out_root(folder: Path, create: bool) -> None:
-    """The runs' folder must be a folder we can write (made now unless ``create`` is off)."""
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out-dir {folder}: is a file, not a folder; give a folder for "
-                         "the runs' adapters and result.json")
-    if create:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"--out-dir {folder}: cannot create the folder "
-                             f"({exc.strerror or exc}); give a writable folder") from None
 
 
 def _print_plan(statuses: dict[str, str], runs: list[PlannedRun]) -> None:

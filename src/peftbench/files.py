@@ -1,4 +1,5 @@
-"""Writing result files: atomically, with the permissions the user's umask gives."""
+"""Writing result files: into usable folders, atomically, with the permissions the user's
+umask gives."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from peftbench.errors import UsageError
 
 
 def umask_mode(mode: int = 0o666) -> int:
@@ -44,3 +47,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def require_folder(folder: Path, option: str, what: str = "folder",
+                   create: bool = True) -> None:
+    """A usage error naming ``option`` unless ``folder`` is (or, ``create``, can be made) a
+    folder: checked before any work that would write there."""
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{option} {folder}: is a file, not a folder; give a folder for "
+                         "adapters and result.json")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{option} {folder}: cannot create the {what} "
+                             f"({exc.strerror or exc}); give a writable folder") from None
