@@ -1,5 +1,6 @@
 """YAML for suites and ``--method-arg`` values: PyYAML's safe loader without YAML 1.1's
-base-60 numbers, so a layer range such as ``10:20`` stays text (PyYAML reads it as 620)."""
+base-60 numbers, so a layer range such as ``10:20`` stays text (PyYAML reads it as 620);
+and the keys a YAML file gives twice (suites, task files)."""
 
 from __future__ import annotations
 
@@ -44,18 +45,18 @@ def compose(text: str) -> yaml.Node | None:
 
 def duplicate_keys(root: yaml.Node | None, source: str) -> list[str]:
     """``file:line: key 'x' given twice`` for each key repeated in one mapping of the node
-    tree ``root`` (YAML silently keeps the last value)."""
-    found, stack = [], [root]
+    tree ``root`` (YAML silently keeps the last value), in line order."""
+    found: list[tuple[int, str]] = []
+    stack = [root]
     while stack:
         node = stack.pop()
         if isinstance(node, yaml.MappingNode):
             seen: set[str] = set()
             for key, value in node.value:
                 if key.value in seen:
-                    found.append(f"{source}:{key.start_mark.line + 1}: key '{key.value}' "
-                                 "given twice")
+                    found.append((key.start_mark.line + 1, key.value))
                 seen.add(key.value)
                 stack.append(value)
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
-    return sorted(found, key=lambda text: int(text[len(source) + 1:].split(":", 1)[0]))
+    return [f"{source}:{line}: key '{key}' given twice" for line, key in sorted(found)]

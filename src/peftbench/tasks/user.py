@@ -175,9 +175,9 @@ def _carve_missing(task: UserTask, splits: dict[str, list[Example]], notes: list
                 )
             )
     if not pool or any(not splits[split] for split in ("test", "validation")):
-        groups = len({ex.group for ex in splits["train"]}) if grouped else None
+        groups = len({ex.group for ex in splits["train"]})
         why = (f"they fall in {groups} '{task.file.group_by}' group(s), and carving keeps "
-               "groups whole" if grouped and groups is not None and groups < 3 else
+               "groups whole" if grouped and groups < 3 else
                "too few to carve validation/test from")
         raise DataError(
             f"{task.where('files', 'train')}: {len(splits['train'])} training examples: "

@@ -58,6 +58,11 @@ def plan_steps(spec: RunSpec, train_examples: int) -> int:
     return max(1, math.ceil((spec.epochs or 3.0) * train_examples / per_step))
 
 
+def epochs_trained(spec: RunSpec, total_steps: int, train_examples: int) -> float:
+    """Passes over the training set that ``total_steps`` optimizer steps make."""
+    return total_steps * spec.batch_size * spec.grad_accum / max(1, train_examples)
+
+
 def epochs_warning(spec: RunSpec, total_steps: int, train_examples: int) -> str | None:
     """A warning when ``--epochs`` ends up training clearly more epochs than asked (one
     optimizer step holds more examples than the training set has, or nearly)."""
@@ -65,7 +70,7 @@ def epochs_warning(spec: RunSpec, total_steps: int, train_examples: int) -> str 
         return None
     per_step = spec.batch_size * spec.grad_accum
     asked = spec.epochs or 3.0
-    seen = total_steps * per_step / train_examples
+    seen = epochs_trained(spec, total_steps, train_examples)
     if seen <= asked * 1.1:
         return None
     return (f"epochs {asked:g}: an optimizer step holds {per_step} examples (batch size "
@@ -151,8 +156,7 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
     opt = build_optimization(model, lr, spec, total_steps)
     checkpoints = set(eval_steps(spec, total_steps))
     record["run"]["total_steps"] = total_steps
-    record["run"]["epochs"] = round(total_steps * spec.batch_size * spec.grad_accum
-                                    / max(1, len(train_set)), 3)
+    record["run"]["epochs"] = round(epochs_trained(spec, total_steps, len(train_set)), 3)
     if warning := epochs_warning(spec, total_steps, len(train_set)):
         record["run"].setdefault("warnings", []).append(warning)
 
