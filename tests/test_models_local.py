@@ -97,20 +97,26 @@ def test_hub_probe_answers_quickly() -> None:
     assert time.perf_counter() - started < 3
 
 
-def test_hub_id_from_local_hf_cache_needs_no_network(tmp_path: Path, monkeypatch) -> None:
+def offline_hub_cache(tmp_path: Path, monkeypatch, repo_id: str, revision: str) -> Path:
+    """An empty Hugging Face cache in ``tmp_path`` whose ``main`` of ``repo_id`` is
+    ``revision``, the Hub unreachable: the snapshot folder to fill."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
+    repo = tmp_path / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return repo / "snapshots" / revision
+
+
+def test_hub_id_from_local_hf_cache_needs_no_network(tmp_path: Path, monkeypatch) -> None:
     revision = "a" * 40
-    repo = tmp_path / "models--testorg--tiny-t5"
-    snapshot = repo / "snapshots" / revision
+    snapshot = offline_hub_cache(tmp_path, monkeypatch, "testorg/tiny-t5", revision)
     original = load_model("tiny-random-t5")
     original.model.save_pretrained(snapshot)
     original.tokenizer.save_pretrained(snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
 
     started = time.perf_counter()
     loaded = load_model("testorg/tiny-t5")
@@ -125,21 +131,12 @@ def test_check_model_needs_cached_weights_or_a_reachable_hub(tmp_path: Path,
                                                             monkeypatch) -> None:
     """The check before a sweep: a Hub id whose cache holds only config.json (what a
     check fetches) is not loadable offline."""
-    from huggingface_hub import constants
-
     from peftbench.models import check_model
     from peftbench.models.skeleton import skeleton
 
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(hub, "hub_reachable", lambda *a, **k: False)
-    revision = "b" * 40
-    repo = tmp_path / "models--testorg--tiny-llama"
-    snapshot = repo / "snapshots" / revision
+    snapshot = offline_hub_cache(tmp_path, monkeypatch, "testorg/tiny-llama", "b" * 40)
     original = load_model("tiny-random-llama")
     original.model.config.save_pretrained(snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(revision)
     with pytest.raises(UsageError, match="the Hub is unreachable and it is not in the local"):
         check_model("testorg/tiny-llama")
     original.model.save_pretrained(snapshot)

@@ -4,27 +4,19 @@ shipped reference; clear errors (exit 2) for missing or empty results."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from analysis_fakes import fake_suite, make_record
+from cli_in_process import run_main
 from peftbench import reference
 from peftbench.store import ResultStore
 
 
 def cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
-    from peftbench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["peftbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, " ".join(captured.err.split())  # rich wraps long errors
+    code, out, err = run_main(capsys, monkeypatch, *args)
+    return code, out, " ".join(err.split())  # rich wraps long errors
 
 
 @pytest.fixture(scope="module")

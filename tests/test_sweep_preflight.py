@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from cli_in_process import run_main_merged
 from peftbench.errors import UsageError
 from peftbench.sweep import expand, load_suite
 from peftbench.sweep.preflight import check_runnable
@@ -73,16 +73,8 @@ def test_paper_suite_sizes_fit_the_real_cola_pool():
 
 
 def cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
-    from peftbench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["peftbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    """``peftbench ARGS`` in this process (the runs' fork server is shared between tests)."""
+    return run_main_merged(capsys, monkeypatch, *args)
 
 
 def test_run_refuses_before_anything_runs(tmp_path, monkeypatch, capsys):

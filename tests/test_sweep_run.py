@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from cli_in_process import run_main_merged
 from peftbench.store import ResultStore
 from peftbench.sweep import execute_runs, expand, load_suite, plan_runs
 from peftbench.sweep.worker import kill_all, run_isolated
@@ -43,16 +44,7 @@ def tiny_suite(tmp_path: Path, methods: str = "[lora, bitfit]", seeds: str = "[0
 
 def cli(capsys, monkeypatch, *args: str) -> tuple[int, str]:
     """``peftbench ARGS`` in this process (the runs' fork server is shared between tests)."""
-    from peftbench.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["peftbench", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return run_main_merged(capsys, monkeypatch, *args)
 
 
 def check_store(db: Path) -> dict[str, dict]:
