@@ -229,6 +229,16 @@ def test_ctrl_c_while_the_fork_server_starts_is_a_quiet_interrupt(tmp_path):
     assert "Traceback" not in out and "interrupted" in out, out
 
 
+def test_a_check_process_that_dies_is_a_clear_error():
+    from peftbench.errors import CrashError
+    from peftbench.sweep.worker import call_in_fork_server
+
+    with pytest.raises(CrashError, match="abort: its process killed by SIGABRT; run the "
+                                         "command again"):
+        call_in_fork_server(os.abort)
+    assert CrashError.exit_code == 1  # printed as one line by the CLI, not a traceback
+
+
 def test_fork_server_calls_ignore_ctrl_c_and_runs_restore_it():
     from peftbench.sweep.worker import call_in_fork_server
 

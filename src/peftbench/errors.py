@@ -25,6 +25,12 @@ class ArchiveError(PeftbenchError):
     """A pinned package archive that cannot be fetched or does not match its hash."""
 
 
+class CrashError(PeftbenchError):
+    """A helper process died (killed, out of memory): not the user's mistake, exit 1."""
+
+    exit_code = 1
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     """A short hint naming the valid choices, closest first."""
     import difflib

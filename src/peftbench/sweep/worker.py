@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from peftbench.config import RunSpec
+from peftbench.errors import CrashError
 from peftbench.files import write_json_atomic
 
 Event = dict[str, Any]
@@ -134,15 +135,20 @@ def _read_result(out_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
     return record
 
 
-def _death(exitcode: int | None, out_dir: Path) -> str:
+def _how_it_died(exitcode: int | None) -> str:
+    """``killed by SIGKILL (out of memory?)`` or ``exited with code N``."""
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name if -exitcode in signal.valid_signals() \
             else str(-exitcode)
-        what = f"the run's process was killed by {name}"
-        if exitcode == -signal.SIGKILL:
-            what += " (out of memory?)"
-    else:
-        what = f"the run's process exited with code {exitcode} without a result"
+        return f"killed by {name}" + (" (out of memory?)" if exitcode == -signal.SIGKILL
+                                      else "")
+    return f"exited with code {exitcode}"
+
+
+def _death(exitcode: int | None, out_dir: Path) -> str:
+    what = f"the run's process {_how_it_died(exitcode)}"
+    if exitcode is None or exitcode >= 0:
+        what += " without a result"
     try:
         tail = (out_dir / "worker.log").read_text(errors="replace").strip().splitlines()[-15:]
     except OSError:
@@ -230,8 +236,9 @@ def call_in_fork_server(function: Callable[..., Any], *args: Any) -> Any:
         writer.close()
         ok, value = reader.recv()
     except EOFError:
-        raise RuntimeError(f"{function.__name__}: its process died (exit code "
-                           f"{process.exitcode})") from None
+        process.join()
+        raise CrashError(f"{function.__name__}: its process {_how_it_died(process.exitcode)}; "
+                         "run the command again") from None
     except BaseException:
         if process.pid is not None:
             process.kill()
