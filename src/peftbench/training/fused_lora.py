@@ -8,8 +8,9 @@ own backward. :class:`_LoraLinear` does the same arithmetic with fewer passes ov
 - the adapter's output is added inside the base matmul's output buffer (``addmm_`` with
   ``scaling * lora_B``): no separate multiply and add over the output;
 - it keeps the input ``x`` itself for the backward (q, k and v, or gate and up, read the
-  same tensor, so it is kept once) and the dropout's 16-bit random numbers, and rebuilds
-  the dropped input in the backward instead of keeping a 4-byte copy per adapted layer;
+  same tensor, so it is kept once) and rebuilds the dropped input in the backward from
+  the dropout's random numbers, drawn again there (:class:`~peftbench.training.dropout.
+  BitsForBackward`), instead of keeping a 4-byte copy per adapted layer;
 - dropout draws :mod:`~peftbench.training.dropout`'s masks (same distribution as
   ``nn.Dropout``, other masks), so exact fp32 runs (``precision: fp32``) do not use it.
 
@@ -28,7 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.training.dropout import FastDropout, keep_multiplier, masked_scale, random_int16
+from peftbench.training.dropout import (
+    BitsForBackward,
+    FastDropout,
+    keep_multiplier,
+    masked_scale,
+)
 
 _ORIGINAL_FORWARD = "_peftbench_peft_forward"
 
@@ -42,24 +48,28 @@ class _LoraLinear(torch.autograd.Function):
                 dropout: FastDropout | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         scaled_b = lora_b * scaling
-        bits = None
         dropped = rows
+        kept_bits = None
         if dropout is not None:
-            bits = random_int16(rows.shape, rows.device)
+            bits = BitsForBackward.draw(ctx, rows.shape, rows.device)
+            kept_bits = BitsForBackward.to_keep(ctx, bits)
             dropped = masked_scale(rows, bits, dropout.threshold, dropout.scale)
         hidden = dropped @ lora_a.t()
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         out.addmm_(hidden, scaled_b.t())
-        ctx.save_for_backward(x, weight, lora_a, scaled_b, hidden, bits)
+        ctx.save_for_backward(x, weight, lora_a, scaled_b, hidden, kept_bits)
         ctx.scaling, ctx.dropout = scaling, dropout
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, scaled_b, hidden, bits = ctx.saved_tensors
-        # the dropout multiplier, rebuilt once from the saved bits for both gradients
-        keep = None if bits is None else keep_multiplier(bits, ctx.dropout.threshold,
-                                                         ctx.dropout.scale)
+        x, weight, lora_a, scaled_b, hidden, kept_bits = ctx.saved_tensors
+        dropout = ctx.dropout
+        # the dropout multiplier, rebuilt once from the forward's bits for both gradients
+        keep = None
+        if dropout is not None:
+            bits = BitsForBackward.again(ctx, kept_bits)
+            keep = keep_multiplier(bits, dropout.threshold, dropout.scale)
         g = grad.reshape(-1, grad.shape[-1])
         grad_hidden = g @ scaled_b  # (tokens, r)
         grad_x = grad_bias = grad_a = grad_b = None

@@ -23,6 +23,7 @@ from peftbench.training.precision import (
     lora_inputs_uncast,
     store_frozen_in_bf16,
 )
+from peftbench.training.swiglu import fuse_silu_gates
 
 
 def attach_method(spec: RunSpec, loaded: LoadedModel) -> tuple[Method, dict[str, Any], nn.Module]:
@@ -42,7 +43,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     bf16: frozen matrices stored in bf16 once, LoRA inputs not copied to fp32 and, on CPU,
     the checkpoint file's mapping released. On CPU, unless ``exact``: dropout with cheap
     masks (:mod:`~peftbench.training.dropout`) and, in fp32, plain LoRA layers as one
-    autograd function (:mod:`~peftbench.training.fused_lora`). ``exact`` fp32 (an explicit
+    autograd function (:mod:`~peftbench.training.fused_lora`) and the gated MLPs' SiLU
+    computed again in the backward (:mod:`~peftbench.training.swiglu`). ``exact`` fp32 (an explicit
     ``precision: fp32``) changes nothing: it is the reference that must match a plain
     Hugging Face run step for step, dropout masks included.
     """
@@ -57,6 +59,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
         applied["fast_dropout"] = use_fast_dropout(model)
         if precision == "fp32":
             applied["fused_lora"] = fuse_lora_layers(model)
+            applied["silu_gates_recomputed"] = fuse_silu_gates(model)
     return applied
 
 

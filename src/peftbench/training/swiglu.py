@@ -1,0 +1,76 @@
+"""The gated MLP's activation as one autograd function that keeps less for the backward.
+
+Llama-style MLPs compute ``down(silu(gate(x)) * up(x))``. Autograd keeps three
+intermediate-size tensors per layer for that activation: ``silu``'s input, its output and
+``up(x)``. :class:`_SiluGate` keeps the first and the last and computes ``silu`` again in the
+backward, a cheap element-wise pass; the values and gradients are bit-for-bit the same as
+autograd's. In one SmolLM2-135M LoRA step (16 x 53 tokens) those tensors are 149 MiB of the
+activations kept for the backward.
+
+Only MLP classes whose forward is exactly that expression (:data:`GATED_SILU_MLPS`) and whose
+activation is SiLU are changed; anything else keeps its own forward.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ORIGINAL_FORWARD = "_peftbench_mlp_forward"
+
+#: transformers MLP classes computing ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
+#: (their forward is LlamaMLP's, pinned by a test against the installed transformers)
+GATED_SILU_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP",
+                             "Olmo2MLP", "GraniteMLP", "GemmaMLP"})
+
+
+class _SiluGate(torch.autograd.Function):
+    """``silu(gate) * up``, keeping ``gate`` and ``up`` (not ``silu(gate)``) for the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        gate, up = ctx.saved_tensors
+        grad_gate = grad_up = None
+        if ctx.needs_input_grad[1]:
+            grad_up = grad * F.silu(gate)
+        if ctx.needs_input_grad[0]:
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate)
+        return grad_gate, grad_up
+
+
+def _is_silu(module: nn.Module) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return type(module) in (nn.SiLU, SiLUActivation)
+
+
+def _fusable(module: nn.Module) -> bool:
+    return (type(module).__name__ in GATED_SILU_MLPS and _is_silu(getattr(module, "act_fn", None))
+            and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(_SiluGate.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def fuse_silu_gates(model: nn.Module) -> int:
+    """Route every gated SiLU MLP of ``model`` through :class:`_SiluGate`; returns how many
+    (idempotent). Parameters and state dict are unchanged."""
+    fused = 0
+    for module in model.modules():
+        if not _fusable(module):
+            continue
+        if not hasattr(module, _ORIGINAL_FORWARD):
+            setattr(module, _ORIGINAL_FORWARD, module.forward)
+            module.forward = types.MethodType(_gated_forward, module)
+        fused += 1
+    return fused
