@@ -19,7 +19,7 @@ input as with ``nn.Dropout``. Masks come from torch's default generator, so
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,20 +28,57 @@ _LEVELS = 65536  # 16-bit random numbers
 _INT16_MIN = -32768
 
 
-def keep_multiplier(bits: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-    """fp32 ``scale`` where ``bits >= threshold``, else 0.
+class Scratch:
+    """Grow-only buffers, one per named slot, for tensors that live only inside one call of
+    a dropout or fused LoRA function (random bits, multipliers, the dropped input).
+
+    Allocated fresh in every adapted layer, those short-lived tensors left holes between
+    the activations kept for the backward, too small for the next ones, so the heap kept
+    growing: one all-linear LoRA step of SmolLM2 (fp32, 1085 tokens) took a 2.5 GB heap for
+    1.6 GB of live memory; in slots, 1.66 GB (``benchmarks/README.md``). A slot keeps what its
+    largest use needed and is reused by every layer. Nothing in a slot may be returned to
+    autograd or kept: the next call overwrites it. Not used under ``torch.compile``.
+    """
+
+    _buffers: ClassVar[dict[tuple[str, torch.device], torch.Tensor]] = {}
+
+    @classmethod
+    def take(cls, slot: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+        """A tensor of ``shape`` in ``slot``'s memory; its old contents are garbage."""
+        count = 1
+        for size in shape:
+            count *= size
+        key = (slot, torch.device(device))
+        buffer = cls._buffers.get(key)
+        if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
+            buffer = torch.empty(count, dtype=dtype, device=device)
+            cls._buffers[key] = buffer
+        return buffer[:count].view(shape)
+
+
+def keep_multiplier(bits: torch.Tensor, threshold: int, scale: float,
+                    slot: str | None = None) -> torch.Tensor:
+    """fp32 ``scale`` where ``bits >= threshold``, else 0; in :class:`Scratch` ``slot``'s
+    memory if given.
 
     Built with same-dtype ops only (mixed bool/float element-wise ops take torch's slow
-    casting path on CPU): fp32 holds every 16-bit value exactly (bf16 does not, which would
-    move the threshold) and the exact ``scale``.
+    casting path on CPU, and an int16 - float op allocates a converted copy): fp32 holds
+    every 16-bit value exactly (bf16 does not, which would move the threshold) and the exact
+    ``scale``.
     """
-    return bits.to(torch.float32).sub_(threshold - 0.5).clamp_(0, 1).ceil_().mul_(scale)
+    if slot is None:
+        multiplier = bits.to(torch.float32)
+    else:
+        multiplier = Scratch.take(slot, bits.shape, torch.float32, bits.device).copy_(bits)
+    return multiplier.sub_(threshold - 0.5).clamp_(0, 1).ceil_().mul_(scale)
 
 
-def masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int,
-                 scale: float) -> torch.Tensor:
-    """``x * scale`` where ``bits >= threshold``, else 0, in ``x``'s dtype."""
-    return (x * keep_multiplier(bits, threshold, scale)).to(x.dtype)
+def masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int, scale: float,
+                 slot: str | None = None) -> torch.Tensor:
+    """``x * scale`` where ``bits >= threshold``, else 0, in ``x``'s dtype (a new tensor; the
+    multiplier in :class:`Scratch` ``slot`` if given)."""
+    return (x * keep_multiplier(bits, threshold, scale, slot)).to(x.dtype)
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -52,17 +89,20 @@ class _MaskedScale(torch.autograd.Function):
         bits = BitsForBackward.draw(ctx, x.shape, x.device)
         ctx.save_for_backward(BitsForBackward.to_keep(ctx, bits))
         ctx.threshold, ctx.scale = threshold, scale
-        return masked_scale(x, bits, threshold, scale)
+        return masked_scale(x, bits, threshold, scale, BitsForBackward.slot(ctx, "keep"))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         bits = BitsForBackward.again(ctx, *ctx.saved_tensors)
-        return masked_scale(grad, bits, ctx.threshold, ctx.scale), None, None
+        return (masked_scale(grad, bits, ctx.threshold, ctx.scale,
+                             BitsForBackward.slot(ctx, "keep")), None, None)
 
 
 def random_int16(shape: torch.Size, device: torch.device,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform 16-bit integers: 64-bit draws of ``generator`` (default: torch's), cut in four.
+                 generator: torch.Generator | None = None,
+                 scratch: bool = False) -> torch.Tensor:
+    """Uniform 16-bit integers: 64-bit draws of ``generator`` (default: torch's), cut in four;
+    with ``scratch``, in :class:`Scratch` memory.
 
     Under ``torch.compile`` they are drawn with ``randint`` instead (the compiler's own
     generator, seeded from torch's): the compiler mishandles a view of int64 as int16.
@@ -70,7 +110,9 @@ def random_int16(shape: torch.Size, device: torch.device,
     if torch.compiler.is_compiling():
         return torch.randint(_INT16_MIN, -_INT16_MIN, shape, dtype=torch.int16, device=device)
     count = shape.numel()
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device)
+    size = ((count + 3) // 4,)
+    words = (Scratch.take("random_bits", size, torch.int64, device) if scratch
+             else torch.empty(size, dtype=torch.int64, device=device))
     # the full 64-bit range: every 16-bit slice is uniform
     words.random_(-(2**63), None, generator=generator)
     return words.view(torch.int16)[:count].view(shape)
@@ -82,16 +124,24 @@ class BitsForBackward:
     is not moved) or, under ``torch.compile`` and off the CPU, as the bits themselves.
 
     Forward: ``bits = draw(ctx, ...)``, then ``to_keep(ctx, bits)`` among the tensors given
-    to ``save_for_backward``; backward: ``again(ctx, that saved entry)``.
+    to ``save_for_backward``; backward: ``again(ctx, that saved entry)``. Bits that are drawn
+    again live in :class:`Scratch` memory, valid until the next draw; ``slot`` says whether
+    what is computed from them may use scratch memory too.
     """
 
     @staticmethod
     def draw(ctx: Any, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """Uniform 16-bit integers of ``shape``, remembering how to get them again."""
         ctx.bits_state = None
-        if not torch.compiler.is_compiling() and device.type == "cpu":
-            ctx.bits_state, ctx.bits_shape = torch.get_rng_state(), shape
-        return random_int16(shape, device)
+        if torch.compiler.is_compiling() or device.type != "cpu":
+            return random_int16(shape, device)
+        ctx.bits_state, ctx.bits_shape = torch.get_rng_state(), shape
+        return random_int16(shape, device, scratch=True)
+
+    @staticmethod
+    def slot(ctx: Any, name: str) -> str | None:
+        """``name`` where this call works in scratch memory, else None."""
+        return None if ctx.bits_state is None else name
 
     @staticmethod
     def to_keep(ctx: Any, bits: torch.Tensor) -> torch.Tensor | None:
@@ -106,7 +156,7 @@ class BitsForBackward:
             return kept
         generator = torch.Generator()
         generator.set_state(ctx.bits_state)
-        return random_int16(ctx.bits_shape, torch.device("cpu"), generator)
+        return random_int16(ctx.bits_shape, torch.device("cpu"), generator, scratch=True)
 
 
 class FastDropout(nn.Module):

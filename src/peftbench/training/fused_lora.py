@@ -11,6 +11,9 @@ own backward. :class:`_LoraLinear` does the same arithmetic with fewer passes ov
   same tensor, so it is kept once) and rebuilds the dropped input in the backward from
   the dropout's random numbers, drawn again there (:class:`~peftbench.training.dropout.
   BitsForBackward`), instead of keeping a 4-byte copy per adapted layer;
+- the random numbers, the dropout multiplier, the dropped input and the backward's
+  products that are not returned live in reused :class:`~peftbench.training.dropout.
+  Scratch` memory, not in fresh tensors per layer;
 - dropout draws :mod:`~peftbench.training.dropout`'s masks (same distribution as
   ``nn.Dropout``, other masks), so exact fp32 runs (``precision: fp32``) do not use it.
 
@@ -32,8 +35,8 @@ from torch import nn
 from peftbench.training.dropout import (
     BitsForBackward,
     FastDropout,
+    Scratch,
     keep_multiplier,
-    masked_scale,
 )
 
 _ORIGINAL_FORWARD = "_peftbench_peft_forward"
@@ -53,7 +56,8 @@ class _LoraLinear(torch.autograd.Function):
         if dropout is not None:
             bits = BitsForBackward.draw(ctx, rows.shape, rows.device)
             kept_bits = BitsForBackward.to_keep(ctx, bits)
-            dropped = masked_scale(rows, bits, dropout.threshold, dropout.scale)
+            slot = BitsForBackward.slot(ctx, "lora_dropped")
+            dropped = keep_multiplier(bits, dropout.threshold, dropout.scale, slot).mul_(rows)
         hidden = dropped @ lora_a.t()
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         out.addmm_(hidden, scaled_b.t())
@@ -67,9 +71,12 @@ class _LoraLinear(torch.autograd.Function):
         dropout = ctx.dropout
         # the dropout multiplier, rebuilt once from the forward's bits for both gradients
         keep = None
+        work = None  # the Scratch slot for products that are not returned
         if dropout is not None:
             bits = BitsForBackward.again(ctx, kept_bits)
-            keep = keep_multiplier(bits, dropout.threshold, dropout.scale)
+            keep = keep_multiplier(bits, dropout.threshold, dropout.scale,
+                                   BitsForBackward.slot(ctx, "lora_keep"))
+            work = BitsForBackward.slot(ctx, "lora_work")
         g = grad.reshape(-1, grad.shape[-1])
         grad_hidden = g @ scaled_b  # (tokens, r)
         grad_x = grad_bias = grad_a = grad_b = None
@@ -77,17 +84,27 @@ class _LoraLinear(torch.autograd.Function):
             grad_b = (g.t() @ hidden).mul_(ctx.scaling)
         if ctx.needs_input_grad[3]:
             rows = x.reshape(-1, x.shape[-1])
-            grad_a = grad_hidden.t() @ (rows if keep is None else rows * keep)
+            grad_a = grad_hidden.t() @ (rows if keep is None else _product(rows, keep, work))
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
             if keep is None:
                 grad_x.addmm_(grad_hidden, lora_a)
             else:
-                grad_x.addcmul_(grad_hidden @ lora_a, keep)
+                grad_x.addcmul_(_product(grad_hidden, lora_a, work, matmul=True), keep)
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, slot: str | None,
+             matmul: bool = False) -> torch.Tensor:
+    """``a * b`` (or ``a @ b``), in :class:`Scratch` ``slot``'s memory if given."""
+    op = torch.mm if matmul else torch.mul
+    if slot is None:
+        return op(a, b)
+    shape = (a.shape[0], b.shape[1]) if matmul else a.shape
+    return op(a, b, out=Scratch.take(slot, shape, a.dtype, a.device))
 
 
 def _fusable(module: nn.Module) -> bool:
