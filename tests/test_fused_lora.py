@@ -97,11 +97,12 @@ def _saved_activation_bytes(model: torch.nn.Module) -> int:
 
 def test_fused_layers_keep_less_for_the_backward():
     """peft keeps each adapted layer's dropped input (4 bytes per element); the fused layer
-    keeps the shared input once and 2 bytes of random bits per element (measured on the
-    tiny model: 7.38 MB against 8.20 MB)."""
+    keeps the shared input once and draws the dropout bits again in the backward (measured
+    on the tiny model: 6.33 MB against 7.34 MB; with the bits kept it was 7.38 MB against
+    8.20 MB)."""
     plain = _saved_activation_bytes(_lora_model(False))
     fused = _saved_activation_bytes(_lora_model(True))
-    assert fused < 0.93 * plain, (fused, plain)
+    assert fused < 0.9 * plain, (fused, plain)
 
 
 def test_peft_forward_runs_where_the_plain_case_does_not_apply():

@@ -155,3 +155,38 @@ def test_the_first_epoch_starts_with_its_widest_batch_and_keeps_its_batches():
     assert max(lengths[i] for i in first[0]) == widest
     assert sorted(map(sorted, first)) == sorted(map(sorted, grouped_batches(examples, 8, 0, 3)))
     assert batch_order(examples, 8, epoch=1, seed=3) == grouped_batches(examples, 8, 1, 3)
+
+
+def test_scratch_slots_are_reused_and_grow_only_when_needed():
+    from peftbench.training.dropout import Scratch
+
+    cpu = torch.device("cpu")
+    first = Scratch.take("test_slot", (4, 6), torch.float32, cpu)
+    smaller = Scratch.take("test_slot", (2, 3), torch.float32, cpu)
+    assert smaller.shape == (2, 3)
+    assert smaller.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    bigger = Scratch.take("test_slot", (5, 6), torch.float32, cpu)
+    assert bigger.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+    assert Scratch.take("test_slot", (5, 6), torch.int64, cpu).dtype == torch.int64
+    other = Scratch.take("test_other_slot", (5, 6), torch.int64, cpu)
+    assert other.untyped_storage().data_ptr() != bigger.untyped_storage().data_ptr()
+
+
+def test_nothing_kept_for_the_backward_lives_in_scratch_memory():
+    """Scratch slots are overwritten by the next layer: a kept tensor there would silently
+    corrupt gradients. The fused LoRA model with dropout uses the slots and keeps none."""
+    from peftbench.training.dropout import Scratch, use_fast_dropout
+    from peftbench.training.fused_lora import fuse_lora_layers
+
+    loaded = load_model("tiny-random-llama", seed=0)
+    lora = get_method("lora")
+    model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False).train()
+    use_fast_dropout(model)
+    assert fuse_lora_layers(model) > 0
+    model(input_ids=IDS, labels=IDS).loss.backward()  # the slots take their sizes
+    torch.manual_seed(0)
+    saved = _saved_storages(lambda: model(input_ids=IDS, labels=IDS).loss.backward())
+    scratch = {b.untyped_storage().data_ptr() for b in Scratch._buffers.values()}
+    assert {("random_bits", "cpu"), ("lora_dropped", "cpu")} <= {
+        (slot, device.type) for slot, device in Scratch._buffers}
+    assert not scratch & set(saved)
