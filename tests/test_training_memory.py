@@ -130,11 +130,10 @@ def test_dropout_bits_are_drawn_again_not_kept_and_torch_stream_is_not_moved():
     torch.manual_seed(4)
     x = torch.randn(32, 50, requires_grad=True)
     dropout = FastDropout(0.3).train()
-    kept = {}
-    with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: kept.setdefault(len(kept), t), lambda t: t):
-        out = dropout(x)
-    assert not [t for t in kept.values() if t is not None and t.dtype == torch.int16]
+    outputs = []
+    kept = _saved_storages(lambda: outputs.append(dropout(x))).values()
+    assert not [t for t in kept if t is not None and t.dtype == torch.int16]
+    (out,) = outputs
     torch.rand(1000)  # other draws between the forward and the backward
     state = torch.get_rng_state()
     out.backward(torch.ones_like(out))

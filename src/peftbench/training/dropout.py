@@ -19,6 +19,7 @@ input as with ``nn.Dropout``. Masks come from torch's default generator, so
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -46,9 +47,7 @@ class Scratch:
     def take(cls, slot: str, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype,
              device: torch.device) -> torch.Tensor:
         """A tensor of ``shape`` in ``slot``'s memory; its old contents are garbage."""
-        count = 1
-        for size in shape:
-            count *= size
+        count = math.prod(shape)
         key = (slot, torch.device(device))
         buffer = cls._buffers.get(key)
         if buffer is None or buffer.numel() < count or buffer.dtype != dtype:

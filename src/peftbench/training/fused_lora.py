@@ -26,7 +26,6 @@ units, and nothing unmeasured goes into the fast path.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from peftbench.training.dropout import (
     Scratch,
     keep_multiplier,
 )
+from peftbench.training.forward_routing import route_forwards
 
 _ORIGINAL_FORWARD = "_peftbench_peft_forward"
 
@@ -142,12 +142,4 @@ def fuse_lora_layers(model: nn.Module) -> int:
     """Route every fusable LoRA layer of ``model`` through :class:`_LoraLinear`; returns how
     many (idempotent). Call after :func:`~peftbench.training.dropout.use_fast_dropout`. The
     parameters, and so the saved adapter, stay peft's."""
-    fused = 0
-    for module in model.modules():
-        if not _fusable(module):
-            continue
-        if not hasattr(module, _ORIGINAL_FORWARD):
-            setattr(module, _ORIGINAL_FORWARD, module.forward)
-            module.forward = types.MethodType(_fused_forward, module)
-        fused += 1
-    return fused
+    return route_forwards(model, _fusable, _fused_forward, _ORIGINAL_FORWARD)

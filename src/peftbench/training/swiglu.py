@@ -13,12 +13,13 @@ activation is SiLU are changed; anything else keeps its own forward.
 
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from peftbench.training.forward_routing import route_forwards
 
 _ORIGINAL_FORWARD = "_peftbench_mlp_forward"
 
@@ -65,12 +66,4 @@ def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def fuse_silu_gates(model: nn.Module) -> int:
     """Route every gated SiLU MLP of ``model`` through :class:`_SiluGate`; returns how many
     (idempotent). Parameters and state dict are unchanged."""
-    fused = 0
-    for module in model.modules():
-        if not _fusable(module):
-            continue
-        if not hasattr(module, _ORIGINAL_FORWARD):
-            setattr(module, _ORIGINAL_FORWARD, module.forward)
-            module.forward = types.MethodType(_gated_forward, module)
-        fused += 1
-    return fused
+    return route_forwards(model, _fusable, _gated_forward, _ORIGINAL_FORWARD)
