@@ -4,6 +4,11 @@ bits drawn again, and the widest batch first."""
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -88,6 +93,47 @@ def test_fused_mlps_train_the_same_model(method):
     assert saved_bytes(fused) < saved_bytes(plain)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_mlp_product_and_norm_outputs_are_notes_not_kept(monkeypatch, method):
+    """On the fast path (fused LoRA layers with dropout for LoRA), neither ``silu(gate) * up``
+    nor the layers' RMSNorm outputs are kept for the backward (computed again from what is
+    kept anyway), and the loss and every gradient are bit for bit those of the same model
+    keeping them. The probe's hooks sit outside the notes' and still see every tensor kept."""
+    from peftbench.training.saved_notes import Notes
+
+    def train_once(notes: bool) -> tuple[float, dict[str, torch.Tensor], list[int]]:
+        loaded = load_model("tiny-random-llama", seed=0)
+        chosen = get_method(method)
+        torch.manual_seed(0)
+        model = chosen.apply(loaded.model, chosen.resolve_args({}), encoder_decoder=False)
+        applied = place_for_training(model, "fp32", torch.device("cpu"))
+        assert applied["silu_gates_recomputed"] == applied["norm_outputs_recomputed"] == 2
+        assert applied["fused_lora"] > 0 if method == "lora" else True
+        with monkeypatch.context() as patch:
+            if not notes:
+                patch.setattr(Notes, "add", lambda *_: None)
+            torch.manual_seed(1)
+            kept = _saved_storages(lambda: model.train()(**_padded_batch()).loss.backward())
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        widths = sorted(t.shape[-1] for k, t in kept.items() if k not in params and t.dim() > 1)
+        torch.manual_seed(1)
+        loss = model(**_padded_batch()).loss
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.item(), grads, widths
+
+    loss, grads, widths = train_once(notes=False)
+    loss_noted, grads_noted, widths_noted = train_once(notes=True)
+    assert loss_noted == loss
+    for name, grad in grads.items():
+        assert torch.equal(grads_noted[name], grad), name
+    hidden, intermediate, layers = 64, 128, 2
+    assert widths.count(intermediate) - widths_noted.count(intermediate) == layers  # product
+    # two norm outputs per layer; with frozen embeddings the first layer's input needs no
+    # gradient, so LoRA keeps that norm's output (its note would keep the input instead)
+    noted_norms = 2 * layers - (method == "lora")
+    assert widths.count(hidden) - widths_noted.count(hidden) == noted_norms
+
+
 def test_only_gated_silu_mlps_of_known_classes_are_fused():
     """Every listed class that this transformers has computes LlamaMLP's expression; an MLP
     with another activation (Gemma's GELU) keeps its forward."""
@@ -114,16 +160,45 @@ def test_only_gated_silu_mlps_of_known_classes_are_fused():
     assert fuse_silu_gates(gelu) == 0
 
 
+def test_only_norms_computing_llama_rms_norm_are_routed():
+    """Every listed norm class that this transformers has computes LlamaRMSNorm's forward;
+    Gemma's (``1 + weight``) keeps its own, and a model's final norm has no layer scope."""
+    import importlib
+
+    from torch import nn
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from peftbench.training.rms_norm import LLAMA_RMS_NORMS, recompute_norm_outputs
+
+    reference = inspect.getsource(LlamaRMSNorm.forward)
+    found = 0
+    for name in LLAMA_RMS_NORMS:
+        family = name.removesuffix("RMSNorm").lower()
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:
+            continue
+        assert inspect.getsource(getattr(module, name).forward) == reference, name
+        found += 1
+    assert found >= 5
+    assert recompute_norm_outputs(nn.Sequential(LlamaRMSNorm(8))) == 1
+    assert recompute_norm_outputs(nn.Sequential(GemmaRMSNorm(8))) == 0
+    model = load_model("tiny-random-llama", seed=0).model
+    assert recompute_norm_outputs(model) == model.config.num_hidden_layers
+
+
 def test_placement_fuses_mlps_only_on_the_fast_fp32_path():
-    def applied(precision: str, exact: bool) -> int:
+    def applied(precision: str, exact: bool) -> list[int]:
         loaded = load_model("tiny-random-llama", seed=0)
         lora = get_method("lora")
         model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False)
-        return place_for_training(model, precision, torch.device("cpu"),
-                                  exact=exact).get("silu_gates_recomputed", 0)
+        done = place_for_training(model, precision, torch.device("cpu"), exact=exact)
+        return [done.get(key, 0) for key in ("silu_gates_recomputed", "norm_outputs_recomputed",
+                                             "attention_keys_grouped")]
 
-    assert applied("fp32", exact=False) > 0
-    assert applied("fp32", exact=True) == 0 and applied("bf16", exact=False) == 0
+    assert all(applied("fp32", exact=False))
+    assert not any(applied("fp32", exact=True)) and not any(applied("bf16", exact=False))
 
 
 def test_dropout_bits_are_drawn_again_not_kept_and_torch_stream_is_not_moved():
@@ -189,3 +264,106 @@ def test_nothing_kept_for_the_backward_lives_in_scratch_memory():
     assert {("random_bits", "cpu"), ("lora_dropped", "cpu")} <= {
         (slot, device.type) for slot, device in Scratch._buffers}
     assert not scratch & set(saved)
+
+
+_HEAP_PROBE = """
+import ctypes, json, os
+from peftbench.training import heap
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+def mapped(size):
+    before = libc.mallinfo2().hblks
+    block = libc.malloc(size)
+    during = libc.mallinfo2().hblks
+    libc.free(block)
+    return during > before
+
+applied = heap.steady_heap() if os.environ.get("STEADY") else 0
+libc.free(libc.malloc(16 * 2**20))  # a freed mapped block: glibc's adaptive threshold rises
+print(json.dumps({"applied": applied, "1 MiB": mapped(2**20), "4 MiB": mapped(4 * 2**20)}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_steady_heap_maps_blocks_from_2_mib_even_after_large_frees():
+    """glibc's adaptive threshold serves a 4 MiB block from the heap once a larger mapped
+    block was freed; with steady_heap it stays mapped and a 1 MiB block comes from the
+    heap. A threshold the user set in the environment is left alone."""
+    def probe(**env: str) -> dict:
+        done = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True,
+                              text=True, check=True, env={**os.environ, **env})
+        return json.loads(done.stdout)
+
+    assert probe() == {"applied": 0, "1 MiB": False, "4 MiB": False}
+    assert probe(STEADY="1") == {"applied": 2, "1 MiB": False, "4 MiB": True}
+    assert probe(STEADY="1", MALLOC_MMAP_THRESHOLD_="131072") == {
+        "applied": 0, "1 MiB": True, "4 MiB": True}
+
+
+def _padded_batch() -> dict[str, torch.Tensor]:
+    mask = torch.ones_like(IDS)
+    mask[1, 5:] = 0  # right padding: the attention mask reaches the kernel
+    return {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_grouped_attention_keeps_keys_once_and_trains_the_same_model(padded):
+    """Switched to the grouped kernel call, a GQA model (4 query heads, 2 key/value heads)
+    gives bit for bit the loss and gradients of transformers' sdpa, and keeps no key or
+    value repeated per query head."""
+    from peftbench.training.gqa_attention import IMPLEMENTATION, group_attention_keys
+
+    def build(grouped: bool) -> torch.nn.Module:
+        model = load_model("tiny-random-llama", seed=0).model.train()
+        assert model.config._attn_implementation == "sdpa"
+        assert model.config.num_key_value_heads < model.config.num_attention_heads
+        if grouped:
+            assert group_attention_keys(model) == 1 == group_attention_keys(model)
+            assert model.config._attn_implementation == IMPLEMENTATION
+        return model
+
+    batch = _padded_batch() if padded else {"input_ids": IDS, "labels": IDS}
+    results = []
+    for grouped in (False, True):
+        model = build(grouped)
+        loss = model(**batch).loss
+        loss.backward()
+        shapes = [tuple(t.shape) for t in _saved_storages(lambda m=model: m(**batch)).values()]
+        results.append((loss.item(), [p.grad for p in model.parameters()], shapes))
+    (loss, grads, shapes), (loss_grouped, grads_grouped, shapes_grouped) = results
+    assert loss_grouped == loss
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_grouped, strict=True))
+    heads, kv_heads = 4, 2
+    if not padded:  # without a mask transformers passes the groups to the kernel itself
+        assert sorted(shapes_grouped) == sorted(shapes)
+        return
+    per_query_head = [s for s in shapes if len(s) == 4 and s[1] == heads]
+    per_query_head_grouped = [s for s in shapes_grouped if len(s) == 4 and s[1] == heads]
+    assert per_query_head and len(per_query_head) == 3 * len(per_query_head_grouped)  # q, k, v
+    assert not [s for s in shapes if len(s) == 4 and s[1] == kv_heads]
+    assert len([s for s in shapes_grouped if len(s) == 4 and s[1] == kv_heads]) == 2 * len(
+        per_query_head_grouped)  # k and v once per key/value head, beside q
+
+
+def test_grouped_attention_generates_what_sdpa_generates():
+    """Generation steps (one query against the cache) are handed to transformers' own sdpa."""
+    from peftbench.training.gqa_attention import group_attention_keys
+
+    outputs = []
+    for grouped in (False, True):
+        model = load_model("tiny-random-llama", seed=0).model.eval()
+        if grouped:
+            group_attention_keys(model)
+        with torch.no_grad():
+            outputs.append(model.generate(IDS[:1], max_new_tokens=4, do_sample=False))
+    assert torch.equal(*outputs)

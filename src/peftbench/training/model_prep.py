@@ -17,12 +17,15 @@ from peftbench.models.base import LoadedModel
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.fused_lora import fuse_lora_layers
+from peftbench.training.gqa_attention import group_attention_keys
+from peftbench.training.heap import steady_heap
 from peftbench.training.objective import supports_gathered_logits
 from peftbench.training.precision import (
     copy_out_of_checkpoint,
     lora_inputs_uncast,
     store_frozen_in_bf16,
 )
+from peftbench.training.rms_norm import recompute_norm_outputs
 from peftbench.training.swiglu import fuse_silu_gates
 
 
@@ -43,13 +46,20 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     bf16: frozen matrices stored in bf16 once, LoRA inputs not copied to fp32 and, on CPU,
     the checkpoint file's mapping released. On CPU, unless ``exact``: dropout with cheap
     masks (:mod:`~peftbench.training.dropout`) and, in fp32, plain LoRA layers as one
-    autograd function (:mod:`~peftbench.training.fused_lora`) and the gated MLPs' SiLU
-    computed again in the backward (:mod:`~peftbench.training.swiglu`). ``exact`` fp32 (an explicit
+    autograd function (:mod:`~peftbench.training.fused_lora`), the gated MLPs' SiLU and
+    product and the RMSNorms' outputs computed again in the backward
+    (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
+    grouped-query attention keeping its keys and values once
+    (:mod:`~peftbench.training.gqa_attention`). ``exact`` fp32 (an explicit
     ``precision: fp32``) changes nothing: it is the reference that must match a plain
-    Hugging Face run step for step, dropout masks included.
+    Hugging Face run step for step, dropout masks included. On CPU, for every precision,
+    glibc's heap gets fixed thresholds (:mod:`~peftbench.training.heap`), which change no
+    arithmetic.
     """
     model.to(device)
     applied: dict[str, int] = {}
+    if device.type == "cpu":
+        applied["heap_mmap_threshold_mib"] = steady_heap()
     if precision == "bf16":
         applied["frozen_bf16_elements"] = store_frozen_in_bf16(model)
         applied["lora_inputs_uncast"] = lora_inputs_uncast(model)
@@ -60,6 +70,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
         if precision == "fp32":
             applied["fused_lora"] = fuse_lora_layers(model)
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
+            applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)
+            applied["attention_keys_grouped"] = group_attention_keys(model)
     return applied
 
 

@@ -1,11 +1,18 @@
-"""The gated MLP's activation as one autograd function that keeps less for the backward.
+"""The gated MLP's activation computed again in the backward instead of kept.
 
-Llama-style MLPs compute ``down(silu(gate(x)) * up(x))``. Autograd keeps three
-intermediate-size tensors per layer for that activation: ``silu``'s input, its output and
-``up(x)``. :class:`_SiluGate` keeps the first and the last and computes ``silu`` again in the
-backward, a cheap element-wise pass; the values and gradients are bit-for-bit the same as
-autograd's. In one SmolLM2-135M LoRA step (16 x 53 tokens) those tensors are 149 MiB of the
-activations kept for the backward.
+Llama-style MLPs compute ``down(silu(gate(x)) * up(x))``. Autograd keeps four
+intermediate-size tensors per layer for that: ``silu``'s input, its output, ``up(x)`` and the
+product, which ``down`` keeps as its input (for its weight's or its LoRA ``A``'s gradient).
+Here only ``gate(x)`` and ``up(x)`` are kept:
+
+- :class:`_SiluGate` computes ``silu`` again in its backward;
+- while ``down`` runs, the product it keeps is kept as a note to compute it again from
+  ``gate(x)`` and ``up(x)`` when ``down``'s backward needs it
+  (:class:`~peftbench.training.saved_notes.Notes`).
+
+Both are cheap element-wise passes, and the values and gradients are bit-for-bit autograd's.
+In one SmolLM2-135M LoRA step (16 x 53 tokens) each of those tensors is 149 MiB over the 30
+layers.
 
 Only MLP classes whose forward is exactly that expression (:data:`GATED_SILU_MLPS`) and whose
 activation is SiLU are changed; anything else keeps its own forward.
@@ -20,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftbench.training.forward_routing import route_forwards
+from peftbench.training.saved_notes import Notes
 
 _ORIGINAL_FORWARD = "_peftbench_mlp_forward"
 
@@ -60,7 +68,14 @@ def _fusable(module: nn.Module) -> bool:
 
 
 def _gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(_SiluGate.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    product = _SiluGate.apply(gate, up)
+    if not product.requires_grad or torch.compiler.is_compiling():
+        return self.down_proj(product)
+    notes = Notes()
+    notes.add(product, lambda: F.silu(gate).mul_(up))
+    with notes.active():
+        return self.down_proj(product)
 
 
 def fuse_silu_gates(model: nn.Module) -> int:
