@@ -195,7 +195,7 @@ def test_placement_fuses_mlps_only_on_the_fast_fp32_path():
         model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False)
         done = place_for_training(model, precision, torch.device("cpu"), exact=exact)
         return [done.get(key, 0) for key in ("silu_gates_recomputed", "norm_outputs_recomputed",
-                                             "attention_keys_grouped")]
+                                             "lean_attention")]
 
     assert all(applied("fp32", exact=False))
     assert not any(applied("fp32", exact=True)) and not any(applied("bf16", exact=False))
@@ -316,54 +316,66 @@ def _padded_batch() -> dict[str, torch.Tensor]:
     return {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
 
 
-@pytest.mark.parametrize("padded", [True, False])
-def test_grouped_attention_keeps_keys_once_and_trains_the_same_model(padded):
-    """Switched to the grouped kernel call, a GQA model (4 query heads, 2 key/value heads)
-    gives bit for bit the loss and gradients of transformers' sdpa, and keeps no key or
-    value repeated per query head."""
-    from peftbench.training.gqa_attention import IMPLEMENTATION, group_attention_keys
+def _llama(kv_heads: int) -> torch.nn.Module:
+    """The tiny Llama's shape (4 query heads) with ``kv_heads`` key/value heads, seeded."""
+    from transformers import LlamaForCausalLM
 
-    def build(grouped: bool) -> torch.nn.Module:
-        model = load_model("tiny-random-llama", seed=0).model.train()
-        assert model.config._attn_implementation == "sdpa"
-        assert model.config.num_key_value_heads < model.config.num_attention_heads
-        if grouped:
-            assert group_attention_keys(model) == 1 == group_attention_keys(model)
-            assert model.config._attn_implementation == IMPLEMENTATION
-        return model
+    config = load_model("tiny-random-llama", seed=0).model.config
+    config.num_key_value_heads = kv_heads
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).train()
 
+
+@pytest.mark.parametrize(("padded", "kv_heads"), [(True, 2), (False, 2), (True, 4)])
+def test_lean_attention_keeps_keys_and_mask_once_and_trains_the_same_model(padded, kv_heads):
+    """Switched to lean_sdpa, a model gives bit for bit the loss and gradients of
+    transformers' sdpa, keeps no key or value repeated per query head and one mask for all
+    layers instead of one per layer."""
+    from peftbench.training.lean_attention import IMPLEMENTATION, use_lean_attention
+
+    heads, layers = 4, 2
     batch = _padded_batch() if padded else {"input_ids": IDS, "labels": IDS}
     results = []
-    for grouped in (False, True):
-        model = build(grouped)
+    for lean in (False, True):
+        model = _llama(kv_heads)
+        assert model.config._attn_implementation == "sdpa"
+        if lean:
+            assert use_lean_attention(model) == 1 == use_lean_attention(model)
+            assert model.config._attn_implementation == IMPLEMENTATION
         loss = model(**batch).loss
         loss.backward()
         shapes = [tuple(t.shape) for t in _saved_storages(lambda m=model: m(**batch)).values()]
         results.append((loss.item(), [p.grad for p in model.parameters()], shapes))
-    (loss, grads, shapes), (loss_grouped, grads_grouped, shapes_grouped) = results
-    assert loss_grouped == loss
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_grouped, strict=True))
-    heads, kv_heads = 4, 2
-    if not padded:  # without a mask transformers passes the groups to the kernel itself
-        assert sorted(shapes_grouped) == sorted(shapes)
+    (loss, grads, shapes), (loss_lean, grads_lean, shapes_lean) = results
+    assert loss_lean == loss
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_lean, strict=True))
+    if not padded:  # no mask: transformers passes the groups to the kernel itself
+        assert sorted(shapes_lean) == sorted(shapes)
         return
+    length = IDS.shape[1]
+    masks = [s for s in shapes if s[1:] == (1, length, length)]
+    masks_lean = [s for s in shapes_lean if s[1:] == (1, length, length)]
+    assert (len(masks), len(masks_lean)) == (layers, 1)
     per_query_head = [s for s in shapes if len(s) == 4 and s[1] == heads]
-    per_query_head_grouped = [s for s in shapes_grouped if len(s) == 4 and s[1] == heads]
-    assert per_query_head and len(per_query_head) == 3 * len(per_query_head_grouped)  # q, k, v
+    per_query_head_lean = [s for s in shapes_lean if len(s) == 4 and s[1] == heads]
+    if kv_heads == heads:
+        assert len(per_query_head) == len(per_query_head_lean)
+        return
+    assert per_query_head and len(per_query_head) == 3 * len(per_query_head_lean)  # q, k, v
     assert not [s for s in shapes if len(s) == 4 and s[1] == kv_heads]
-    assert len([s for s in shapes_grouped if len(s) == 4 and s[1] == kv_heads]) == 2 * len(
-        per_query_head_grouped)  # k and v once per key/value head, beside q
+    assert len([s for s in shapes_lean if len(s) == 4 and s[1] == kv_heads]) == 2 * len(
+        per_query_head_lean)  # k and v once per key/value head, beside q
 
 
-def test_grouped_attention_generates_what_sdpa_generates():
+def test_lean_attention_generates_what_sdpa_generates():
     """Generation steps (one query against the cache) are handed to transformers' own sdpa."""
-    from peftbench.training.gqa_attention import group_attention_keys
+    from peftbench.training.lean_attention import use_lean_attention
 
     outputs = []
     for grouped in (False, True):
         model = load_model("tiny-random-llama", seed=0).model.eval()
         if grouped:
-            group_attention_keys(model)
+            use_lean_attention(model)
         with torch.no_grad():
             outputs.append(model.generate(IDS[:1], max_new_tokens=4, do_sample=False))
     assert torch.equal(*outputs)

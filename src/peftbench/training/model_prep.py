@@ -17,8 +17,8 @@ from peftbench.models.base import LoadedModel
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.fused_lora import fuse_lora_layers
-from peftbench.training.gqa_attention import group_attention_keys
 from peftbench.training.heap import steady_heap
+from peftbench.training.lean_attention import use_lean_attention
 from peftbench.training.objective import supports_gathered_logits
 from peftbench.training.precision import (
     copy_out_of_checkpoint,
@@ -49,8 +49,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     autograd function (:mod:`~peftbench.training.fused_lora`), the gated MLPs' SiLU and
     product and the RMSNorms' outputs computed again in the backward
     (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
-    grouped-query attention keeping its keys and values once
-    (:mod:`~peftbench.training.gqa_attention`). ``exact`` fp32 (an explicit
+    attention keeping its keys and values once per group and its mask once per forward
+    (:mod:`~peftbench.training.lean_attention`). ``exact`` fp32 (an explicit
     ``precision: fp32``) changes nothing: it is the reference that must match a plain
     Hugging Face run step for step, dropout masks included. On CPU, for every precision,
     glibc's heap gets fixed thresholds (:mod:`~peftbench.training.heap`), which change no
@@ -71,7 +71,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
             applied["fused_lora"] = fuse_lora_layers(model)
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)
-            applied["attention_keys_grouped"] = group_attention_keys(model)
+            applied["lean_attention"] = use_lean_attention(model)
     return applied
 
 
