@@ -6,13 +6,14 @@ only a block of its size or smaller can reuse. The threshold starts at 128 KiB a
 each time a mapped block is freed it rises to that block's size, so after the first step
 most activations (a few MB each) came from the heap. Activations kept for the backward and
 temporaries freed within the layer alternate there, and the holes grew the heap far above
-what was live: one all-linear LoRA step on SmolLM2 had 1.09 GB live in a 1.72 GB heap. When
-it rose and how the holes fell also varied between runs of the same command, so the peak
-RSS did (about 1.95 or 2.5 GB for that run).
+what was live: one all-linear LoRA step on SmolLM2 had 1.09 GB live in a 1.72 GB heap. How
+the holes fell also varied between runs of the same command, so the peak RSS did (about
+1.95 or 2.5 GB for that run, also with the threshold fixed at 32 MiB).
 
 Fixed at 2 MiB, every activation of a SmolLM2 batch (2.5 MB and up) gets its own mapping:
-the heap stayed within 10 % of the live memory and the peak RSS at 1.98-2.03 GB in every
-run, with the same step times in the steady state (``benchmarks/README.md``). Only glibc on
+the heap stayed within 13 % of the live memory and the peak RSS at 1.98-2.03 GB in all 6
+runs. Step times after the first were within 3 % of the heap's in two of three paired runs
+and the benchmark's LoRA rate did not drop (``benchmarks/README.md``). Only glibc on
 Linux is changed, and not when the user set a threshold through the environment
 (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``).
 """
