@@ -207,6 +207,13 @@ def test_sweep_killed_at_random_points_resumes_without_duplicates(tmp_path):
         assert conn.execute("SELECT COUNT(*) FROM curve").fetchone()[0] == 3 * len(expected)
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """Default Ctrl-C handling in the child even when the tests run in a background job
+    (a non-interactive shell's ``cmd &`` starts it with SIGINT ignored, and children
+    inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_the_fork_server_starts_is_a_quiet_interrupt(tmp_path):
     """Ctrl-C reaches the whole process group: the fork server, busy importing torch, must
     not print a traceback, and the sweep ends with 130 and says so."""
@@ -214,7 +221,7 @@ def test_ctrl_c_while_the_fork_server_starts_is_a_quiet_interrupt(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "peftbench.cli", "run", str(suite), "--db",
                              str(tmp_path / "r.sqlite"), "--quiet"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_ctrl_c_as_at_a_terminal)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
         with contextlib.suppress(psutil.Error):
@@ -242,8 +249,9 @@ def test_a_check_process_that_dies_is_a_clear_error():
 def test_fork_server_calls_ignore_ctrl_c_and_runs_restore_it():
     from peftbench.sweep.worker import call_in_fork_server
 
+    here = signal.getsignal(signal.SIGINT)
     assert call_in_fork_server(signal.getsignal, signal.SIGINT) == signal.SIG_IGN
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # not here
+    assert signal.getsignal(signal.SIGINT) is here  # not changed here
 
 
 def timeless(curve: list[dict]) -> list[dict]:

@@ -134,24 +134,30 @@ def test_mlp_product_and_norm_outputs_are_notes_not_kept(monkeypatch, method):
     assert widths.count(hidden) - widths_noted.count(hidden) == noted_norms
 
 
-def test_only_gated_silu_mlps_of_known_classes_are_fused():
-    """Every listed class that this transformers has computes LlamaMLP's expression; an MLP
-    with another activation (Gemma's GELU) keeps its forward."""
+def _installed_with_forward_of(reference: type, names: frozenset[str], suffix: str) -> int:
+    """How many of the classes ``names`` this transformers has; each must have
+    ``reference``'s forward, source for source."""
     import importlib
 
-    from transformers.models.llama.modeling_llama import LlamaMLP
-
-    reference = inspect.getsource(LlamaMLP.forward)
+    source = inspect.getsource(reference.forward)
     found = 0
-    for name in GATED_SILU_MLPS:
-        family = name.removesuffix("MLP").lower()
+    for name in names:
+        family = name.removesuffix(suffix).lower()
         try:
             module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         except ImportError:
             continue
-        assert inspect.getsource(getattr(module, name).forward) == reference, name
+        assert inspect.getsource(getattr(module, name).forward) == source, name
         found += 1
-    assert found >= 5
+    return found
+
+
+def test_only_gated_silu_mlps_of_known_classes_are_fused():
+    """Every listed class that this transformers has computes LlamaMLP's expression; an MLP
+    with another activation (Gemma's GELU) keeps its forward."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    assert _installed_with_forward_of(LlamaMLP, GATED_SILU_MLPS, "MLP") >= 5
 
     from transformers import GemmaConfig
     from transformers.models.gemma.modeling_gemma import GemmaMLP
@@ -163,25 +169,13 @@ def test_only_gated_silu_mlps_of_known_classes_are_fused():
 def test_only_norms_computing_llama_rms_norm_are_routed():
     """Every listed norm class that this transformers has computes LlamaRMSNorm's forward;
     Gemma's (``1 + weight``) keeps its own, and a model's final norm has no layer scope."""
-    import importlib
-
     from torch import nn
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     from peftbench.training.rms_norm import LLAMA_RMS_NORMS, recompute_norm_outputs
 
-    reference = inspect.getsource(LlamaRMSNorm.forward)
-    found = 0
-    for name in LLAMA_RMS_NORMS:
-        family = name.removesuffix("RMSNorm").lower()
-        try:
-            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
-        except ImportError:
-            continue
-        assert inspect.getsource(getattr(module, name).forward) == reference, name
-        found += 1
-    assert found >= 5
+    assert _installed_with_forward_of(LlamaRMSNorm, LLAMA_RMS_NORMS, "RMSNorm") >= 5
     assert recompute_norm_outputs(nn.Sequential(LlamaRMSNorm(8))) == 1
     assert recompute_norm_outputs(nn.Sequential(GemmaRMSNorm(8))) == 0
     model = load_model("tiny-random-llama", seed=0).model
