@@ -61,6 +61,18 @@ def test_silu_gate_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(_SiluGate.apply, (gate, up))
 
 
+def _with_nonzero_lora_b(model: torch.nn.Module) -> torch.nn.Module:
+    """LoRA's ``B`` starts at zero, which makes every ``A`` gradient zero whatever the layer's
+    input: seeded random ``B`` so that the input kept for the backward shows in ``A``'s
+    gradient (the same values in every model built this way)."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+    return model
+
+
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fused_mlps_train_the_same_model(method):
     """The whole model: loss and every gradient bit for bit as before, on fewer saved bytes."""
@@ -68,9 +80,9 @@ def test_fused_mlps_train_the_same_model(method):
         loaded = load_model("tiny-random-llama", seed=0)
         chosen = get_method(method)
         torch.manual_seed(0)
-        return chosen.apply(loaded.model, chosen.resolve_args({"dropout": 0.0}
-                                                              if method == "lora" else {}),
-                            encoder_decoder=False).train()
+        return _with_nonzero_lora_b(chosen.apply(
+            loaded.model, chosen.resolve_args({"dropout": 0.0} if method == "lora" else {}),
+            encoder_decoder=False).train())
 
     plain, fused = build(), build()
     layers = sum(type(m).__name__ == "LlamaMLP" for m in fused.modules())
@@ -105,7 +117,8 @@ def test_mlp_product_and_norm_outputs_are_notes_not_kept(monkeypatch, method):
         loaded = load_model("tiny-random-llama", seed=0)
         chosen = get_method(method)
         torch.manual_seed(0)
-        model = chosen.apply(loaded.model, chosen.resolve_args({}), encoder_decoder=False)
+        model = _with_nonzero_lora_b(chosen.apply(loaded.model, chosen.resolve_args({}),
+                                                  encoder_decoder=False))
         applied = place_for_training(model, "fp32", torch.device("cpu"))
         assert applied["silu_gates_recomputed"] == applied["norm_outputs_recomputed"] == 2
         assert applied["fused_lora"] > 0 if method == "lora" else True
