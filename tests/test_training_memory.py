@@ -195,7 +195,7 @@ def test_only_norms_computing_llama_rms_norm_are_routed():
     assert recompute_norm_outputs(model) == model.config.num_hidden_layers
 
 
-def test_placement_fuses_mlps_only_on_the_fast_fp32_path():
+def test_placement_applies_the_memory_changes_only_on_the_fast_fp32_path():
     def applied(precision: str, exact: bool) -> list[int]:
         loaded = load_model("tiny-random-llama", seed=0)
         lora = get_method("lora")
@@ -372,6 +372,20 @@ def test_lean_attention_keeps_keys_and_mask_once_and_trains_the_same_model(padde
     assert not [s for s in shapes if len(s) == 4 and s[1] == kv_heads]
     assert len([s for s in shapes_lean if len(s) == 4 and s[1] == kv_heads]) == 2 * len(
         per_query_head_lean)  # k and v once per key/value head, beside q
+
+
+def test_a_model_refusing_lean_attention_keeps_its_own(monkeypatch):
+    from transformers import PreTrainedModel
+
+    from peftbench.training.lean_attention import use_lean_attention
+
+    def refuse(self, implementation):
+        raise ValueError(f"{implementation} is not supported")
+
+    monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", refuse)
+    model = _llama(kv_heads=2)
+    assert use_lean_attention(model) == 0
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_lean_attention_generates_what_sdpa_generates():

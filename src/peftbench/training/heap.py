@@ -21,6 +21,7 @@ Linux is changed, and not when the user set a threshold through the environment
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -30,15 +31,12 @@ _M_MMAP_THRESHOLD = -3
 #: blocks of at least this many bytes get their own mapping
 MMAP_THRESHOLD = 2 * 2**20
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-_applied = False
 
 
+@functools.cache
 def steady_heap() -> int:
-    """Fix glibc's mmap threshold for this process (idempotent); returns the mmap
-    threshold in MiB, or 0 where nothing was changed (not glibc, or set by the user)."""
-    global _applied
-    if _applied:
-        return MMAP_THRESHOLD // 2**20
+    """Fix glibc's mmap threshold for this process (once); returns the mmap threshold in
+    MiB, or 0 where nothing was changed (not glibc, or set by the user)."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return 0
     if any(name in os.environ for name in _USER_SETTINGS):
@@ -47,7 +45,4 @@ def steady_heap() -> int:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return 0
-    if not libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
-        return 0
-    _applied = True
-    return MMAP_THRESHOLD // 2**20
+    return MMAP_THRESHOLD // 2**20 if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) else 0

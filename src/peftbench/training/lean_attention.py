@@ -23,6 +23,7 @@ generation steps included, to transformers' own ``sdpa_attention_forward`` uncha
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -93,10 +94,12 @@ def use_lean_attention(model: nn.Module) -> int:
         if not isinstance(module, PreTrainedModel) or id(module.config) in switched:
             continue
         config = module.config
-        settable = getattr(module, "_can_set_attn_implementation", lambda: True)()
-        if config._attn_implementation == "sdpa" and settable:
+        if (config._attn_implementation == "sdpa"
+                and getattr(module, "_can_set_attn_implementation", lambda: True)()):
             _register()
-            module.set_attn_implementation(IMPLEMENTATION)
+            # a model that refuses the switch keeps its own attention: not worth failing over
+            with contextlib.suppress(ValueError, ImportError):
+                module.set_attn_implementation(IMPLEMENTATION)
         if config._attn_implementation == IMPLEMENTATION:
             switched.add(id(config))
     return len(switched)

@@ -53,7 +53,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     (:mod:`~peftbench.training.lean_attention`). ``exact`` fp32 (an explicit
     ``precision: fp32``) changes nothing: it is the reference that must match a plain
     Hugging Face run step for step, dropout masks included. On CPU, for every precision,
-    glibc's heap gets fixed thresholds (:mod:`~peftbench.training.heap`), which change no
+    glibc's mmap threshold is fixed (:mod:`~peftbench.training.heap`), which changes no
     arithmetic.
     """
     model.to(device)
