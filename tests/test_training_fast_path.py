@@ -87,7 +87,7 @@ def test_use_fast_dropout_replaces_lora_dropout_and_keeps_the_state_dict():
 
 
 @pytest.mark.parametrize(("precision", "exact", "fast", "fused"),
-                         [("bf16", False, True, False), ("fp32", False, True, True),
+                         [("bf16", False, True, True), ("fp32", False, True, True),
                           ("fp32", True, False, False)])
 def test_only_exact_fp32_keeps_torch_dropout_and_peft_lora(precision, exact, fast, fused):
     from peft.tuners.lora import LoraLayer

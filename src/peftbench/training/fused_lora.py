@@ -1,4 +1,4 @@
-"""LoRA layers as one autograd function, for fp32 training on CPUs without bf16 units.
+"""LoRA layers as one autograd function, for CPU training (fp32 here; bf16 in its own module).
 
 peft computes a LoRA layer as ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: a dropout
 over the input, kept in full for ``lora_A``'s weight gradient in every adapted layer, two
@@ -17,11 +17,10 @@ own backward. :class:`_LoraLinear` does the same arithmetic with fewer passes ov
 - dropout draws :mod:`~peftbench.training.dropout`'s masks (same distribution as
   ``nn.Dropout``, other masks), so exact fp32 runs (``precision: fp32``) do not use it.
 
-Only plain LoRA on a frozen fp32 ``nn.Linear`` with one active adapter is fused (no DoRA, no
-LoRA bias, no ``fan_in_fan_out``), and only outside autocast; anything else runs peft's
-forward.
-The bf16 path keeps peft's forward: a bf16 version was not measured on hardware with bf16
-units, and nothing unmeasured goes into the fast path.
+Only plain LoRA on a frozen ``nn.Linear`` with one active adapter is fused (no DoRA, no
+LoRA bias, no ``fan_in_fan_out``): outside autocast in fp32 here, under CPU bf16 autocast
+over bf16-stored weights by :mod:`~peftbench.training.fused_lora_bf16`; anything else runs
+peft's forward.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from peftbench.training.dropout import (
     keep_multiplier,
 )
 from peftbench.training.forward_routing import route_forwards
+from peftbench.training.fused_lora_bf16 import lora_linear_bf16
 
 _ORIGINAL_FORWARD = "_peftbench_peft_forward"
 
@@ -126,16 +126,33 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     """peft's forward as one :class:`_LoraLinear` in the plain fp32 case, else peft's own."""
     base = self.get_base_layer()
     if (args or kwargs or self.disable_adapters or self.merged or base.weight.requires_grad
-            or len(self.active_adapters) != 1 or torch.is_autocast_enabled(x.device.type)):
+            or len(self.active_adapters) != 1):
         return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     name = self.active_adapters[0]
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    if torch.is_autocast_enabled(x.device.type):
+        if not _bf16_fusable(x, base.weight, lora_a, lora_b):
+            return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, FastDropout) and dropout.training else 0.0
+        return lora_linear_bf16(x, base.weight, base.bias, lora_a, lora_b,
+                                float(self.scaling[name]), p)
     if not (x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32):
         return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     active = dropout if isinstance(dropout, FastDropout) and dropout.training else None
     return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b,
                              float(self.scaling[name]), active)
+
+
+def _bf16_fusable(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
+                  lora_b: torch.Tensor) -> bool:
+    """CPU bf16 autocast over a bf16-stored frozen weight, fp32 adapter, fp32 or bf16 input;
+    not while compiling (the shared input copy is an attribute on the input tensor)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            and lora_a.dtype == lora_b.dtype == torch.float32)
 
 
 def fuse_lora_layers(model: nn.Module) -> int:

@@ -45,8 +45,9 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
 
     bf16: frozen matrices stored in bf16 once, LoRA inputs not copied to fp32 and, on CPU,
     the checkpoint file's mapping released. On CPU, unless ``exact``: dropout with cheap
-    masks (:mod:`~peftbench.training.dropout`) and, in fp32, plain LoRA layers as one
-    autograd function (:mod:`~peftbench.training.fused_lora`), the gated MLPs' SiLU and
+    masks (:mod:`~peftbench.training.dropout`), plain LoRA layers as one autograd function
+    (:mod:`~peftbench.training.fused_lora`; under bf16 autocast
+    :mod:`~peftbench.training.fused_lora_bf16`) and, in fp32, the gated MLPs' SiLU and
     product and the RMSNorms' outputs computed again in the backward
     (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
     attention keeping its keys and values once per group and its mask once per forward
@@ -67,8 +68,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
             applied["copied_out_of_checkpoint"] = copy_out_of_checkpoint(model)
     if device.type == "cpu" and not (exact and precision == "fp32"):
         applied["fast_dropout"] = use_fast_dropout(model)
+        applied["fused_lora"] = fuse_lora_layers(model)
         if precision == "fp32":
-            applied["fused_lora"] = fuse_lora_layers(model)
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)
             applied["lean_attention"] = use_lean_attention(model)

@@ -1,0 +1,137 @@
+"""LoRA layers as one autograd function under bf16 autocast, for CPUs with bf16 units.
+
+Under autocast, peft's LoRA layer costs far more than its two rank-r matmuls: the base
+layer casts the fp32 input to bf16, dropout makes an fp32 copy with its own random number
+per element, ``lora_A`` casts that to bf16 again, and the output gets a separate multiply
+by ``scaling`` and an add, each with a backward. On a 2-core Xeon with AMX, where the
+matmuls themselves are fast, that overhead was about 40 % of an all-linear LoRA step on
+SmolLM2 (dropout alone 27 %, ``benchmarks/README.md``). :class:`_LoraLinearBf16` computes the
+same function with:
+
+- one bf16 copy of the input, shared by every adapted layer reading the same tensor (q, k
+  and v; gate and up) and kept for the backward instead of an fp32 dropped input;
+- dropout as a list of dropped positions (:func:`drop_positions`): a Bernoulli(``p``)
+  mask drawn from about ``p`` random numbers per element instead of one, kept for the
+  backward (``4 p`` bytes per element), applied by zeroing those positions; the ``1/(1-p)``
+  scale is folded into ``B``, so no multiplier tensor exists;
+- the adapter's output added into the base matmul's output (``addmm_``).
+
+The matmuls run in bf16 and gradients reach the fp32 input in fp32, as under autocast;
+rounding differs from peft's order by bf16 rounding only (tested). Dropout masks are
+other draws than ``nn.Dropout``'s (same distribution, exact ``p``), so exact fp32 runs do
+not use this.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+_BF16 = torch.bfloat16
+_CAST_CACHE = "_peftbench_bf16_copy"
+
+
+def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
+    """Sorted flat indices of the elements an i.i.d. Bernoulli(``p``) dropout zeroes among
+    ``count`` (int64), drawn from torch's default generator.
+
+    The gaps between dropped positions of a Bernoulli process are i.i.d. geometric, so they
+    are drawn directly, ``floor(log(1 - u) / log(1 - p)) + 1`` for uniform ``u``: about
+    ``p * count`` numbers instead of ``count``.
+    """
+    if count <= 0 or p <= 0.0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if p >= 1.0:
+        return torch.arange(count, device=device)
+    log_keep = math.log1p(-p)
+    mean = count * p
+    parts: list[torch.Tensor] = []
+    last = -1  # the last position drawn so far
+    while last < count:
+        # enough for the whole range with probability ~1 - 1e-9; otherwise draw on
+        expected = (count - last) * p
+        draws = int(expected + 6.0 * math.sqrt(max(expected, 1.0) * (1.0 - p)) + 16)
+        draws = max(1, min(draws, int(mean) + count))
+        gaps = torch.empty(draws, dtype=torch.float32, device=device).uniform_()
+        gaps = gaps.neg_().log1p_().div_(log_keep).floor_().to(torch.int64).add_(1)
+        positions = gaps.cumsum_(0).add_(last)
+        last = int(positions[-1])
+        parts.append(positions)
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return positions[: int(torch.searchsorted(positions, count))]
+
+
+def shared_bf16_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in bf16: the copy made for an earlier layer reading the same unchanged tensor,
+    else a new one (remembered on ``x``, freed with it)."""
+    if x.dtype == _BF16:
+        return x
+    if x.is_inference():  # no version counter to check a copy against
+        return x.to(_BF16)
+    cached = getattr(x, _CAST_CACHE, None)
+    if cached is not None and cached[0] == x._version:
+        return cached[1]
+    copy = x.detach().to(_BF16)
+    setattr(x, _CAST_CACHE, (x._version, copy))
+    return copy
+
+
+def _zeroed(values: torch.Tensor, positions: torch.Tensor | None,
+            copy: bool) -> torch.Tensor:
+    """``values`` with the flat ``positions`` set to 0 (on a copy if ``copy``)."""
+    if positions is None:
+        return values
+    out = values.clone() if copy else values
+    out.view(-1).index_fill_(0, positions, 0.0)
+    return out
+
+
+class _LoraLinearBf16(torch.autograd.Function):
+    """``x W^T (+ bias) + scaling * dropout(x) A^T B^T`` in bf16; only A and B are trained
+    (and the bias, if it requires a gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                p: float) -> torch.Tensor:
+        rows = shared_bf16_copy(x).reshape(-1, x.shape[-1])
+        positions = (drop_positions(rows.numel(), p, rows.device)
+                     if p > 0.0 else None)
+        scale = scaling / (1.0 - p) if p < 1.0 else 0.0
+        a = lora_a.to(_BF16)
+        b = (lora_b * scale).to(_BF16)
+        with torch.autocast(rows.device.type, enabled=False):
+            hidden = _zeroed(rows, positions, copy=True) @ a.t()
+            out = (rows @ weight.t() if bias is None
+                   else torch.addmm(bias.to(_BF16), rows, weight.t()))
+            out.addmm_(hidden, b.t())
+        ctx.save_for_backward(rows, weight, a, b, hidden, positions)
+        ctx.scale, ctx.x_dtype, ctx.bias_dtype = scale, x.dtype, getattr(bias, "dtype", None)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, weight, a, b, hidden, positions = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(_BF16)
+        grad_x = grad_bias = grad_a = grad_b = None
+        grad_hidden = g @ b  # (tokens, r)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ hidden).float().mul_(ctx.scale)
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_hidden.t() @ _zeroed(rows, positions, copy=True)).float()
+        if ctx.needs_input_grad[0]:
+            lora_part = _zeroed(grad_hidden @ a, positions, copy=False)
+            grad_x = (g @ weight).to(ctx.x_dtype).add_(lora_part)
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+
+
+def lora_linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+                     p: float) -> torch.Tensor:
+    """The adapted layer's output in bf16 (``p``: the dropout probability, 0 when off)."""
+    return _LoraLinearBf16.apply(x, weight, bias, lora_a, lora_b, scaling, p)
