@@ -46,14 +46,14 @@ def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
     if p >= 1.0:
         return torch.arange(count, device=device)
     log_keep = math.log1p(-p)
-    mean = count * p
     parts: list[torch.Tensor] = []
     last = -1  # the last position drawn so far
     while last < count:
-        # enough for the whole range with probability ~1 - 1e-9; otherwise draw on
-        expected = (count - last) * p
-        draws = int(expected + 6.0 * math.sqrt(max(expected, 1.0) * (1.0 - p)) + 16)
-        draws = max(1, min(draws, int(mean) + count))
+        # enough for the rest of the range with probability ~1 - 1e-9, else draw on; every
+        # gap is at least 1, so more than the positions left are never needed
+        left = count - last
+        draws = int(left * p + 6.0 * math.sqrt(max(left * p, 1.0) * (1.0 - p)) + 16)
+        draws = min(draws, left)
         gaps = torch.empty(draws, dtype=torch.float32, device=device).uniform_()
         gaps = gaps.neg_().log1p_().div_(log_keep).floor_().to(torch.int64).add_(1)
         positions = gaps.cumsum_(0).add_(last)
