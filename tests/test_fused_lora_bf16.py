@@ -50,9 +50,29 @@ def test_drop_positions_edge_cases():
     assert drop_positions(0, 0.5, CPU).numel() == 0
     assert torch.equal(drop_positions(7, 1.0, CPU), torch.arange(7))
     torch.manual_seed(3)
-    small = [drop_positions(3, 0.9, CPU) for _ in range(200)]  # ranges drawn in pieces
+    small = [drop_positions(3, 0.9, CPU) for _ in range(200)]
     assert all(int(s.max()) < 3 for s in small if s.numel())
     assert abs(sum(s.numel() for s in small) / 600 - 0.9) < 0.05
+    tiny = drop_positions(1000, 1e-20, CPU)  # gaps far beyond the range are clipped
+    assert tiny.numel() == 0 or (int(tiny.min()) >= 0 and int(tiny.max()) < 1000)
+
+
+def test_drop_positions_drawn_in_several_rounds_keep_the_distribution(monkeypatch):
+    """With no margin, a round falls short about half the time and the next one continues
+    from the last position: the mask must still be sorted, unrepeated and at rate p."""
+    from peftbench.training import fused_lora_bf16
+
+    monkeypatch.setattr(fused_lora_bf16, "_MARGIN_SIGMAS", 0.0)
+    monkeypatch.setattr(fused_lora_bf16, "_MARGIN_EXTRA", 0)
+    count, p, total = 5_000, 0.1, 0
+    torch.manual_seed(4)
+    for _ in range(100):
+        positions = drop_positions(count, p, CPU)
+        assert bool((positions[1:] > positions[:-1]).all())
+        assert int(positions[0]) >= 0 and int(positions[-1]) < count
+        total += positions.numel()
+    sigma = math.sqrt(p * (1 - p) / (100 * count))
+    assert abs(total / (100 * count) - p) < 5 * sigma
 
 
 def test_a_shared_input_is_copied_to_bf16_once_until_it_changes():
@@ -67,6 +87,32 @@ def test_a_shared_input_is_copied_to_bf16_once_until_it_changes():
     with torch.inference_mode():  # inference tensors have no version: copied each time
         frozen = torch.randn(4, 8)
         assert torch.equal(shared_bf16_copy(frozen), frozen.to(torch.bfloat16))
+    plain = torch.randn(4, 8)
+    with torch.inference_mode():  # a copy made here could not be saved for a backward
+        shared_bf16_copy(plain)
+    assert not shared_bf16_copy(plain).is_inference()
+
+
+def test_a_non_contiguous_input_gets_the_same_mask_in_forward_and_backward():
+    """A transposed input (strided bf16 copy): dropout must index it in row-major order."""
+    base = torch.randn(16, 8)
+    x = base.t().requires_grad_()  # (8, 16), not contiguous
+    weight = torch.randn(4, 16).to(torch.bfloat16)
+    lora_a = torch.randn(2, 16, requires_grad=True)
+    lora_b = torch.randn(4, 2, requires_grad=True)
+    torch.manual_seed(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lora_linear_bf16(x, weight, None, lora_a, lora_b, 1.0, 0.3)
+    out.float().sum().backward()
+    torch.manual_seed(2)
+    keep = torch.ones(x.numel())
+    keep[drop_positions(x.numel(), 0.3, CPU)] = 0.0
+    keep = keep.view(x.shape) / 0.7
+    xd = x.detach()
+    ref = xd @ weight.float().t() + ((xd * keep) @ lora_a.detach().t()) @ lora_b.detach().t()
+    assert (out.float() - ref).norm() <= 0.02 * ref.norm()
+    ref_grad_a = ((torch.ones_like(ref) @ lora_b.detach()).t() @ (xd * keep))
+    assert (lora_a.grad - ref_grad_a).norm() <= 0.02 * ref_grad_a.norm()
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -12,14 +12,14 @@ same function with:
   and v; gate and up) and kept for the backward instead of an fp32 dropped input;
 - dropout as a list of dropped positions (:func:`drop_positions`): a Bernoulli(``p``)
   mask drawn from about ``p`` random numbers per element instead of one, kept for the
-  backward (``4 p`` bytes per element), applied by zeroing those positions; the ``1/(1-p)``
+  backward (``8 p`` bytes per element), applied by zeroing those positions; the ``1/(1-p)``
   scale is folded into ``B``, so no multiplier tensor exists;
 - the adapter's output added into the base matmul's output (``addmm_``).
 
 The matmuls run in bf16 and gradients reach the fp32 input in fp32, as under autocast;
 rounding differs from peft's order by bf16 rounding only (tested). Dropout masks are
-other draws than ``nn.Dropout``'s (same distribution, exact ``p``), so exact fp32 runs do
-not use this.
+other draws than ``nn.Dropout``'s (same distribution, ``p`` exact to the float32 resolution
+of the uniform draws, 2^-24), so exact fp32 runs do not use this.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ import torch
 
 _BF16 = torch.bfloat16
 _CAST_CACHE = "_peftbench_bf16_copy"
+#: uniform numbers drawn per round beyond the expected count: enough for the whole range
+#: with probability ~1 - 1e-9 (a shortfall draws another round)
+_MARGIN_SIGMAS, _MARGIN_EXTRA = 6.0, 16
 
 
 def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
@@ -39,7 +42,7 @@ def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
 
     The gaps between dropped positions of a Bernoulli process are i.i.d. geometric, so they
     are drawn directly, ``floor(log(1 - u) / log(1 - p)) + 1`` for uniform ``u``: about
-    ``p * count`` numbers instead of ``count``.
+    ``p * count`` numbers instead of ``count`` (gaps beyond the range are clipped to it).
     """
     if count <= 0 or p <= 0.0:
         return torch.empty(0, dtype=torch.int64, device=device)
@@ -49,13 +52,13 @@ def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
     parts: list[torch.Tensor] = []
     last = -1  # the last position drawn so far
     while last < count:
-        # enough for the rest of the range with probability ~1 - 1e-9, else draw on; every
-        # gap is at least 1, so more than the positions left are never needed
+        # every gap is at least 1, so more than the positions left are never needed
         left = count - last
-        draws = int(left * p + 6.0 * math.sqrt(max(left * p, 1.0) * (1.0 - p)) + 16)
-        draws = min(draws, left)
+        spread = _MARGIN_SIGMAS * math.sqrt(max(left * p, 1.0) * (1.0 - p))
+        draws = max(1, min(int(left * p + spread) + _MARGIN_EXTRA, left))
         gaps = torch.empty(draws, dtype=torch.float32, device=device).uniform_()
-        gaps = gaps.neg_().log1p_().div_(log_keep).floor_().to(torch.int64).add_(1)
+        gaps = gaps.neg_().log1p_().div_(log_keep).floor_().clamp_(max=count)
+        gaps = gaps.to(torch.int64).add_(1)
         positions = gaps.cumsum_(0).add_(last)
         last = int(positions[-1])
         parts.append(positions)
@@ -65,10 +68,12 @@ def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
 
 def shared_bf16_copy(x: torch.Tensor) -> torch.Tensor:
     """``x`` in bf16: the copy made for an earlier layer reading the same unchanged tensor,
-    else a new one (remembered on ``x``, freed with it)."""
+    else a new one (remembered on ``x``, freed with it). Unchanged means the same version
+    counter: a write through ``x.data`` would not be seen (autograd's own rule too)."""
     if x.dtype == _BF16:
         return x
-    if x.is_inference():  # no version counter to check a copy against
+    if x.is_inference() or torch.is_inference_mode_enabled():
+        # no version counter to check against / a copy that grad mode could not save
         return x.to(_BF16)
     cached = getattr(x, _CAST_CACHE, None)
     if cached is not None and cached[0] == x._version:
@@ -83,8 +88,8 @@ def _zeroed(values: torch.Tensor, positions: torch.Tensor | None,
     """``values`` with the flat ``positions`` set to 0 (on a copy if ``copy``)."""
     if positions is None:
         return values
-    out = values.clone() if copy else values
-    out.view(-1).index_fill_(0, positions, 0.0)
+    out = values.clone(memory_format=torch.contiguous_format) if copy else values
+    out.view(-1).index_fill_(0, positions, 0.0)  # flat positions in row-major order
     return out
 
 
