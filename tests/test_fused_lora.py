@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftbench.methods import get_method
-from peftbench.models import load_model
+from lora_models import tiny_lora_llama
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.fused_lora import fuse_lora_layers
 
@@ -15,15 +14,7 @@ IDS = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
 
 
 def _lora_model(fused: bool) -> torch.nn.Module:
-    loaded = load_model("tiny-random-llama", seed=0)
-    lora = get_method("lora")
-    args = lora.resolve_args({})
-    torch.manual_seed(0)
-    model = lora.apply(loaded.model, args, encoder_decoder=False).train()
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero; make the adapter contribute
-            torch.nn.init.normal_(param, std=0.5)
+    model = tiny_lora_llama()
     use_fast_dropout(model)
     if fused:
         assert fuse_lora_layers(model) > 0

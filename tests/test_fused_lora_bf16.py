@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from peftbench.methods import get_method
-from peftbench.models import load_model
+from lora_models import tiny_lora_llama
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.fused_lora_bf16 import (
@@ -165,15 +164,7 @@ def test_the_fused_function_applies_one_mask_in_forward_and_backward(with_bias):
 
 
 def _lora_model(fused: bool, dtype_fp32: bool = False, dropout: float = 0.0) -> torch.nn.Module:
-    loaded = load_model("tiny-random-llama", seed=0)
-    lora = get_method("lora")
-    torch.manual_seed(0)
-    model = lora.apply(loaded.model, lora.resolve_args({"dropout": dropout}),
-                       encoder_decoder=False).train()
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # peft starts B at zero; make the adapter contribute
-            torch.nn.init.normal_(param, std=0.5)
+    model = tiny_lora_llama({"dropout": dropout})
     if dtype_fp32:
         return model
     store_frozen_in_bf16(model)

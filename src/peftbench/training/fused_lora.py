@@ -123,26 +123,24 @@ def _fusable(module: nn.Module) -> bool:
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """peft's forward as one :class:`_LoraLinear` in the plain fp32 case, else peft's own."""
+    """peft's forward as one autograd function in the plain case (fp32 outside autocast,
+    bf16 under CPU autocast), else peft's own."""
     base = self.get_base_layer()
     if (args or kwargs or self.disable_adapters or self.merged or base.weight.requires_grad
             or len(self.active_adapters) != 1):
         return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     name = self.active_adapters[0]
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-    if torch.is_autocast_enabled(x.device.type):
-        if not _bf16_fusable(x, base.weight, lora_a, lora_b):
-            return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, FastDropout) and dropout.training else 0.0
-        return lora_linear_bf16(x, base.weight, base.bias, lora_a, lora_b,
-                                float(self.scaling[name]), p)
-    if not (x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32):
-        return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     active = dropout if isinstance(dropout, FastDropout) and dropout.training else None
-    return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b,
-                             float(self.scaling[name]), active)
+    scaling = float(self.scaling[name])
+    if torch.is_autocast_enabled(x.device.type):
+        if _bf16_fusable(x, base.weight, lora_a, lora_b):
+            return lora_linear_bf16(x, base.weight, base.bias, lora_a, lora_b, scaling,
+                                    active.p if active is not None else 0.0)
+    elif x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32:
+        return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, active)
+    return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
 
 
 def _bf16_fusable(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
