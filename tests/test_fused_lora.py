@@ -37,12 +37,16 @@ def test_fused_layers_compute_what_peft_computes(train):
     assert loss_fused == pytest.approx(loss_plain, rel=1e-6)
     assert grads_plain.keys() == grads_fused.keys() and grads_plain
     for name, grad in grads_plain.items():
-        assert torch.allclose(grads_fused[name], grad, rtol=1e-4, atol=1e-7), name
+        # fp32 rounding only: the fused layer folds 1 / (1 - p) into B, peft scales the input
+        scale = grad.abs().max().item()
+        assert torch.allclose(grads_fused[name], grad, rtol=1e-4, atol=1e-5 * scale), name
 
 
-def test_gradients_of_the_fused_function_match_finite_differences():
-    """float64 gradcheck of the autograd function itself: bias, a non-contiguous input and
-    dropout off (its random draws would differ between the evaluations)."""
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_gradients_of_the_fused_function_match_finite_differences(p):
+    """float64 gradcheck of the autograd function itself: bias, a non-contiguous input, and
+    dropout off or on (seeded before every evaluation, so every one drops the same
+    positions)."""
     from peftbench.training.fused_lora import _LoraLinear
 
     gen = torch.Generator().manual_seed(0)
@@ -50,12 +54,14 @@ def test_gradients_of_the_fused_function_match_finite_differences():
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
 
+    def layer(x, bias, a, b):
+        torch.manual_seed(3)
+        return _LoraLinear.apply(x, weight, bias, a, b, 1.5, p)
+
     x = leaf(3, 6, 4).transpose(1, 2)  # (3, 4, 6), not contiguous
     weight = torch.randn(5, 6, generator=gen, dtype=torch.float64)  # frozen
     bias, lora_a, lora_b = leaf(5), leaf(2, 6), leaf(5, 2)
-    assert torch.autograd.gradcheck(
-        lambda x, bias, a, b: _LoraLinear.apply(x, weight, bias, a, b, 1.5, None),
-        (x, bias, lora_a, lora_b))
+    assert torch.autograd.gradcheck(layer, (x, bias, lora_a, lora_b))
 
 
 def test_dropout_is_applied_and_rebuilt_in_the_backward():

@@ -1,77 +1,20 @@
 """Fused bf16 LoRA layers (CPU autocast): the adapter's function with its dropout mask
 applied consistently in forward and backward, as close to fp32 as peft under autocast, one
-shared bf16 copy of a shared input, and a dropout mask with the right distribution."""
+shared bf16 copy of a shared input (the dropout masks themselves: ``test_dropout.py``)."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from lora_models import tiny_lora_llama
-from peftbench.training.dropout import use_fast_dropout
+from peftbench.training.dropout import drop_positions, use_fast_dropout
 from peftbench.training.fused_lora import fuse_lora_layers
-from peftbench.training.fused_lora_bf16 import (
-    drop_positions,
-    lora_linear_bf16,
-    shared_bf16_copy,
-)
+from peftbench.training.fused_lora_bf16 import lora_linear_bf16, shared_bf16_copy
 from peftbench.training.precision import lora_inputs_uncast, store_frozen_in_bf16
 
 CPU = torch.device("cpu")
 IDS = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
-
-
-@pytest.mark.parametrize("p", [0.05, 0.5])
-def test_drop_positions_are_an_independent_bernoulli_mask(p):
-    count = 400_000
-    torch.manual_seed(0)
-    positions = drop_positions(count, p, CPU)
-    assert positions.dtype == torch.int64
-    assert int(positions[0]) >= 0 and int(positions[-1]) < count
-    assert bool((positions[1:] > positions[:-1]).all())  # sorted, no repeats
-    mask = torch.zeros(count, dtype=torch.bool)
-    mask[positions] = True
-    sigma = math.sqrt(p * (1 - p) / count)
-    assert abs(mask.float().mean().item() - p) < 5 * sigma
-    # neighbours independent: both dropped with probability p^2
-    both = (mask[1:] & mask[:-1]).float().mean().item()
-    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / count)
-    # the same seed draws the same mask, another seed another
-    torch.manual_seed(0)
-    assert torch.equal(drop_positions(count, p, CPU), positions)
-    assert not torch.equal(drop_positions(count, p, CPU), positions)
-
-
-def test_drop_positions_edge_cases():
-    assert drop_positions(100, 0.0, CPU).numel() == 0
-    assert drop_positions(0, 0.5, CPU).numel() == 0
-    assert torch.equal(drop_positions(7, 1.0, CPU), torch.arange(7))
-    torch.manual_seed(3)
-    small = [drop_positions(3, 0.9, CPU) for _ in range(200)]
-    assert all(int(s.max()) < 3 for s in small if s.numel())
-    assert abs(sum(s.numel() for s in small) / 600 - 0.9) < 0.05
-    tiny = drop_positions(1000, 1e-20, CPU)  # gaps far beyond the range are clipped
-    assert tiny.numel() == 0 or (int(tiny.min()) >= 0 and int(tiny.max()) < 1000)
-
-
-def test_drop_positions_drawn_in_several_rounds_keep_the_distribution(monkeypatch):
-    """With no margin, a round falls short about half the time and the next one continues
-    from the last position: the mask must still be sorted, unrepeated and at rate p."""
-    from peftbench.training import fused_lora_bf16
-
-    monkeypatch.setattr(fused_lora_bf16, "_MARGIN_SIGMAS", 0.0)
-    monkeypatch.setattr(fused_lora_bf16, "_MARGIN_EXTRA", 0)
-    count, p, total = 5_000, 0.1, 0
-    torch.manual_seed(4)
-    for _ in range(100):
-        positions = drop_positions(count, p, CPU)
-        assert bool((positions[1:] > positions[:-1]).all())
-        assert int(positions[0]) >= 0 and int(positions[-1]) < count
-        total += positions.numel()
-    sigma = math.sqrt(p * (1 - p) / (100 * count))
-    assert abs(total / (100 * count) - p) < 5 * sigma
 
 
 def test_a_shared_input_is_copied_to_bf16_once_until_it_changes():

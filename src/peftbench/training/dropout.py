@@ -3,18 +3,16 @@
 torch's CPU dropout draws one Mersenne-Twister number per element (``bernoulli_``) and
 keeps a 4-byte mask per element for the backward. With LoRA on every linear layer of
 SmolLM2 that is 210 masks per step and measured 24 % of a training step on 2 cores
-(``bernoulli_`` alone; ``benchmarks/README.md``). :class:`FastDropout` draws 64 random bits
-per call of the generator and cuts them into four 16-bit numbers, one per element. For the
-backward it keeps no mask but the generator state the numbers came from (5 kB) and draws
-them again (:class:`BitsForBackward`; 0.7 ms for 1085 x 576 elements on 2 cores): the
-2 bytes per element kept before were 242 MiB of the 1308 MiB of activations one SmolLM2
-LoRA step (all linear layers, 16 x 53 tokens) keeps for its backward. The mask is the
-same distribution: every element is kept independently with probability ``1 - p``, where
-``p`` is rounded to a multiple of 1/65536 (0.05 becomes 0.0500031), and kept elements are
-scaled by the exact inverse of the keep probability, so the expected output equals the
-input as with ``nn.Dropout``. Masks come from torch's default generator, so
-``torch.manual_seed`` makes them reproducible; they are different masks from
-``nn.Dropout``'s, which is why fp32 mode (the exactness reference) keeps ``nn.Dropout``.
+(``bernoulli_`` alone; ``benchmarks/README.md``). Here the mask is drawn as the list of
+dropped positions (:func:`drop_positions`): the gaps between the dropped elements of an
+i.i.d. Bernoulli(``p``) mask are i.i.d. geometric, so they are drawn directly, about ``p``
+uniform numbers per element instead of one. The positions are kept for the backward
+(``8 p`` bytes per element, 0.4 at ``p = 0.05``) and the mask is applied by zeroing them
+(:func:`zero_positions`). It is the distribution of ``nn.Dropout``: every element is dropped
+independently with probability ``p`` (exact to the float32 resolution of the uniform draws,
+2^-24) and kept elements are scaled by ``1 / (1 - p)``. Positions come from torch's default
+generator, so ``torch.manual_seed`` makes them reproducible; they are other masks than
+``nn.Dropout``'s, which is why exact fp32 runs (``precision: fp32``) keep ``nn.Dropout``.
 """
 
 from __future__ import annotations
@@ -23,15 +21,66 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-_LEVELS = 65536  # 16-bit random numbers
-_INT16_MIN = -32768
+#: uniform numbers drawn per round beyond the expected count: enough for the whole range
+#: with probability ~1 - 1e-9 (a shortfall draws another round)
+_MARGIN_SIGMAS, _MARGIN_EXTRA = 6.0, 16
+
+
+def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
+    """Sorted flat indices of the elements an i.i.d. Bernoulli(``p``) dropout zeroes among
+    ``count`` (int64), drawn from torch's default generator.
+
+    The gaps between dropped positions of a Bernoulli process are i.i.d. geometric, so they
+    are drawn directly, ``floor(log(1 - u) / log(1 - p)) + 1`` for uniform ``u``: about
+    ``p * count`` numbers instead of ``count`` (gaps beyond the range are clipped to it).
+    """
+    if count <= 0 or p <= 0.0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if p >= 1.0:
+        return torch.arange(count, device=device)
+    log_keep = math.log1p(-p)
+    parts: list[torch.Tensor] = []
+    last = -1  # the last position drawn so far
+    while last < count:
+        # every gap is at least 1, so more than the positions left are never needed
+        left = count - last
+        spread = _MARGIN_SIGMAS * math.sqrt(max(left * p, 1.0) * (1.0 - p))
+        draws = max(1, min(int(left * p + spread) + _MARGIN_EXTRA, left))
+        gaps = torch.empty(draws, dtype=torch.float32, device=device).uniform_()
+        gaps = gaps.neg_().log1p_().div_(log_keep).floor_().clamp_(max=count)
+        gaps = gaps.to(torch.int64).add_(1)
+        positions = gaps.cumsum_(0).add_(last)
+        last = int(positions[-1])
+        parts.append(positions)
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return positions[: int(torch.searchsorted(positions, count))]
+
+
+def zero_positions(values: torch.Tensor, positions: torch.Tensor | None,
+                   out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """``values * scale`` with the flat ``positions`` (row-major order) set to 0: written into
+    ``out`` (contiguous, ``values``' shape) if given, else into a new contiguous tensor, or
+    ``values`` itself when there is nothing to change (no positions, scale 1, no ``out``)."""
+    if out is None and positions is None and scale == 1.0:
+        return values
+    if out is None:
+        out = torch.empty_like(values, memory_format=torch.contiguous_format)
+    if scale == 1.0:
+        if out is not values:
+            out.copy_(values)
+    else:
+        torch.mul(values, scale, out=out)
+    if positions is not None:
+        out.view(-1).index_fill_(0, positions, 0.0)
+    return out
 
 
 class Scratch:
     """Grow-only buffers, one per named slot, for tensors that live only inside one call of
-    a dropout or fused LoRA function (random bits, multipliers, the dropped input).
+    a fused fp32 LoRA function (the dropped input, products the backward does not return).
 
     Allocated fresh in every adapted layer, those short-lived tensors left holes between
     the activations kept for the backward, too small for the next ones, so the heap kept
@@ -56,106 +105,20 @@ class Scratch:
         return buffer[:count].view(shape)
 
 
-def keep_multiplier(bits: torch.Tensor, threshold: int, scale: float,
-                    slot: str | None = None) -> torch.Tensor:
-    """fp32 ``scale`` where ``bits >= threshold``, else 0; in :class:`Scratch` ``slot``'s
-    memory if given.
-
-    Built with same-dtype ops only (mixed bool/float element-wise ops take torch's slow
-    casting path on CPU, and an int16 - float op allocates a converted copy): fp32 holds
-    every 16-bit value exactly (bf16 does not, which would move the threshold) and the exact
-    ``scale``.
-    """
-    if slot is None:
-        multiplier = bits.to(torch.float32)
-    else:
-        multiplier = Scratch.take(slot, bits.shape, torch.float32, bits.device).copy_(bits)
-    return multiplier.sub_(threshold - 0.5).clamp_(0, 1).ceil_().mul_(scale)
-
-
-def masked_scale(x: torch.Tensor, bits: torch.Tensor, threshold: int, scale: float,
-                 slot: str | None = None) -> torch.Tensor:
-    """``x * scale`` where ``bits >= threshold``, else 0, in ``x``'s dtype (a new tensor; the
-    multiplier in :class:`Scratch` ``slot`` if given)."""
-    return (x * keep_multiplier(bits, threshold, scale, slot)).to(x.dtype)
-
-
-class _MaskedScale(torch.autograd.Function):
-    """``x * multiplier(bits)``; the backward rebuilds the multiplier from the same bits."""
+class _Dropout(torch.autograd.Function):
+    """``x / (1 - p)`` with the drawn positions zeroed; the backward zeroes the same ones."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, threshold: int, scale: float) -> torch.Tensor:
-        bits = BitsForBackward.draw(ctx, x.shape, x.device)
-        ctx.save_for_backward(BitsForBackward.to_keep(ctx, bits))
-        ctx.threshold, ctx.scale = threshold, scale
-        return masked_scale(x, bits, threshold, scale, BitsForBackward.slot(ctx, "keep"))
+    def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
+        positions = drop_positions(x.numel(), p, x.device)
+        ctx.save_for_backward(positions)
+        ctx.scale = 1.0 / (1.0 - p)
+        return zero_positions(x, positions, scale=ctx.scale)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        bits = BitsForBackward.again(ctx, *ctx.saved_tensors)
-        return (masked_scale(grad, bits, ctx.threshold, ctx.scale,
-                             BitsForBackward.slot(ctx, "keep")), None, None)
-
-
-def random_int16(shape: torch.Size, device: torch.device,
-                 generator: torch.Generator | None = None,
-                 scratch: bool = False) -> torch.Tensor:
-    """Uniform 16-bit integers: 64-bit draws of ``generator`` (default: torch's), cut in four;
-    with ``scratch``, in :class:`Scratch` memory.
-
-    Under ``torch.compile`` they are drawn with ``randint`` instead (the compiler's own
-    generator, seeded from torch's): the compiler mishandles a view of int64 as int16.
-    """
-    if torch.compiler.is_compiling():
-        return torch.randint(_INT16_MIN, -_INT16_MIN, shape, dtype=torch.int16, device=device)
-    count = shape.numel()
-    size = ((count + 3) // 4,)
-    words = (Scratch.take("random_bits", size, torch.int64, device) if scratch
-             else torch.empty(size, dtype=torch.int64, device=device))
-    # the full 64-bit range: every 16-bit slice is uniform
-    words.random_(-(2**63), None, generator=generator)
-    return words.view(torch.int16)[:count].view(shape)
-
-
-class BitsForBackward:
-    """Random bits an autograd function needs again in its backward, kept as the CPU
-    generator's state (drawn again there from a private generator, so torch's own stream
-    is not moved) or, under ``torch.compile`` and off the CPU, as the bits themselves.
-
-    Forward: ``bits = draw(ctx, ...)``, then ``to_keep(ctx, bits)`` among the tensors given
-    to ``save_for_backward``; backward: ``again(ctx, that saved entry)``. Bits that are drawn
-    again live in :class:`Scratch` memory, valid until the next draw; ``slot`` says whether
-    what is computed from them may use scratch memory too.
-    """
-
-    @staticmethod
-    def draw(ctx: Any, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        """Uniform 16-bit integers of ``shape``, remembering how to get them again."""
-        ctx.bits_state = None
-        if torch.compiler.is_compiling() or device.type != "cpu":
-            return random_int16(shape, device)
-        ctx.bits_state, ctx.bits_shape = torch.get_rng_state(), shape
-        return random_int16(shape, device, scratch=True)
-
-    @staticmethod
-    def slot(ctx: Any, name: str) -> str | None:
-        """``name`` where this call works in scratch memory, else None."""
-        return None if ctx.bits_state is None else name
-
-    @staticmethod
-    def to_keep(ctx: Any, bits: torch.Tensor) -> torch.Tensor | None:
-        """What to save for the backward: nothing if the bits can be drawn again."""
-        return bits if ctx.bits_state is None else None
-
-    @staticmethod
-    def again(ctx: Any, kept: torch.Tensor | None) -> torch.Tensor:
-        """The forward's bits: drawn again from the saved state, or the kept ones."""
-        if ctx.bits_state is None:
-            assert kept is not None
-            return kept
-        generator = torch.Generator()
-        generator.set_state(ctx.bits_state)
-        return random_int16(ctx.bits_shape, torch.device("cpu"), generator, scratch=True)
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (positions,) = ctx.saved_tensors
+        return zero_positions(grad, positions, scale=ctx.scale), None
 
 
 class FastDropout(nn.Module):
@@ -166,17 +129,15 @@ class FastDropout(nn.Module):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
         self.p = p
-        dropped_levels = round(p * _LEVELS)
-        self.threshold = _INT16_MIN + dropped_levels  # keep where bits >= threshold
-        kept = (_LEVELS - dropped_levels) / _LEVELS
-        self.scale = 1.0 / kept if kept > 0 else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.threshold == _INT16_MIN:
+        if not self.training or self.p == 0.0:
             return x
-        if self.scale == 0.0:
+        if self.p == 1.0:
             return torch.zeros_like(x)
-        return _MaskedScale.apply(x, self.threshold, self.scale)
+        if torch.compiler.is_compiling():
+            return F.dropout(x, self.p, training=True)  # the compiler draws its own masks
+        return _Dropout.apply(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

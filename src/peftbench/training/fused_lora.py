@@ -6,21 +6,22 @@ small matmuls, a multiply by ``scaling`` and an add over the whole output, each 
 own backward. :class:`_LoraLinear` does the same arithmetic with fewer passes over memory:
 
 - the adapter's output is added inside the base matmul's output buffer (``addmm_`` with
-  ``scaling * lora_B``): no separate multiply and add over the output;
-- it keeps the input ``x`` itself for the backward (q, k and v, or gate and up, read the
-  same tensor, so it is kept once) and rebuilds the dropped input in the backward from
-  the dropout's random numbers, drawn again there (:class:`~peftbench.training.dropout.
-  BitsForBackward`), instead of keeping a 4-byte copy per adapted layer;
-- the random numbers, the dropout multiplier, the dropped input and the backward's
-  products that are not returned live in reused :class:`~peftbench.training.dropout.
-  Scratch` memory, not in fresh tensors per layer;
-- dropout draws :mod:`~peftbench.training.dropout`'s masks (same distribution as
-  ``nn.Dropout``, other masks), so exact fp32 runs (``precision: fp32``) do not use it.
+  ``scaling / (1 - p) * lora_B``): no separate multiply and add over the output, and no
+  dropout scale over the input;
+- dropout is a list of dropped positions (:func:`~peftbench.training.dropout.
+  drop_positions`, about ``p`` random numbers per element), kept for the backward
+  (``8 p`` bytes per element) and applied by zeroing them in a copy of the input; it
+  keeps the input ``x`` itself for the backward (q, k and v, or gate and up, read the same
+  tensor, so it is kept once), not a dropped copy per adapted layer;
+- the dropped input and the backward's products that are not returned live in reused
+  :class:`~peftbench.training.dropout.Scratch` memory, not in fresh tensors per layer;
+- the masks are :mod:`~peftbench.training.dropout`'s (same distribution as ``nn.Dropout``,
+  other draws), so exact fp32 runs (``precision: fp32``) do not use it.
 
 Only plain LoRA on a frozen ``nn.Linear`` with one active adapter is fused (no DoRA, no
 LoRA bias, no ``fan_in_fan_out``): outside autocast in fp32 here, under CPU bf16 autocast
-over bf16-stored weights by :mod:`~peftbench.training.fused_lora_bf16`; anything else runs
-peft's forward.
+over bf16-stored weights by :mod:`~peftbench.training.fused_lora_bf16`; anything else, and
+anything under ``torch.compile``, runs peft's forward.
 """
 
 from __future__ import annotations
@@ -30,12 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.training.dropout import (
-    BitsForBackward,
-    FastDropout,
-    Scratch,
-    keep_multiplier,
-)
+from peftbench.training.dropout import FastDropout, Scratch, drop_positions, zero_positions
 from peftbench.training.forward_routing import route_forwards
 from peftbench.training.fused_lora_bf16 import lora_linear_bf16
 
@@ -43,68 +39,56 @@ _ORIGINAL_FORWARD = "_peftbench_peft_forward"
 
 
 class _LoraLinear(torch.autograd.Function):
-    """``x W^T (+ bias) + scaling * dropout(x) A^T B^T``; only A and B are trained."""
+    """``x W^T (+ bias) + scaling * dropout(x) A^T B^T``; only A and B are trained
+    (and the bias, if it requires a gradient)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
-                dropout: FastDropout | None) -> torch.Tensor:
+                p: float) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        scaled_b = lora_b * scaling
-        dropped = rows
-        kept_bits = None
-        if dropout is not None:
-            bits = BitsForBackward.draw(ctx, rows.shape, rows.device)
-            kept_bits = BitsForBackward.to_keep(ctx, bits)
-            slot = BitsForBackward.slot(ctx, "lora_dropped")
-            dropped = keep_multiplier(bits, dropout.threshold, dropout.scale, slot).mul_(rows)
+        positions = drop_positions(rows.numel(), p, rows.device) if p > 0.0 else None
+        scale = scaling / (1.0 - p) if p < 1.0 else 0.0
+        dropped = rows if positions is None else zero_positions(
+            rows, positions, _scratch("lora_dropped", rows))
         hidden = dropped @ lora_a.t()
         out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+        scaled_b = lora_b * scale
         out.addmm_(hidden, scaled_b.t())
-        ctx.save_for_backward(x, weight, lora_a, scaled_b, hidden, kept_bits)
-        ctx.scaling, ctx.dropout = scaling, dropout
+        ctx.save_for_backward(x, weight, lora_a, scaled_b, hidden, positions)
+        ctx.scale = scale
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, scaled_b, hidden, kept_bits = ctx.saved_tensors
-        dropout = ctx.dropout
-        # the dropout multiplier, rebuilt once from the forward's bits for both gradients
-        keep = None
-        work = None  # the Scratch slot for products that are not returned
-        if dropout is not None:
-            bits = BitsForBackward.again(ctx, kept_bits)
-            keep = keep_multiplier(bits, dropout.threshold, dropout.scale,
-                                   BitsForBackward.slot(ctx, "lora_keep"))
-            work = BitsForBackward.slot(ctx, "lora_work")
+        x, weight, lora_a, scaled_b, hidden, positions = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         grad_hidden = g @ scaled_b  # (tokens, r)
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ hidden).mul_(ctx.scaling)
+            grad_b = (g.t() @ hidden).mul_(ctx.scale)
         if ctx.needs_input_grad[3]:
             rows = x.reshape(-1, x.shape[-1])
-            grad_a = grad_hidden.t() @ (rows if keep is None else _product(rows, keep, work))
+            if positions is not None:
+                rows = zero_positions(rows, positions, _scratch("lora_work", rows))
+            grad_a = grad_hidden.t() @ rows
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if keep is None:
+            if positions is None:
                 grad_x.addmm_(grad_hidden, lora_a)
             else:
-                grad_x.addcmul_(_product(grad_hidden, lora_a, work, matmul=True), keep)
+                lora_part = torch.mm(grad_hidden, lora_a,
+                                     out=_scratch("lora_work", grad_x))
+                grad_x.add_(zero_positions(lora_part, positions, out=lora_part))
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
-def _product(a: torch.Tensor, b: torch.Tensor, slot: str | None,
-             matmul: bool = False) -> torch.Tensor:
-    """``a * b`` (or ``a @ b``), in :class:`Scratch` ``slot``'s memory if given."""
-    op = torch.mm if matmul else torch.mul
-    if slot is None:
-        return op(a, b)
-    shape = (a.shape[0], b.shape[1]) if matmul else a.shape
-    return op(a, b, out=Scratch.take(slot, shape, a.dtype, a.device))
+def _scratch(slot: str, like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like ``like`` in :class:`Scratch` ``slot``'s memory (garbage)."""
+    return Scratch.take(slot, like.shape, like.dtype, like.device)
 
 
 def _fusable(module: nn.Module) -> bool:
@@ -134,21 +118,21 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     dropout = self.lora_dropout[name]
     active = dropout if isinstance(dropout, FastDropout) and dropout.training else None
     scaling = float(self.scaling[name])
+    p = active.p if active is not None else 0.0
+    if torch.compiler.is_compiling():  # peft's: the compiler fuses it, with its own masks
+        return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     if torch.is_autocast_enabled(x.device.type):
         if _bf16_fusable(x, base.weight, lora_a, lora_b):
-            return lora_linear_bf16(x, base.weight, base.bias, lora_a, lora_b, scaling,
-                                    active.p if active is not None else 0.0)
+            return lora_linear_bf16(x, base.weight, base.bias, lora_a, lora_b, scaling, p)
     elif x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32:
-        return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, active)
+        return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, p)
     return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
 
 
 def _bf16_fusable(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
                   lora_b: torch.Tensor) -> bool:
-    """CPU bf16 autocast over a bf16-stored frozen weight, fp32 adapter, fp32 or bf16 input;
-    not while compiling (the shared input copy is an attribute on the input tensor)."""
-    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    """CPU bf16 autocast over a bf16-stored frozen weight, fp32 adapter, fp32 or bf16 input."""
+    return (x.device.type == "cpu" and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and weight.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
             and lora_a.dtype == lora_b.dtype == torch.float32)
 

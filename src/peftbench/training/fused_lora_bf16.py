@@ -10,10 +10,11 @@ step from 446 to 607 tokens/s; these layers took it to 557-602 with dropout on
 
 - one bf16 copy of the input, shared by every adapted layer reading the same tensor (q, k
   and v; gate and up) and kept for the backward instead of an fp32 dropped input;
-- dropout as a list of dropped positions (:func:`drop_positions`): a Bernoulli(``p``)
-  mask drawn from about ``p`` random numbers per element instead of one, kept for the
-  backward (``8 p`` bytes per element), applied by zeroing those positions; the ``1/(1-p)``
-  scale is folded into ``B``, so no multiplier tensor exists;
+- dropout as a list of dropped positions (:func:`~peftbench.training.dropout.
+  drop_positions`): a Bernoulli(``p``) mask drawn from about ``p`` random numbers per
+  element instead of one, kept for the backward (``8 p`` bytes per element), applied by
+  zeroing those positions; the ``1/(1-p)`` scale is folded into ``B``, so no multiplier
+  tensor exists;
 - the adapter's output added into the base matmul's output (``addmm_``).
 
 The matmuls run in bf16 and gradients reach the fp32 input in fp32, as under autocast;
@@ -24,46 +25,14 @@ of the uniform draws, 2^-24), so exact fp32 runs do not use this.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from peftbench.training.dropout import drop_positions, zero_positions
+
 _BF16 = torch.bfloat16
 _CAST_CACHE = "_peftbench_bf16_copy"
-#: uniform numbers drawn per round beyond the expected count: enough for the whole range
-#: with probability ~1 - 1e-9 (a shortfall draws another round)
-_MARGIN_SIGMAS, _MARGIN_EXTRA = 6.0, 16
-
-
-def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
-    """Sorted flat indices of the elements an i.i.d. Bernoulli(``p``) dropout zeroes among
-    ``count`` (int64), drawn from torch's default generator.
-
-    The gaps between dropped positions of a Bernoulli process are i.i.d. geometric, so they
-    are drawn directly, ``floor(log(1 - u) / log(1 - p)) + 1`` for uniform ``u``: about
-    ``p * count`` numbers instead of ``count`` (gaps beyond the range are clipped to it).
-    """
-    if count <= 0 or p <= 0.0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    if p >= 1.0:
-        return torch.arange(count, device=device)
-    log_keep = math.log1p(-p)
-    parts: list[torch.Tensor] = []
-    last = -1  # the last position drawn so far
-    while last < count:
-        # every gap is at least 1, so more than the positions left are never needed
-        left = count - last
-        spread = _MARGIN_SIGMAS * math.sqrt(max(left * p, 1.0) * (1.0 - p))
-        draws = max(1, min(int(left * p + spread) + _MARGIN_EXTRA, left))
-        gaps = torch.empty(draws, dtype=torch.float32, device=device).uniform_()
-        gaps = gaps.neg_().log1p_().div_(log_keep).floor_().clamp_(max=count)
-        gaps = gaps.to(torch.int64).add_(1)
-        positions = gaps.cumsum_(0).add_(last)
-        last = int(positions[-1])
-        parts.append(positions)
-    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return positions[: int(torch.searchsorted(positions, count))]
 
 
 def shared_bf16_copy(x: torch.Tensor) -> torch.Tensor:
@@ -83,16 +52,6 @@ def shared_bf16_copy(x: torch.Tensor) -> torch.Tensor:
     return copy
 
 
-def _zeroed(values: torch.Tensor, positions: torch.Tensor | None,
-            copy: bool) -> torch.Tensor:
-    """``values`` with the flat ``positions`` set to 0 (on a copy if ``copy``)."""
-    if positions is None:
-        return values
-    out = values.clone(memory_format=torch.contiguous_format) if copy else values
-    out.view(-1).index_fill_(0, positions, 0.0)  # flat positions in row-major order
-    return out
-
-
 class _LoraLinearBf16(torch.autograd.Function):
     """``x W^T (+ bias) + scaling * dropout(x) A^T B^T`` in bf16; only A and B are trained
     (and the bias, if it requires a gradient)."""
@@ -108,7 +67,7 @@ class _LoraLinearBf16(torch.autograd.Function):
         a = lora_a.to(_BF16)
         b = (lora_b * scale).to(_BF16)
         # every operand is bf16 already, so autocast has nothing to cast here
-        hidden = _zeroed(rows, positions, copy=True) @ a.t()
+        hidden = zero_positions(rows, positions) @ a.t()
         out = (rows @ weight.t() if bias is None
                else torch.addmm(bias.to(_BF16), rows, weight.t()))
         out.addmm_(hidden, b.t())
@@ -125,9 +84,10 @@ class _LoraLinearBf16(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = (g.t() @ hidden).float().mul_(ctx.scale)
         if ctx.needs_input_grad[3]:
-            grad_a = (grad_hidden.t() @ _zeroed(rows, positions, copy=True)).float()
+            grad_a = (grad_hidden.t() @ zero_positions(rows, positions)).float()
         if ctx.needs_input_grad[0]:
-            lora_part = _zeroed(grad_hidden @ a, positions, copy=False)
+            lora_part = grad_hidden @ a
+            zero_positions(lora_part, positions, out=lora_part)
             grad_x = (g @ weight).to(ctx.x_dtype).add_(lora_part)
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
         if ctx.needs_input_grad[2]:
