@@ -17,6 +17,7 @@ from peftbench.models.base import LoadedModel
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.fused_lora import fuse_lora_layers
+from peftbench.training.fused_rms_norm import fuse_rms_norms
 from peftbench.training.heap import steady_heap
 from peftbench.training.lean_attention import use_lean_attention
 from peftbench.training.objective import supports_gathered_logits
@@ -47,8 +48,9 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     the checkpoint file's mapping released. On CPU, unless ``exact``: dropout with cheap
     masks (:mod:`~peftbench.training.dropout`), plain LoRA layers as one autograd function
     (:mod:`~peftbench.training.fused_lora`; under bf16 autocast
-    :mod:`~peftbench.training.fused_lora_bf16`) and, in fp32, the gated MLPs' SiLU and
-    product and the RMSNorms' outputs computed again in the backward
+    :mod:`~peftbench.training.fused_lora_bf16`); in bf16, Llama-style RMSNorms as one
+    autograd function (:mod:`~peftbench.training.fused_rms_norm`); in fp32, the gated
+    MLPs' SiLU and product and the RMSNorms' outputs computed again in the backward
     (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
     attention keeping its keys and values once per group and its mask once per forward
     (:mod:`~peftbench.training.lean_attention`). ``exact`` fp32 (an explicit
@@ -69,6 +71,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     if device.type == "cpu" and not (exact and precision == "fp32"):
         applied["fast_dropout"] = use_fast_dropout(model)
         applied["fused_lora"] = fuse_lora_layers(model)
+        if precision == "bf16":
+            applied["fused_rms_norm"] = fuse_rms_norms(model)
         if precision == "fp32":
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)

@@ -64,7 +64,8 @@ def _layer_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         _LAYER_NOTES.reset(token)
 
 
-def _is_llama_rms_norm(module: nn.Module) -> bool:
+def is_llama_rms_norm(module: nn.Module) -> bool:
+    """A norm of a class in :data:`LLAMA_RMS_NORMS` with its weight and epsilon."""
     return (type(module).__name__ in LLAMA_RMS_NORMS
             and isinstance(getattr(module, "weight", None), torch.Tensor)
             and hasattr(module, "variance_epsilon"))
@@ -74,11 +75,11 @@ def _owns_norm(module: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
     return (not isinstance(module, PreTrainedModel)
-            and any(_is_llama_rms_norm(child) for child in module.children()))
+            and any(is_llama_rms_norm(child) for child in module.children()))
 
 
 def recompute_norm_outputs(model: nn.Module) -> int:
     """Route the Llama-style RMSNorms of ``model`` and the layers owning them; returns how
     many layers (idempotent). Parameters and state dict are unchanged."""
-    route_forwards(model, _is_llama_rms_norm, _norm_forward, _ORIGINAL_NORM)
+    route_forwards(model, is_llama_rms_norm, _norm_forward, _ORIGINAL_NORM)
     return route_forwards(model, _owns_norm, _layer_forward, _ORIGINAL_LAYER)
