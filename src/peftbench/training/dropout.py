@@ -59,6 +59,15 @@ def drop_positions(count: int, p: float, device: torch.device) -> torch.Tensor:
     return positions[: int(torch.searchsorted(positions, count))]
 
 
+def adapter_dropout(rows: torch.Tensor, p: float,
+                    scaling: float) -> tuple[torch.Tensor | None, float]:
+    """A LoRA layer's dropout with ``1 / (1 - p)`` folded into ``B``: the positions dropped
+    among ``rows`` (None when ``p`` is 0) and ``scaling / (1 - p)``, the scale of ``B``
+    that keeps the expected output (0 when every element is dropped)."""
+    positions = drop_positions(rows.numel(), p, rows.device) if p > 0.0 else None
+    return positions, (scaling / (1.0 - p) if p < 1.0 else 0.0)
+
+
 def zero_positions(values: torch.Tensor, positions: torch.Tensor | None,
                    out: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """``values * scale`` with the flat ``positions`` (row-major order) set to 0: written into

@@ -31,9 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.training.dropout import FastDropout, Scratch, drop_positions, zero_positions
+from peftbench.training.dropout import FastDropout, Scratch, adapter_dropout, zero_positions
 from peftbench.training.forward_routing import route_forwards
-from peftbench.training.fused_lora_bf16 import lora_linear_bf16
+from peftbench.training.fused_lora_bf16 import base_plus_adapter, lora_linear_bf16
 
 _ORIGINAL_FORWARD = "_peftbench_peft_forward"
 
@@ -47,14 +47,12 @@ class _LoraLinear(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                 p: float) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        positions = drop_positions(rows.numel(), p, rows.device) if p > 0.0 else None
-        scale = scaling / (1.0 - p) if p < 1.0 else 0.0
+        positions, scale = adapter_dropout(rows, p, scaling)
         dropped = rows if positions is None else zero_positions(
             rows, positions, _scratch("lora_dropped", rows))
         hidden = dropped @ lora_a.t()
-        out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
         scaled_b = lora_b * scale
-        out.addmm_(hidden, scaled_b.t())
+        out = base_plus_adapter(rows, weight, bias, hidden, scaled_b)
         ctx.save_for_backward(x, weight, lora_a, scaled_b, hidden, positions)
         ctx.scale = scale
         return out.view(*x.shape[:-1], out.shape[-1])

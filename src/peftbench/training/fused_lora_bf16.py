@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from peftbench.training.dropout import drop_positions, zero_positions
+from peftbench.training.dropout import adapter_dropout, zero_positions
 
 _BF16 = torch.bfloat16
 _CAST_CACHE = "_peftbench_bf16_copy"
@@ -52,6 +52,15 @@ def shared_bf16_copy(x: torch.Tensor) -> torch.Tensor:
     return copy
 
 
+def base_plus_adapter(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      hidden: torch.Tensor, scaled_b: torch.Tensor) -> torch.Tensor:
+    """``rows W^T (+ bias) + hidden scaled_b^T``, the adapter's output added inside the base
+    matmul's output buffer (no separate multiply and add over the output); all operands in
+    one dtype. Shared by the fp32 and bf16 fused layers."""
+    out = rows @ weight.t() if bias is None else torch.addmm(bias, rows, weight.t())
+    return out.addmm_(hidden, scaled_b.t())
+
+
 class _LoraLinearBf16(torch.autograd.Function):
     """``x W^T (+ bias) + scaling * dropout(x) A^T B^T`` in bf16; only A and B are trained
     (and the bias, if it requires a gradient)."""
@@ -61,16 +70,13 @@ class _LoraLinearBf16(torch.autograd.Function):
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
                 p: float) -> torch.Tensor:
         rows = shared_bf16_copy(x).reshape(-1, x.shape[-1])
-        positions = (drop_positions(rows.numel(), p, rows.device)
-                     if p > 0.0 else None)
-        scale = scaling / (1.0 - p) if p < 1.0 else 0.0
+        positions, scale = adapter_dropout(rows, p, scaling)
         a = lora_a.to(_BF16)
         b = (lora_b * scale).to(_BF16)
         # every operand is bf16 already, so autocast has nothing to cast here
         hidden = zero_positions(rows, positions) @ a.t()
-        out = (rows @ weight.t() if bias is None
-               else torch.addmm(bias.to(_BF16), rows, weight.t()))
-        out.addmm_(hidden, b.t())
+        out = base_plus_adapter(rows, weight, None if bias is None else bias.to(_BF16),
+                                hidden, b)
         ctx.save_for_backward(rows, weight, a, b, hidden, positions)
         ctx.scale, ctx.x_dtype, ctx.bias_dtype = scale, x.dtype, getattr(bias, "dtype", None)
         return out.view(*x.shape[:-1], out.shape[-1])
