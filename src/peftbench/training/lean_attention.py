@@ -24,6 +24,7 @@ generation steps included, to transformers' own ``sdpa_attention_forward`` uncha
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,18 +77,13 @@ def lean_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     return output.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
+def switch_attention(model: nn.Module, implementation: str,
+                     forward: Callable[..., tuple[torch.Tensor, Any]]) -> int:
+    """Register ``forward`` (with sdpa's masks) as attention ``implementation`` and switch
+    every Hugging Face model in ``model`` that uses ``sdpa`` to it; returns how many models
+    use it (idempotent). A model that refuses the switch keeps its own attention."""
+    from transformers import AttentionInterface, PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, lean_sdpa)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
-
-
-def use_lean_attention(model: nn.Module) -> int:
-    """Switch every Hugging Face model in ``model`` that uses ``sdpa`` attention to
-    :func:`lean_sdpa`; returns how many models (idempotent)."""
-    from transformers import PreTrainedModel
 
     switched: set[int] = set()  # configs: a causal LM and its inner model share one
     for module in model.modules():
@@ -96,10 +92,17 @@ def use_lean_attention(model: nn.Module) -> int:
         config = module.config
         if (config._attn_implementation == "sdpa"
                 and getattr(module, "_can_set_attn_implementation", lambda: True)()):
-            _register()
+            AttentionInterface.register(implementation, forward)
+            AttentionMaskInterface.register(implementation, sdpa_mask)
             # a model that refuses the switch keeps its own attention: not worth failing over
             with contextlib.suppress(ValueError, ImportError):
-                module.set_attn_implementation(IMPLEMENTATION)
-        if config._attn_implementation == IMPLEMENTATION:
+                module.set_attn_implementation(implementation)
+        if config._attn_implementation == implementation:
             switched.add(id(config))
     return len(switched)
+
+
+def use_lean_attention(model: nn.Module) -> int:
+    """Switch every Hugging Face model in ``model`` that uses ``sdpa`` attention to
+    :func:`lean_sdpa`; returns how many models (idempotent)."""
+    return switch_attention(model, IMPLEMENTATION, lean_sdpa)

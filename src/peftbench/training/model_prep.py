@@ -26,6 +26,7 @@ from peftbench.training.precision import (
     lora_inputs_uncast,
     store_frozen_in_bf16,
 )
+from peftbench.training.recomputed_attention import use_recomputed_attention
 from peftbench.training.rms_norm import recompute_norm_outputs
 from peftbench.training.swiglu import fuse_silu_gates
 
@@ -49,7 +50,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     masks (:mod:`~peftbench.training.dropout`), plain LoRA layers as one autograd function
     (:mod:`~peftbench.training.fused_lora`; under bf16 autocast
     :mod:`~peftbench.training.fused_lora_bf16`); in bf16, Llama-style RMSNorms as one
-    autograd function (:mod:`~peftbench.training.fused_rms_norm`); in fp32, the gated
+    autograd function (:mod:`~peftbench.training.fused_rms_norm`) and attention keeping
+    only its bf16 inputs (:mod:`~peftbench.training.recomputed_attention`); in fp32, the gated
     MLPs' SiLU and product and the RMSNorms' outputs computed again in the backward
     (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
     attention keeping its keys and values once per group and its mask once per forward
@@ -73,6 +75,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
         applied["fused_lora"] = fuse_lora_layers(model)
         if precision == "bf16":
             applied["fused_rms_norm"] = fuse_rms_norms(model)
+            applied["recomputed_attention"] = use_recomputed_attention(model)
         if precision == "fp32":
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)

@@ -1,0 +1,168 @@
+"""Attention that keeps only its bf16 inputs and computes its probabilities again in the
+backward (CPU bf16 path).
+
+On CPU, torch's math attention kernel computes a bf16 attention in fp32: it copies the
+queries, keys and values to fp32 and keeps those copies for the backward, with the fp32
+probabilities; with a padding mask transformers also repeats every key/value head once per
+query head first. For SmolLM2-135M (9 query heads, 3 key/value heads) at 16 x 53 tokens
+that is about 11 MB per layer, 326 MB of the 771 MB an all-linear LoRA step keeps.
+
+:class:`_Attention` does the same fp32 arithmetic in the kernel's order (``q`` and ``k``
+each scaled by ``sqrt(scale)``, ``softmax(q k^T + mask) v``), so its forward is the
+kernel's bit for bit, but keeps only ``q``, ``k`` and ``v`` as they arrive: in bf16 (under
+autocast they are cast to bf16 first, as autocast casts them for the kernel), and
+``k``/``v`` once per key/value head, the query heads of a group stacked as rows against
+their shared key/value head. The backward computes the probabilities again from them (two
+small matrix products per layer at these lengths) and returns gradients in bf16. Fully
+masked query rows get zero probabilities, as the kernel's safe softmax gives them.
+
+:func:`recomputed_sdpa` is registered with transformers' ``AttentionInterface`` under
+:data:`IMPLEMENTATION`. It handles the training shape only (CPU, bf16 inputs or bf16
+autocast, gradients recorded, queries as long as keys, no attention dropout, position bias
+or softcap) and hands everything else, generation and evaluation included, to
+transformers' own ``sdpa_attention_forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftbench.training.lean_attention import switch_attention
+
+#: the attention implementation name models are switched to
+IMPLEMENTATION = "peftbench_recomputed_sdpa"
+_HANDED_ON = ("softcap", "output_attentions", "position_bias")
+#: where a mask keeps its additive fp32 version and its fully masked rows (one per forward)
+_PREPARED = "_peftbench_recomputed_mask"
+
+
+def _prepared_mask(mask: torch.Tensor | None, length: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(additive fp32 mask of shape (batch or 1, 1, length, length), rows with no key to
+    attend or None), made once per mask tensor and version; no mask means causal."""
+    if mask is None:
+        causal = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
+        return _additive(causal.view(1, 1, length, length))
+    version, prepared = getattr(mask, _PREPARED, (None, None))
+    if prepared is None or version != mask._version:
+        prepared = _additive(mask)
+        setattr(mask, _PREPARED, (mask._version, prepared))
+    return prepared
+
+
+def _additive(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if mask.dtype == torch.bool:
+        additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+        additive.masked_fill_(mask.logical_not(), float("-inf"))
+    else:
+        additive = mask.to(torch.float32)
+    dead = additive.amax(-1, keepdim=True).isneginf()
+    return additive, (dead if bool(dead.any()) else None)
+
+
+def _grouped(x: torch.Tensor, groups: int, factor: float = 1.0) -> torch.Tensor:
+    """bf16 (batch, heads, length, dim) as a new fp32 (batch, heads / groups, groups *
+    length, dim), times ``factor``."""
+    b, h, n, d = x.shape
+    out = x.to(torch.float32, memory_format=torch.contiguous_format).view(
+        b, h // groups, groups * n, d)
+    return out.mul_(factor) if factor != 1.0 else out
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
+                   dead: torch.Tensor | None, groups: int) -> torch.Tensor:
+    """softmax(q k^T + mask) in fp32 for ``q`` and ``k`` already scaled, rows grouped as
+    :func:`_grouped`."""
+    b, kv, rows, n = q.shape[0], k.shape[1], q.shape[2], k.shape[2]
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores.view(b, kv, groups, rows // groups, n).add_(mask.unsqueeze(1))
+    probs = torch.softmax(scores, dim=-1)
+    if dead is not None:
+        probs.view(b, kv, groups, rows // groups, n).masked_fill_(dead.unsqueeze(1), 0.0)
+    return probs
+
+
+class _Attention(torch.autograd.Function):
+    """bf16 ``q`` (batch, heads, length, dim), ``k``/``v`` (batch, kv heads, length, dim) to
+    the output in transformers' layout (batch, length, heads, dim), computed in fp32 in the
+    math kernel's order: ``q`` and ``k`` each scaled by ``sqrt(scale)``, so the forward is
+    the kernel's bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor, dead: torch.Tensor | None, scale: float) -> torch.Tensor:
+        groups, root = q.shape[1] // k.shape[1], math.sqrt(scale)
+        with torch.autocast("cpu", enabled=False):
+            probs = _probabilities(_grouped(q, groups, root), _grouped(k, 1, root), mask,
+                                   dead, groups)
+            out = torch.matmul(probs, _grouped(v, 1)).view(q.shape)
+        ctx.save_for_backward(q, k, v, mask, dead)
+        ctx.root = root
+        return out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, mask, dead = ctx.saved_tensors
+        groups, root = q.shape[1] // k.shape[1], ctx.root
+        with torch.autocast("cpu", enabled=False):
+            qs, ks = _grouped(q, groups, root), _grouped(k, 1, root)
+            probs = _probabilities(qs, ks, mask, dead, groups)
+            g = _grouped(grad.transpose(1, 2), groups)
+            grad_v = torch.matmul(probs.transpose(-1, -2), g)
+            grad_scores = torch.matmul(g, _grouped(v, 1).transpose(-1, -2))
+            # softmax backward: p * (dL/dp - sum(dL/dp * p)), then sqrt(scale) per side
+            coef = torch.linalg.vecdot(grad_scores, probs).unsqueeze(-1)
+            grad_scores.sub_(coef).mul_(probs).mul_(root)
+            grad_q = torch.matmul(grad_scores, ks).view(q.shape)
+            grad_k = torch.matmul(grad_scores.transpose(-1, -2), qs)
+        return (grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None)
+
+
+def _bf16_inputs(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The inputs as the bf16 the math kernel would get: bf16 already, or floating point
+    under CPU bf16 autocast (which casts them for attention); None otherwise."""
+    if all(x.dtype == torch.bfloat16 for x in inputs):
+        return inputs
+    if (torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and all(x.is_floating_point() for x in inputs)):
+        return tuple(x.to(torch.bfloat16) for x in inputs)
+    return None
+
+
+def recomputed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, attention_mask: torch.Tensor | None,
+                    dropout: float = 0.0, scaling: float | None = None,
+                    is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa_attention_forward`` for the bf16 training shape through
+    :class:`_Attention`, anything else handed to it unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (query.device.type != "cpu" or not torch.is_grad_enabled()
+            or _bf16_inputs(query, key, value) is None or dropout
+            or query.shape[2] != key.shape[2] or query.shape[2] <= 1
+            or key.shape[-1] != value.shape[-1] or query.shape[1] % key.shape[1]
+            or (attention_mask is None and not causal)
+            or any(kwargs.get(name) is not None and kwargs.get(name) is not False
+                   for name in _HANDED_ON)
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      dropout=dropout, scaling=scaling, is_causal=is_causal,
+                                      **kwargs)
+    query, key, value = _bf16_inputs(query, key, value)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
+        attention_mask = attention_mask[:, :, :, :key.shape[2]]
+    mask, dead = _prepared_mask(attention_mask, key.shape[2], query.device)
+    return _Attention.apply(query, key, value, mask, dead, scale), None
+
+
+def use_recomputed_attention(model: nn.Module) -> int:
+    """Switch every Hugging Face model in ``model`` that uses ``sdpa`` attention to
+    :func:`recomputed_sdpa`; returns how many models (idempotent)."""
+    return switch_attention(model, IMPLEMENTATION, recomputed_sdpa)

@@ -1,0 +1,204 @@
+"""Attention keeping only its bf16 inputs: the math kernel's forward bit for bit, gradients
+as accurate as the kernel's, less kept for the backward, routed only on the CPU bf16 path
+and only while gradients are recorded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from peftbench.methods import get_method
+from peftbench.models import load_model
+from peftbench.training.device import autocast_factory
+from peftbench.training.model_prep import place_for_training
+from peftbench.training.recomputed_attention import (
+    IMPLEMENTATION,
+    _Attention,
+    _prepared_mask,
+    use_recomputed_attention,
+)
+
+BATCH, LENGTH, DIM = 4, 11, 16
+
+
+def _inputs(heads: int, kv_heads: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(BATCH, heads, LENGTH, DIM, generator=gen) * 2).bfloat16()
+    k = (torch.randn(BATCH, kv_heads, LENGTH, DIM, generator=gen) * 2).bfloat16()
+    v = torch.randn(BATCH, kv_heads, LENGTH, DIM, generator=gen).bfloat16()
+    grad = torch.randn(BATCH, LENGTH, heads, DIM, generator=gen).bfloat16()
+    return q, k, v, grad
+
+
+def _padding_mask(first_row_dead: bool = False) -> torch.Tensor:
+    """Causal and right padding (lengths 11, 8, 5, 11), as transformers' sdpa mask."""
+    keys = torch.arange(LENGTH)[None, :] < torch.tensor([LENGTH, 8, 5, LENGTH])[:, None]
+    mask = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()[None, None] & keys[:, None, None]
+    if first_row_dead:
+        mask[3, :, 0] = False  # query 0 of row 3 has no key to attend
+    return mask
+
+
+def _kernel(q, k, v, grad, mask, dtype):
+    """The math kernel as transformers calls it with a mask: key/value heads repeated."""
+    q, k, v = (t.to(dtype).detach().requires_grad_() for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(groups, 1),
+                                             v.repeat_interleave(groups, 1), attn_mask=mask)
+    out = out.transpose(1, 2)
+    out.backward(grad.to(dtype))
+    return out, q.grad, k.grad, v.grad
+
+
+def _recomputed(q, k, v, grad, mask):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    additive, dead = _prepared_mask(mask, LENGTH, q.device)
+    out = _Attention.apply(q, k, v, additive, dead, DIM ** -0.5)
+    out.backward(grad)
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (6, 6), (6, 1)])
+@pytest.mark.parametrize("dead_row", [False, True])
+def test_forward_is_the_math_kernel_and_gradients_are_as_accurate(heads, kv_heads, dead_row):
+    q, k, v, grad = _inputs(heads, kv_heads)
+    mask = _padding_mask(dead_row)
+    exact = _kernel(q, k, v, grad, mask, torch.float64)
+    kernel = _kernel(q, k, v, grad, mask, torch.bfloat16)
+    mine = _recomputed(q, k, v, grad, mask)
+    assert mine[0].dtype == torch.bfloat16 and mine[0].is_contiguous()
+    assert torch.equal(mine[0], kernel[0])
+    for ours, theirs, truth in zip(mine[1:], kernel[1:], exact[1:], strict=True):
+        assert ours.dtype == torch.bfloat16 and ours.shape == truth.shape
+        scale = truth.abs().max()
+        # bf16 rounding of the returned gradients; the kernel's own error is the same size
+        assert (ours.double() - truth).abs().max() <= max(
+            1.01 * (theirs.double() - truth).abs().max(), 2 ** -8 * scale)
+    if dead_row:  # safe softmax: nothing flows from or to the row with no key
+        assert not mine[0][3, 0].any() and not mine[1][3, :, 0].any()
+
+
+def test_backward_is_the_closed_form_not_a_near_miss():
+    """Against float64 autograd of plain attention: a missing softmax correction term or a
+    scale applied once instead of per side is off by far more than bf16 rounding."""
+    q, k, v, grad = _inputs(4, 2, seed=3)
+    mask = _padding_mask()
+    exact = _kernel(q, k, v, grad, mask, torch.float64)
+    mine = _recomputed(q, k, v, grad, mask)
+    for ours, truth in zip(mine[1:], exact[1:], strict=True):
+        error = (ours.double() - truth).norm() / truth.norm()
+        assert error < 5e-3
+
+
+def test_without_a_mask_the_attention_is_causal():
+    q, k, v, grad = _inputs(4, 2, seed=5)
+    causal = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()[None, None]
+    with_mask = _recomputed(q, k, v, grad, causal)
+    qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+    additive, dead = _prepared_mask(None, LENGTH, q.device)
+    assert dead is None
+    out = _Attention.apply(qq, kk, vv, additive, dead, DIM ** -0.5)
+    out.backward(grad)
+    assert torch.equal(out, with_mask[0]) and torch.equal(qq.grad, with_mask[1])
+
+
+def _llama(kv_heads: int) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    config = load_model("tiny-random-llama", seed=0).model.config
+    config.num_key_value_heads = kv_heads
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).train()
+
+
+def _padded_batch() -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_a_model_under_bf16_autocast_gives_the_same_loss_and_keeps_less(kv_heads):
+    """A whole model, switched, under peftbench's CPU bf16 autocast: the same loss bit for
+    bit, gradients within bf16 rounding, and no fp32 copy of queries, keys, values or
+    probabilities kept for the backward."""
+    autocast = autocast_factory(torch.device("cpu"), "bf16")
+    batch = _padded_batch()
+    results = []
+    for switched in (False, True):
+        model = _llama(kv_heads)
+        if switched:
+            assert use_recomputed_attention(model) == 1 == use_recomputed_attention(model)
+            assert model.config._attn_implementation == IMPLEMENTATION
+        with autocast():
+            kept, loss = _saved(lambda m=model: m(**batch).loss)
+        loss.backward()
+        head_dim = model.config.hidden_size // model.config.num_attention_heads
+        fp32_per_head = [t for t in kept if t.dtype == torch.float32 and t.dim() >= 3
+                         and t.shape[0] > 1 and head_dim in t.shape[-2:]]
+        results.append((loss.item(), [p.grad for p in model.parameters()], fp32_per_head))
+    (loss, grads, fp32), (loss_switched, grads_switched, fp32_switched) = results
+    assert loss_switched == loss
+    for theirs, ours in zip(grads, grads_switched, strict=True):
+        assert (ours - theirs).abs().max() <= 2e-2 * theirs.abs().max() + 1e-6
+    assert fp32 and not fp32_switched  # the kernel's fp32 queries, keys and values
+
+
+def test_only_the_bf16_inputs_and_the_mask_are_kept():
+    """The kernel as transformers calls it keeps fp32 copies of q, k (repeated per query
+    head), v and the probabilities; the recomputed attention keeps its inputs' own storage."""
+    q, k, v, grad = _inputs(6, 2)
+    mask = _padding_mask()
+    additive, dead = _prepared_mask(mask, LENGTH, q.device)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    mine = _storage_bytes(_saved(lambda: _Attention.apply(*inputs, additive, dead,
+                                                          DIM ** -0.5))[0])
+    assert set(mine) == {t.untyped_storage().data_ptr() for t in (*inputs, additive)}
+    kernel = _storage_bytes(_saved(lambda: _kernel(q, k, v, grad, mask, torch.bfloat16))[0])
+    assert sum(mine.values()) < sum(kernel.values()) / 3
+
+
+def _saved(run) -> tuple[list[torch.Tensor], object]:
+    """The tensors autograd keeps while ``run()`` builds its graph, and what it returns."""
+    kept: list[torch.Tensor] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        kept.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = run()
+    return kept, result
+
+
+def _storage_bytes(tensors: list[torch.Tensor]) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def test_evaluation_and_generation_are_transformers_own():
+    """Without gradients (evaluation, generation steps) transformers' sdpa runs unchanged."""
+    outputs = []
+    for switched in (False, True):
+        model = load_model("tiny-random-llama", seed=0).model.eval()
+        if switched:
+            use_recomputed_attention(model)
+        ids = torch.tensor([[5, 17, 9, 33]])
+        with torch.no_grad(), autocast_factory(torch.device("cpu"), "bf16")():
+            outputs.append(model.generate(ids, attention_mask=torch.ones_like(ids),
+                                          max_new_tokens=5, do_sample=False))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize(("precision", "exact", "switched"), [
+    ("bf16", False, True), ("fp32", False, False), ("fp32", True, False)])
+def test_placement_switches_attention_only_on_the_cpu_bf16_path(precision, exact, switched):
+    loaded = load_model("tiny-random-llama", seed=0)
+    lora = get_method("lora")
+    model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False)
+    applied = place_for_training(model, precision, torch.device("cpu"), exact=exact)
+    assert applied.get("recomputed_attention", 0) == int(switched)
+    assert (model.config._attn_implementation == IMPLEMENTATION) == switched
