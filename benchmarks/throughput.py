@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput_metrics import (
     FLOPS_FORMULA,
+    gradient_check,
     loss_check,
     matmul_peak_gflops,
     ratio,
@@ -82,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run (a') = (a) + bf16=True for the first --loss-steps steps, "
                         "to tell bf16's own effect on the losses from peftbench's")
+    p.add_argument("--gradient-check", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compare step 1's gradient (same weights and batch, dropout off) "
+                        "of (c) with (a), and of (a') where peftbench computes in bf16")
+    p.add_argument("--gradient-rtol", type=float, default=0.03)
     p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the peak matmuls")
     p.add_argument("--peak-reps", type=int, default=5)
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -196,7 +201,7 @@ def machine_info(threads: int) -> dict[str, Any]:
 
 def spawn(cfg: WorkerConfig, log_dir: Path) -> dict[str, Any]:
     """Run one configuration in a fresh Python process; its JSON result, or an error."""
-    stem = f"{cfg.method}-{cfg.variant}"
+    stem = f"{cfg.method}-{cfg.variant}" + ("-gradient" if cfg.gradient_out else "")
     config_path, out_path = log_dir / f"{stem}.config.json", log_dir / f"{stem}.result.json"
     log_path = log_dir / f"{stem}.log"
     config_path.write_text(json.dumps(asdict(cfg)))
@@ -216,6 +221,38 @@ def spawn(cfg: WorkerConfig, log_dir: Path) -> dict[str, Any]:
     result = json.loads(out_path.read_text())
     result["process_seconds"] = wall
     return result
+
+
+def compare_gradients(args: argparse.Namespace, method: str, with_reference: bool,
+                      log_dir: Path) -> dict[str, Any]:
+    """Step 1's gradients of (a), (c) and, ``with_reference``, (a'), each from its own
+    worker process (so no timed run's peak RSS includes them), compared by
+    :func:`~throughput_metrics.gradient_check`; the gradient files are deleted after."""
+    import torch
+
+    variants = ["trainer_default", "peftbench"] + ([REFERENCE] if with_reference else [])
+    paths = {v: log_dir / f"{method}-{v}.gradient.pt" for v in variants}
+    runs = {}
+    try:
+        for variant in variants:
+            cfg = worker_config(args, method, variant)
+            cfg.gradient_out = str(paths[variant])
+            runs[variant] = spawn(cfg, log_dir)
+            if "error" in runs[variant]:
+                return {"error": f"{LABELS[variant]}: {runs[variant]['error']}",
+                        "log_tail": runs[variant].get("log_tail", [])}
+        grads = {v: torch.load(paths[v]) for v in variants}
+    finally:
+        for path in paths.values():
+            path.unlink(missing_ok=True)
+    check = gradient_check(grads["trainer_default"], grads["peftbench"],
+                           grads.get(REFERENCE), rtol=args.gradient_rtol)
+    check["loss_trainer"] = runs["trainer_default"]["gradient_loss"]
+    check["loss_peftbench"] = runs["peftbench"]["gradient_loss"]
+    if with_reference:
+        check["loss_reference_bf16"] = runs[REFERENCE]["gradient_loss"]
+    check["precision_peftbench"] = runs["peftbench"].get("precision")
+    return check
 
 
 def worker_main(config_path: str, out_path: str) -> None:
@@ -312,6 +349,14 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
+def short_name(parameter: str | None) -> str:
+    """A parameter name without peft's and the causal LM's wrapper prefixes."""
+    name = parameter or ""
+    for prefix in ("base_model.model.", "model."):
+        name = name.removeprefix(prefix)
+    return name
+
+
 def print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -393,6 +438,31 @@ def print_report(report: dict[str, Any]) -> None:
             losses.add_row(*row)
         console.print(losses)
 
+    grads = {k: m["gradient_check"] for k, m in report["methods"].items()
+             if m.get("gradient_check")}
+    if grads:
+        table = Table(title="Gradient check: step 1, same weights and batch, dropout off")
+        for column in ("method", "|g_c - g_a| / |g_a|", "(a') same", "bound", "cosine (c)",
+                       "worst tensor (c)", "loss a / a' / c", "passed"):
+            table.add_column(column, justify="left" if column == "method" else "right")
+        for method, check in grads.items():
+            if "error" in check:
+                table.add_row(method, *[""] * 6, f"[red]{check['error']}[/]")
+                continue
+            losses = " / ".join(fmt(check.get(k), ".4f") for k in
+                                ("loss_trainer", "loss_reference_bf16", "loss_peftbench"))
+            table.add_row(method, fmt(check["rel_error"], ".2e"),
+                          fmt(check.get("reference_rel_error"), ".2e"),
+                          fmt(check["bound"], ".2e"),
+                          fmt(check["cosine"], ".6f"),
+                          f"{fmt(check['worst_tensor_rel_error'], '.2e')} "
+                          f"{short_name(check['worst_tensor'])}",
+                          losses, "[green]yes[/]" if check["passed"] else "[red]NO[/]")
+        console.print(table)
+        rules = [c["rule"] for c in grads.values() if "rule" in c]
+        if rules:
+            console.print(f"rule: {rules[0]}")
+
     for method, m in report["methods"].items():
         for variant, error in m["errors"].items():
             console.print(f"[red]{method} / {variant} failed[/]: {error['error']}")
@@ -454,6 +524,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = keep or Path(tmp.name)  # type: ignore[union-attr]
     log_dir.mkdir(parents=True, exist_ok=True)
     all_runs: dict[str, dict[str, dict[str, Any]]] = {}
+    gradients: dict[str, dict[str, Any]] = {}
     try:
         for method in methods:
             runs = all_runs.setdefault(method, {})
@@ -475,6 +546,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 runs[REFERENCE] = run
                 console.print(f"[red]{run['error']}[/]" if "error" in run
                               else f"{len(run.get('losses', []))} losses")
+            if args.gradient_check and {"trainer_default", "peftbench"} <= set(variants):
+                with_reference = args.bf16_reference and precision == "bf16"
+                console.print(f"{method} / step 1 gradients ...", end=" ")
+                gradients[method] = compare_gradients(args, method, with_reference, log_dir)
+                check = gradients[method]
+                console.print(f"[red]{check['error']}[/]" if "error" in check else
+                              f"|g_c - g_a| / |g_a| = {check['rel_error']:.2e}")
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -491,6 +569,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     peaks["mfu_against"] = precision
     summaries = {method: summarise(method, runs, peaks[precision]["gflops_best"], args)
                  for method, runs in all_runs.items()}
+    for method, summary in summaries.items():
+        summary["gradient_check"] = gradients.get(method)
 
     report = {
         "benchmark": "peftbench training throughput (benchmarks/throughput.py)",

@@ -183,3 +183,71 @@ def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
             "losses_reference_bf16": r,
         })
     return out
+
+
+# --------------------------------------------------------------------------- gradient check
+
+
+def gradient_check(trainer: dict[str, Any], peftbench: dict[str, Any],
+                   reference: dict[str, Any] | None = None, rtol: float = 0.03,
+                   ref_factor: float = 2.0) -> dict[str, Any]:
+    """Compare step 1's gradient of peftbench (c) with the default Trainer's (a).
+
+    Each argument maps parameter names to gradient tensors, all taken at the same starting
+    weights on the same batch with dropout off, so they differ only in arithmetic (no
+    trajectory, no dropout masks, no optimizer). The rule, on the whole gradient:
+    ``|g_c - g_a| <= rtol * |g_a|``, or with the reference (a', the Trainer under standard
+    bf16 autocast) ``|g_c - g_a| <= max(rtol, ref_factor * |g_a' - g_a| / |g_a|) * |g_a|``:
+    peftbench may move the gradient from fp32 at most twice as far as standard bf16 mixed
+    precision does. The tensor with the largest relative difference is reported too.
+    """
+    import torch
+
+    missing = sorted(set(trainer) ^ set(peftbench))
+    names = [n for n in trainer if n in peftbench]
+    a_norm = math.sqrt(sum(float(trainer[n].double().square().sum()) for n in names))
+
+    def relative(other: dict[str, Any]) -> tuple[float, float, dict[str, float]]:
+        diff_sq = dot = other_sq = 0.0
+        per_tensor: dict[str, float] = {}
+        for n in names:
+            a, o = trainer[n].double(), other[n].double()
+            d = float((o - a).square().sum())
+            diff_sq += d
+            dot += float((o * a).sum())
+            other_sq += float(o.square().sum())
+            per_tensor[n] = math.sqrt(d) / max(float(torch.linalg.vector_norm(a)), 1e-30)
+        cosine = dot / max(a_norm * math.sqrt(other_sq), 1e-30)
+        return math.sqrt(diff_sq) / max(a_norm, 1e-30), cosine, per_tensor
+
+    error, cosine, per_tensor = relative(peftbench)
+    worst = max(per_tensor, key=per_tensor.__getitem__) if per_tensor else None
+    finite = all(bool(torch.isfinite(t).all()) for g in (trainer, peftbench) for t in g.values())
+    out: dict[str, Any] = {
+        "rule": f"|g_c - g_a| <= {rtol} * |g_a| (step 1, same weights and batch, dropout off; "
+                "a: Trainer default fp32, c: peftbench)",
+        "tensors": len(names),
+        "missing_tensors": missing,
+        "norm_trainer": a_norm,
+        "rel_error": error,
+        "cosine": cosine,
+        "worst_tensor": worst,
+        "worst_tensor_rel_error": per_tensor.get(worst) if worst else None,
+        "bound": rtol,
+        "passed": bool(names) and not missing and finite and a_norm > 0 and error <= rtol,
+    }
+    if reference is not None and all(n in reference for n in names):
+        ref_error, ref_cosine, ref_per_tensor = relative(reference)
+        bound = max(rtol, ref_factor * ref_error)
+        out.update({
+            "rule": f"|g_c - g_a| <= max({rtol}, {ref_factor} * |g_a' - g_a| / |g_a|) * |g_a| "
+                    "(step 1, same weights and batch, dropout off; a: Trainer default fp32, "
+                    "a': the same under bf16 autocast, c: peftbench)",
+            "reference_rel_error": ref_error,
+            "reference_cosine": ref_cosine,
+            "reference_worst_tensor_rel_error": max(ref_per_tensor.values(), default=None),
+            "bound": bound,
+            "passed": out["passed"] or (bool(names) and not missing and finite and a_norm > 0
+                                        and error <= bound),
+        })
+    return out

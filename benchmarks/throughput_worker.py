@@ -64,6 +64,7 @@ class WorkerConfig:
     profile_steps: int = 0  # > 0: profile this many steps after warm-up instead of timing reps
     profile_rows: int = 30
     profile_trace: str | None = None
+    gradient_out: str | None = None  # set: only compute step 1's gradient and save it here
 
     @property
     def total_steps(self) -> int:
@@ -370,6 +371,59 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
             "warmup_steps": warmup_steps(spec)}
 
 
+# --------------------------------------------------------------------------- gradient
+
+
+def probe_gradient(cfg: WorkerConfig, setup: Setup) -> dict[str, Any]:
+    """The gradient of the first batch's loss at the starting weights, with dropout off,
+    saved to ``cfg.gradient_out`` as {parameter name: fp32 gradient}.
+
+    Every variant starts from the same weights and sees the same first batch, so without
+    dropout they differ only in arithmetic. ``trainer_default`` and ``trainer_bf16``
+    compute what the Trainer computes (the model's own loss, in fp32 or under bf16
+    autocast), ``peftbench`` what its training step computes on its placed model (bf16
+    storage and the fused layers included).
+    """
+    import torch
+
+    from peftbench.training.batches import endless_batches
+    from peftbench.training.device import autocast_factory, resolve_device, resolve_precision
+    from peftbench.training.encoding import collate
+    from peftbench.training.model_prep import place_for_training, use_gathered_logits
+    from peftbench.training.objective import mean_loss
+
+    spec, model, encoder = setup.spec, setup.model, setup.encoder
+    batch = collate(next(endless_batches(setup.train_set, spec.batch_size, spec.seed)),
+                    encoder.pad_id)
+    encoder_decoder = setup.loaded.is_encoder_decoder
+    precision = "bf16 autocast (fp32 weights)" if cfg.variant == REFERENCE else "fp32"
+    if cfg.variant == "peftbench":
+        device = resolve_device(spec.device)
+        precision = resolve_precision(spec.precision, device)
+        autocast = autocast_factory(device, precision)
+        place_for_training(model, precision, device, exact=spec.precision == "fp32")
+        gather = use_gathered_logits(model, setup.train_set, encoder.pad_id, device, autocast,
+                                     encoder_decoder)
+
+        def loss_of() -> Any:
+            return mean_loss(model, batch, encoder_decoder, gather)
+    else:
+        autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+                    if cfg.variant == REFERENCE else contextlib.nullcontext)
+
+        def loss_of() -> Any:
+            return model(**batch).loss
+    model.eval()  # dropout off; gradients are still recorded
+    with autocast():
+        loss = loss_of()
+    loss.backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float()
+             for name, p in model.named_parameters() if p.requires_grad}
+    torch.save(grads, cfg.gradient_out)
+    return {"gradient_loss": float(loss), "precision": precision, "gradient_tensors": len(grads),
+            "gradient_elements": sum(g.numel() for g in grads.values())}
+
+
 # --------------------------------------------------------------------------- Trainer
 
 
@@ -551,6 +605,8 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         "trainer_tuned": lambda: run_trainer(cfg, setup, clock, tuned=True),
         REFERENCE: lambda: run_trainer(cfg, setup, clock, tuned=False, bf16=True),
     }
+    if cfg.gradient_out:
+        runners = {variant: lambda: probe_gradient(cfg, setup) for variant in runners}
     tick = time.perf_counter()
     details = runners[cfg.variant]()
     train_seconds = time.perf_counter() - tick
@@ -569,10 +625,10 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         "train_wall_seconds": train_seconds,
         "peak_rss_mb": lifetime_peak_rss_mb(),
         "train_peak_rss_mb": round(rss.train_peak / 2**20, 1),
-        **clock.summary(),
+        **({} if cfg.gradient_out else clock.summary()),
         **details,
     }
-    result["losses"] = result["losses"][: max(cfg.loss_steps, 0)]
+    result["losses"] = result.get("losses", [])[: max(cfg.loss_steps, 0)]
     if clock.profile_table is not None:
         result["profile_table"] = clock.profile_table
         result["profile_by_shape"] = clock.profile_by_shape
