@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from throughput_metrics import (
     FLOPS_FORMULA,
-    gradient_check,
     loss_check,
     matmul_peak_gflops,
     ratio,
@@ -225,28 +224,29 @@ def spawn(cfg: WorkerConfig, log_dir: Path) -> dict[str, Any]:
 
 def compare_gradients(args: argparse.Namespace, method: str, with_reference: bool,
                       log_dir: Path) -> dict[str, Any]:
-    """Step 1's gradients of (a), (c) and, ``with_reference``, (a'), each from its own
-    worker process (so no timed run's peak RSS includes them), compared by
-    :func:`~throughput_metrics.gradient_check`; the gradient files are deleted after."""
-    import torch
-
-    variants = ["trainer_default", "peftbench"] + ([REFERENCE] if with_reference else [])
-    paths = {v: log_dir / f"{method}-{v}.gradient.pt" for v in variants}
-    runs = {}
+    """Step 1's gradients of (a) and, ``with_reference``, (a'), each from its own worker
+    process and saved to a file, then (c)'s, whose worker compares them
+    (:func:`~throughput_metrics.gradient_check`): this process never holds the gradients,
+    which would count in the lifetime peak RSS of every worker it spawns later. The files
+    are deleted after."""
+    saved = ["trainer_default"] + ([REFERENCE] if with_reference else [])
+    paths = {v: log_dir / f"{method}-{v}.gradient.pt" for v in saved}
+    runs: dict[str, dict[str, Any]] = {}
     try:
-        for variant in variants:
+        for variant in [*saved, "peftbench"]:
             cfg = worker_config(args, method, variant)
-            cfg.gradient_out = str(paths[variant])
+            cfg.gradient_out = str(log_dir / f"{method}-{variant}.gradient.pt")
+            cfg.gradient_rtol = args.gradient_rtol
+            if variant == "peftbench":
+                cfg.gradient_compare = {v: str(p) for v, p in paths.items()}
             runs[variant] = spawn(cfg, log_dir)
             if "error" in runs[variant]:
                 return {"error": f"{LABELS[variant]}: {runs[variant]['error']}",
                         "log_tail": runs[variant].get("log_tail", [])}
-        grads = {v: torch.load(paths[v]) for v in variants}
     finally:
         for path in paths.values():
             path.unlink(missing_ok=True)
-    check = gradient_check(grads["trainer_default"], grads["peftbench"],
-                           grads.get(REFERENCE), rtol=args.gradient_rtol)
+    check = runs["peftbench"]["gradient_check"]
     check["loss_trainer"] = runs["trainer_default"]["gradient_loss"]
     check["loss_peftbench"] = runs["peftbench"]["gradient_loss"]
     if with_reference:

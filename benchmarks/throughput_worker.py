@@ -65,6 +65,9 @@ class WorkerConfig:
     profile_rows: int = 30
     profile_trace: str | None = None
     gradient_out: str | None = None  # set: only compute step 1's gradient and save it here
+    # with gradient_out: {variant: gradient file} to compare this gradient with, in this process
+    gradient_compare: dict[str, str] = field(default_factory=dict)
+    gradient_rtol: float = 0.03
 
     @property
     def total_steps(self) -> int:
@@ -419,9 +422,20 @@ def probe_gradient(cfg: WorkerConfig, setup: Setup) -> dict[str, Any]:
     loss.backward()
     grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float()
              for name, p in model.named_parameters() if p.requires_grad}
-    torch.save(grads, cfg.gradient_out)
-    return {"gradient_loss": float(loss), "precision": precision, "gradient_tensors": len(grads),
-            "gradient_elements": sum(g.numel() for g in grads.values())}
+    out = {"gradient_loss": float(loss), "precision": precision, "gradient_tensors": len(grads),
+           "gradient_elements": sum(g.numel() for g in grads.values())}
+    if cfg.gradient_compare:
+        # compared here, not in the parent: a worker's ru_maxrss starts from its parent's RSS
+        # (Linux keeps the high-water mark across fork and exec), so a parent holding these
+        # tensors would raise the lifetime peak of every configuration spawned after it
+        from throughput_metrics import gradient_check
+
+        others = {v: torch.load(path) for v, path in cfg.gradient_compare.items()}
+        out["gradient_check"] = gradient_check(others["trainer_default"], grads,
+                                               others.get(REFERENCE), rtol=cfg.gradient_rtol)
+    else:
+        torch.save(grads, cfg.gradient_out)
+    return out
 
 
 # --------------------------------------------------------------------------- Trainer
