@@ -164,9 +164,18 @@ def _wait_for_a_run(out_root: Path, since: float, proc: subprocess.Popen, timeou
     """Until some run of this attempt has started (its worker.log is new) or the sweep ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        if any(log.stat().st_mtime >= since for log in out_root.glob("*/worker.log")):
+        if any(_modified_since(log, since) for log in out_root.glob("*/worker.log")):
             return
         time.sleep(0.05)
+
+
+def _modified_since(path: Path, since: float) -> bool:
+    """False also for a file gone between listing and stat: a resumed sweep clears the
+    folder of a run it restarts."""
+    try:
+        return path.stat().st_mtime >= since
+    except FileNotFoundError:
+        return False
 
 
 def test_sweep_killed_at_random_points_resumes_without_duplicates(tmp_path):
