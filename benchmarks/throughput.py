@@ -230,15 +230,14 @@ def compare_gradients(args: argparse.Namespace, method: str, with_reference: boo
     which would count in the lifetime peak RSS of every worker it spawns later. The files
     are deleted after."""
     saved = ["trainer_default"] + ([REFERENCE] if with_reference else [])
-    paths = {v: log_dir / f"{method}-{v}.gradient.pt" for v in saved}
+    paths = {v: log_dir / f"{method}-{v}.gradient.pt" for v in [*saved, "peftbench"]}
     runs: dict[str, dict[str, Any]] = {}
     try:
-        for variant in [*saved, "peftbench"]:
+        for variant, path in paths.items():
             cfg = worker_config(args, method, variant)
-            cfg.gradient_out = str(log_dir / f"{method}-{variant}.gradient.pt")
-            cfg.gradient_rtol = args.gradient_rtol
-            if variant == "peftbench":
-                cfg.gradient_compare = {v: str(p) for v, p in paths.items()}
+            cfg.gradient_out, cfg.gradient_rtol = str(path), args.gradient_rtol
+            if variant == "peftbench":  # compares instead of saving
+                cfg.gradient_compare = {v: str(paths[v]) for v in saved}
             runs[variant] = spawn(cfg, log_dir)
             if "error" in runs[variant]:
                 return {"error": f"{LABELS[variant]}: {runs[variant]['error']}",

@@ -314,6 +314,22 @@ def warmup_steps(spec) -> int:
 # --------------------------------------------------------------------------- peftbench
 
 
+def prepare_peftbench(setup: Setup) -> tuple[Any, str, Any, dict[str, int], bool]:
+    """(device, precision, autocast, fast path applied, gathered logits): the model placed
+    with the loop's own functions, as ``training/loop.py`` places it."""
+    from peftbench.training.device import autocast_factory, resolve_device, resolve_precision
+    from peftbench.training.model_prep import place_for_training, use_gathered_logits
+
+    spec, model = setup.spec, setup.model
+    device = resolve_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
+    autocast = autocast_factory(device, precision)
+    fast_path = place_for_training(model, precision, device, exact=spec.precision == "fp32")
+    gather = use_gathered_logits(model, setup.train_set, setup.encoder.pad_id, device,
+                                 autocast, setup.loaded.is_encoder_decoder)
+    return device, precision, autocast, fast_path, gather
+
+
 def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str, Any]:
     """peftbench's own training step: ``training.step.train_step``, as ``loop.py`` calls it.
 
@@ -326,22 +342,14 @@ def run_peftbench(cfg: WorkerConfig, setup: Setup, clock: StepClock) -> dict[str
     import torch
 
     from peftbench.training.batches import endless_batches
-    from peftbench.training.device import autocast_factory, resolve_device, resolve_precision
     from peftbench.training.model_prep import (
         forward_for_training,
-        place_for_training,
-        use_gathered_logits,
     )
     from peftbench.training.step import build_optimization, train_step
 
     spec, loaded, model, encoder = setup.spec, setup.loaded, setup.model, setup.encoder
-    device = resolve_device(spec.device)
-    precision = resolve_precision(spec.precision, device)
-    autocast = autocast_factory(device, precision)
-    fast_path = place_for_training(model, precision, device, exact=spec.precision == "fp32")
+    device, precision, autocast, fast_path, gather = prepare_peftbench(setup)
     train_set = setup.train_set
-    gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
-                                 loaded.is_encoder_decoder)
     opt = build_optimization(model, setup.lr, spec, spec.max_steps)
     forward_model = forward_for_training(model, spec)
     batches = endless_batches(train_set, spec.batch_size, spec.seed)
@@ -390,9 +398,7 @@ def probe_gradient(cfg: WorkerConfig, setup: Setup) -> dict[str, Any]:
     import torch
 
     from peftbench.training.batches import endless_batches
-    from peftbench.training.device import autocast_factory, resolve_device, resolve_precision
     from peftbench.training.encoding import collate
-    from peftbench.training.model_prep import place_for_training, use_gathered_logits
     from peftbench.training.objective import mean_loss
 
     spec, model, encoder = setup.spec, setup.model, setup.encoder
@@ -401,12 +407,7 @@ def probe_gradient(cfg: WorkerConfig, setup: Setup) -> dict[str, Any]:
     encoder_decoder = setup.loaded.is_encoder_decoder
     precision = "bf16 autocast (fp32 weights)" if cfg.variant == REFERENCE else "fp32"
     if cfg.variant == "peftbench":
-        device = resolve_device(spec.device)
-        precision = resolve_precision(spec.precision, device)
-        autocast = autocast_factory(device, precision)
-        place_for_training(model, precision, device, exact=spec.precision == "fp32")
-        gather = use_gathered_logits(model, setup.train_set, encoder.pad_id, device, autocast,
-                                     encoder_decoder)
+        _, precision, autocast, _, gather = prepare_peftbench(setup)
 
         def loss_of() -> Any:
             return mean_loss(model, batch, encoder_decoder, gather)
@@ -619,10 +620,8 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         "trainer_tuned": lambda: run_trainer(cfg, setup, clock, tuned=True),
         REFERENCE: lambda: run_trainer(cfg, setup, clock, tuned=False, bf16=True),
     }
-    if cfg.gradient_out:
-        runners = {variant: lambda: probe_gradient(cfg, setup) for variant in runners}
     tick = time.perf_counter()
-    details = runners[cfg.variant]()
+    details = probe_gradient(cfg, setup) if cfg.gradient_out else runners[cfg.variant]()
     train_seconds = time.perf_counter() - tick
     rss.stop()
     result = {

@@ -1,7 +1,8 @@
-"""A tiny Llama with LoRA whose adapters contribute, shared by the fused-LoRA tests. No tests
-here: import ``tiny_lora_llama``."""
+"""Tiny Llamas and batches shared by the fused-layer and attention tests. No tests here."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -23,3 +24,39 @@ def tiny_lora_llama(method_args: dict | None = None) -> torch.nn.Module:
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.5)
     return model
+
+
+#: two rows of token ids for the tiny Llamas
+IDS = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
+
+
+def padded_batch() -> dict[str, torch.Tensor]:
+    """:data:`IDS` with the second row right-padded: the attention mask reaches the kernel."""
+    mask = torch.ones_like(IDS)
+    mask[1, 5:] = 0
+    return {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
+
+
+def grouped_query_llama(kv_heads: int) -> torch.nn.Module:
+    """The tiny Llama's shape (4 query heads) with ``kv_heads`` key/value heads, seeded, in
+    train mode."""
+    from transformers import LlamaForCausalLM
+
+    config = load_model("tiny-random-llama", seed=0).model.config
+    config.num_key_value_heads = kv_heads
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).train()
+
+
+def greedy_generations(switch, autocast=contextlib.nullcontext) -> list[torch.Tensor]:
+    """Five greedy tokens after ``IDS[:1]`` from the tiny Llama as loaded and after
+    ``switch(model)`` (an attention switch), each under ``autocast()``."""
+    outputs = []
+    for switched in (False, True):
+        model = load_model("tiny-random-llama", seed=0).model.eval()
+        if switched:
+            switch(model)
+        with torch.no_grad(), autocast():
+            outputs.append(model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]),
+                                          max_new_tokens=5, do_sample=False))
+    return outputs

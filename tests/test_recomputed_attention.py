@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lora_models import greedy_generations, grouped_query_llama, padded_batch
 from peftbench.methods import get_method
 from peftbench.models import load_model
 from peftbench.training.device import autocast_factory
@@ -105,32 +106,16 @@ def test_without_a_mask_the_attention_is_causal():
     assert torch.equal(out, with_mask[0]) and torch.equal(qq.grad, with_mask[1])
 
 
-def _llama(kv_heads: int) -> torch.nn.Module:
-    from transformers import LlamaForCausalLM
-
-    config = load_model("tiny-random-llama", seed=0).model.config
-    config.num_key_value_heads = kv_heads
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).train()
-
-
-def _padded_batch() -> dict[str, torch.Tensor]:
-    ids = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
 @pytest.mark.parametrize("kv_heads", [2, 4])
 def test_a_model_under_bf16_autocast_gives_the_same_loss_and_keeps_less(kv_heads):
     """A whole model, switched, under peftbench's CPU bf16 autocast: the same loss bit for
     bit, gradients within bf16 rounding, and no fp32 copy of queries, keys, values or
     probabilities kept for the backward."""
     autocast = autocast_factory(torch.device("cpu"), "bf16")
-    batch = _padded_batch()
+    batch = padded_batch()
     results = []
     for switched in (False, True):
-        model = _llama(kv_heads)
+        model = grouped_query_llama(kv_heads)
         if switched:
             assert use_recomputed_attention(model) == 1 == use_recomputed_attention(model)
             assert model.config._attn_implementation == IMPLEMENTATION
@@ -181,16 +166,8 @@ def _storage_bytes(tensors: list[torch.Tensor]) -> dict[int, int]:
 
 def test_evaluation_and_generation_are_transformers_own():
     """Without gradients (evaluation, generation steps) transformers' sdpa runs unchanged."""
-    outputs = []
-    for switched in (False, True):
-        model = load_model("tiny-random-llama", seed=0).model.eval()
-        if switched:
-            use_recomputed_attention(model)
-        ids = torch.tensor([[5, 17, 9, 33]])
-        with torch.no_grad(), autocast_factory(torch.device("cpu"), "bf16")():
-            outputs.append(model.generate(ids, attention_mask=torch.ones_like(ids),
-                                          max_new_tokens=5, do_sample=False))
-    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(*greedy_generations(use_recomputed_attention,
+                                           autocast_factory(torch.device("cpu"), "bf16")))
 
 
 @pytest.mark.parametrize(("precision", "exact", "switched"), [

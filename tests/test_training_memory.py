@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lora_models import IDS, greedy_generations, grouped_query_llama, padded_batch
 from peftbench.methods import get_method
 from peftbench.models import load_model
 from peftbench.training.batches import batch_order, grouped_batches
@@ -21,8 +22,6 @@ from peftbench.training.dropout import FastDropout
 from peftbench.training.encoding import Encoded
 from peftbench.training.model_prep import place_for_training
 from peftbench.training.swiglu import GATED_SILU_MLPS, _SiluGate, fuse_silu_gates
-
-IDS = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
 
 
 def _saved_storages(run) -> dict[int, torch.Tensor]:
@@ -126,11 +125,11 @@ def test_mlp_product_and_norm_outputs_are_notes_not_kept(monkeypatch, method):
             if not notes:
                 patch.setattr(Notes, "add", lambda *_: None)
             torch.manual_seed(1)
-            kept = _saved_storages(lambda: model.train()(**_padded_batch()).loss.backward())
+            kept = _saved_storages(lambda: model.train()(**padded_batch()).loss.backward())
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         widths = sorted(t.shape[-1] for k, t in kept.items() if k not in params and t.dim() > 1)
         torch.manual_seed(1)
-        loss = model(**_padded_batch()).loss
+        loss = model(**padded_batch()).loss
         grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         return loss.item(), grads, widths
 
@@ -320,22 +319,6 @@ def test_steady_heap_maps_blocks_from_2_mib_even_after_large_frees():
         "applied": 0, "1 MiB": True, "4 MiB": True}
 
 
-def _padded_batch() -> dict[str, torch.Tensor]:
-    mask = torch.ones_like(IDS)
-    mask[1, 5:] = 0  # right padding: the attention mask reaches the kernel
-    return {"input_ids": IDS, "attention_mask": mask, "labels": IDS.masked_fill(mask == 0, -100)}
-
-
-def _llama(kv_heads: int) -> torch.nn.Module:
-    """The tiny Llama's shape (4 query heads) with ``kv_heads`` key/value heads, seeded."""
-    from transformers import LlamaForCausalLM
-
-    config = load_model("tiny-random-llama", seed=0).model.config
-    config.num_key_value_heads = kv_heads
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).train()
-
-
 @pytest.mark.parametrize(("padded", "kv_heads"), [(True, 2), (False, 2), (True, 4)])
 def test_lean_attention_keeps_keys_and_mask_once_and_trains_the_same_model(padded, kv_heads):
     """Switched to lean_sdpa, a model gives bit for bit the loss and gradients of
@@ -344,10 +327,10 @@ def test_lean_attention_keeps_keys_and_mask_once_and_trains_the_same_model(padde
     from peftbench.training.lean_attention import IMPLEMENTATION, use_lean_attention
 
     heads, layers = 4, 2
-    batch = _padded_batch() if padded else {"input_ids": IDS, "labels": IDS}
+    batch = padded_batch() if padded else {"input_ids": IDS, "labels": IDS}
     results = []
     for lean in (False, True):
-        model = _llama(kv_heads)
+        model = grouped_query_llama(kv_heads)
         assert model.config._attn_implementation == "sdpa"
         if lean:
             assert use_lean_attention(model) == 1 == use_lean_attention(model)
@@ -386,7 +369,7 @@ def test_a_model_refusing_lean_attention_keeps_its_own(monkeypatch):
         raise ValueError(f"{implementation} is not supported")
 
     monkeypatch.setattr(PreTrainedModel, "set_attn_implementation", refuse)
-    model = _llama(kv_heads=2)
+    model = grouped_query_llama(kv_heads=2)
     assert use_lean_attention(model) == 0
     assert model.config._attn_implementation == "sdpa"
 
@@ -395,11 +378,4 @@ def test_lean_attention_generates_what_sdpa_generates():
     """Generation steps (one query against the cache) are handed to transformers' own sdpa."""
     from peftbench.training.lean_attention import use_lean_attention
 
-    outputs = []
-    for grouped in (False, True):
-        model = load_model("tiny-random-llama", seed=0).model.eval()
-        if grouped:
-            use_lean_attention(model)
-        with torch.no_grad():
-            outputs.append(model.generate(IDS[:1], max_new_tokens=4, do_sample=False))
-    assert torch.equal(*outputs)
+    assert torch.equal(*greedy_generations(use_lean_attention))

@@ -39,15 +39,38 @@ _HANDED_ON = ("softcap", "output_attentions", "position_bias")
 _ADDITIVE = "_peftbench_additive_mask"
 
 
+def once_per_mask(mask: torch.Tensor, name: str, build: Callable[[torch.Tensor], Any]) -> Any:
+    """``build(mask)``, kept on the mask as attribute ``name`` and made again only when the
+    mask changes in place: the layers of one forward share one mask tensor."""
+    version, value = getattr(mask, name, (None, None))
+    if value is None or version != mask._version:
+        value = build(mask)
+        setattr(mask, name, (mask._version, value))
+    return value
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's own conversion of a boolean mask: ``0`` where True, ``-inf`` where False."""
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return additive.masked_fill_(mask.logical_not(), float("-inf"))
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The kernel's own conversion of a boolean mask (``0`` where True, ``-inf`` where
-    False), made once per mask tensor, version and dtype."""
-    version, cached = getattr(mask, _ADDITIVE, (None, None))
-    if cached is None or version != mask._version or cached.dtype != dtype:
-        cached = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-        cached.masked_fill_(mask.logical_not(), float("-inf"))
-        setattr(mask, _ADDITIVE, (mask._version, cached))
-    return cached
+    """:func:`additive_mask`, made once per mask tensor, version and dtype."""
+    return once_per_mask(mask, f"{_ADDITIVE}_{str(dtype).removeprefix('torch.')}",
+                         lambda m: additive_mask(m, dtype))
+
+
+def is_training_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      kwargs: dict[str, Any]) -> bool:
+    """A CPU training call these kernels handle: queries as long as the keys (more than
+    one), keys and values of one head size, none of the keyword arguments
+    ``sdpa_attention_forward`` acts on besides the mask, not traced or compiled."""
+    return (query.device.type == "cpu" and query.shape[2] == key.shape[2]
+            and query.shape[2] > 1 and key.shape[-1] == value.shape[-1]
+            and not any(kwargs.get(name) is not None and kwargs.get(name) is not False
+                        for name in _HANDED_ON)
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 def lean_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -58,11 +81,7 @@ def lean_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     and a boolean mask made additive once."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if (query.device.type != "cpu" or query.shape[2] != key.shape[2] or query.shape[2] <= 1
-            or key.shape[-1] != value.shape[-1]
-            or any(kwargs.get(name) is not None and kwargs.get(name) is not False
-                   for name in _HANDED_ON)
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+    if not is_training_shape(query, key, value, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, is_causal=is_causal,
                                       **kwargs)

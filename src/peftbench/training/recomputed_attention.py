@@ -31,11 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.training.lean_attention import switch_attention
+from peftbench.training.lean_attention import (
+    additive_mask,
+    is_training_shape,
+    once_per_mask,
+    switch_attention,
+)
 
 #: the attention implementation name models are switched to
 IMPLEMENTATION = "peftbench_recomputed_sdpa"
-_HANDED_ON = ("softcap", "output_attentions", "position_bias")
 #: where a mask keeps its additive fp32 version and its fully masked rows (one per forward)
 _PREPARED = "_peftbench_recomputed_mask"
 
@@ -46,20 +50,13 @@ def _prepared_mask(mask: torch.Tensor | None, length: int,
     attend or None), made once per mask tensor and version; no mask means causal."""
     if mask is None:
         causal = torch.ones(length, length, dtype=torch.bool, device=device).tril_()
-        return _additive(causal.view(1, 1, length, length))
-    version, prepared = getattr(mask, _PREPARED, (None, None))
-    if prepared is None or version != mask._version:
-        prepared = _additive(mask)
-        setattr(mask, _PREPARED, (mask._version, prepared))
-    return prepared
+        return _with_dead_rows(causal.view(1, 1, length, length))
+    return once_per_mask(mask, _PREPARED, _with_dead_rows)
 
 
-def _additive(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if mask.dtype == torch.bool:
-        additive = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-        additive.masked_fill_(mask.logical_not(), float("-inf"))
-    else:
-        additive = mask.to(torch.float32)
+def _with_dead_rows(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    additive = (additive_mask(mask, torch.float32) if mask.dtype == torch.bool
+                else mask.to(torch.float32))
     dead = additive.amax(-1, keepdim=True).isneginf()
     return additive, (dead if bool(dead.any()) else None)
 
@@ -143,18 +140,16 @@ def recomputed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    if (query.device.type != "cpu" or not torch.is_grad_enabled()
-            or _bf16_inputs(query, key, value) is None or dropout
-            or query.shape[2] != key.shape[2] or query.shape[2] <= 1
-            or key.shape[-1] != value.shape[-1] or query.shape[1] % key.shape[1]
-            or (attention_mask is None and not causal)
-            or any(kwargs.get(name) is not None and kwargs.get(name) is not False
-                   for name in _HANDED_ON)
-            or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+    inputs = None
+    if (torch.is_grad_enabled() and not dropout and query.shape[1] % key.shape[1] == 0
+            and (attention_mask is not None or causal)
+            and is_training_shape(query, key, value, kwargs)):
+        inputs = _bf16_inputs(query, key, value)
+    if inputs is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       dropout=dropout, scaling=scaling, is_causal=is_causal,
                                       **kwargs)
-    query, key, value = _bf16_inputs(query, key, value)
+    query, key, value = inputs
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if attention_mask is not None and attention_mask.shape[-1] != key.shape[2]:
         attention_mask = attention_mask[:, :, :, :key.shape[2]]
