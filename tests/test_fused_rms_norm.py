@@ -63,7 +63,7 @@ def test_backward_is_the_closed_form_not_a_near_miss():
     reference = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
     gx_ref, gw_ref = torch.autograd.grad(reference, (x64, w64), grad)
     x, w = x64.detach().float().requires_grad_(), w64.detach().float().requires_grad_()
-    gx, gw = torch.autograd.grad(_RmsNorm.apply(x, w, 1e-5), (x, w), grad.float())
+    gx, gw = torch.autograd.grad(_RmsNorm.apply(x, w, 1e-5, None), (x, w), grad.float())
     assert torch.allclose(gx.double(), gx_ref, rtol=1e-4, atol=1e-5)
     assert torch.allclose(gw.double(), gw_ref, rtol=1e-4, atol=1e-5)
 
@@ -91,3 +91,23 @@ def test_placement_routes_the_norms_only_on_the_cpu_bf16_path(precision, exact, 
     assert applied.get("fused_rms_norm", 0) == (len(norms) if routed else 0)
     assert all(hasattr(m, "_peftbench_fused_norm_forward") == routed for m in norms)
     assert model.state_dict().keys() == state.keys()
+
+
+def test_under_bf16_autocast_the_output_is_the_bf16_the_readers_would_cast_to():
+    """The fp32-residual norm returns bf16 under CPU bf16 autocast: the same values the
+    plain norm's fp32 output gives after autocast's cast, and gradients (x's, the weight's)
+    within bf16 rounding of the plain norm's, whose incoming gradient was fp32."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 7, 48, generator=gen) * 4
+    grad = torch.randn(3, 7, 48, generator=gen)
+    plain, fused = _norm(torch.float32, True), _norm(torch.float32, True)
+    fuse_rms_norms(fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_plain, gx_plain, gw_plain = _run(plain, x, grad)
+        out_fused, gx_fused, gw_fused = _run(fused, x, grad)
+    assert out_plain.dtype == torch.float32 and out_fused.dtype == torch.bfloat16
+    assert torch.equal(out_fused, out_plain.to(torch.bfloat16))
+    assert gx_fused.dtype == torch.float32 and gw_fused.dtype == torch.float32
+    for got, want in ((gx_fused, gx_plain), (gw_fused, gw_plain)):
+        error = ((got - want).norm() / want.norm()).item()
+        assert 0 < error <= 1e-2  # the incoming gradient was rounded to bf16: not equal

@@ -50,7 +50,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     masks (:mod:`~peftbench.training.dropout`), plain LoRA layers as one autograd function
     (:mod:`~peftbench.training.fused_lora`; under bf16 autocast
     :mod:`~peftbench.training.fused_lora_bf16`); in bf16, Llama-style RMSNorms as one
-    autograd function (:mod:`~peftbench.training.fused_rms_norm`) and attention keeping
+    autograd function returning bf16 under autocast
+    (:mod:`~peftbench.training.fused_rms_norm`) and attention keeping
     only its bf16 inputs (:mod:`~peftbench.training.recomputed_attention`); in fp32, the gated
     MLPs' SiLU and product and the RMSNorms' outputs computed again in the backward
     (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
