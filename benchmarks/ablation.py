@@ -1,0 +1,193 @@
+"""What each part of peftbench's CPU fast path is worth, measured by alternating steps.
+
+Separate runs of one configuration drift by several percent within minutes on a shared
+machine, more than one fast-path part is worth. Here one process trains the placed model
+(as ``throughput.py``'s peftbench variant places it) and switches one part off and on
+between steps, in pairs (on on off off on on ...), so both states see the same drift, the
+same data stream and the same heap. Reported per part: tokens/s with it on and off, their
+ratio, and the ratio of median per-token step times.
+
+    python benchmarks/ablation.py --model smollm2-135m --method lora --steps 24
+
+Parts (those the placement applied; others are skipped): ``fused_lora`` (peft's LoRA
+forward when off), ``fused_rms_norm`` (transformers' RMSNorm forward when off) and
+``recomputed_attention`` (transformers' sdpa when off). Dropout's cheap masks and bf16
+storage are not switchable: the fused layers need the first, the second is the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from throughput_worker import WorkerConfig, build, prepare_peftbench, reseed
+
+_ROUTED = "_ablation_routed_forward"
+
+
+def routed_switch(original: str) -> Callable[[nn.Module, bool], int]:
+    """A switch for modules whose forward was routed with ``original`` kept (see
+    ``training/forward_routing.py``): on, the routed forward; off, the original."""
+
+    def switch(model: nn.Module, on: bool) -> int:
+        switched = 0
+        for module in model.modules():
+            if not hasattr(module, original):
+                continue
+            routed = module.__dict__.setdefault(_ROUTED, module.forward)
+            module.forward = routed if on else getattr(module, original)
+            switched += 1
+        return switched
+
+    return switch
+
+
+def attention_switch(implementation: str) -> Callable[[nn.Module, bool], int]:
+    """A switch between ``implementation`` (on) and transformers' sdpa (off), for every
+    model config that ``place_for_training`` switched to it."""
+
+    def switch(model: nn.Module, on: bool) -> int:
+        configs = {id(m.config): m.config for m in model.modules()
+                   if getattr(getattr(m, "config", None), "_peftbench_switched", None)}
+        if not configs:  # first call: remember which configs the placement switched
+            configs = {id(m.config): m.config for m in model.modules()
+                       if getattr(getattr(m, "config", None), "_attn_implementation",
+                                  None) == implementation}
+            for config in configs.values():
+                config._peftbench_switched = True
+        for config in configs.values():
+            config._attn_implementation = implementation if on else "sdpa"
+        return len(configs)
+
+    return switch
+
+
+def switches() -> dict[str, Callable[[nn.Module, bool], int]]:
+    """Every switchable part by its name in the run record's fast path."""
+    from peftbench.training import fused_lora, fused_rms_norm, recomputed_attention
+
+    return {"fused_lora": routed_switch(fused_lora._ORIGINAL_FORWARD),
+            "fused_rms_norm": routed_switch(fused_rms_norm._ORIGINAL),
+            "recomputed_attention": attention_switch(recomputed_attention.IMPLEMENTATION)}
+
+
+def alternate(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Module,
+              step: Callable[[int], int], steps: int, warmup: int,
+              first_step: int) -> dict[str, Any]:
+    """``steps`` steps with ``part`` on and off in pairs (on on off off ...) after
+    ``warmup`` steps with it on; ``step(n)`` runs step ``n`` and returns its tokens."""
+    switch(model, True)
+    for n in range(first_step, first_step + warmup):
+        step(n)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    tokens: dict[bool, list[int]] = {True: [], False: []}
+    for k in range(steps):
+        on = (k // 2) % 2 == 0
+        switch(model, on)
+        start = time.perf_counter()
+        tokens[on].append(step(first_step + warmup + k))
+        times[on].append(time.perf_counter() - start)
+    switch(model, True)
+
+    def rate(on: bool) -> float:
+        return sum(tokens[on]) / sum(times[on])
+
+    def median_per_token(on: bool) -> float:
+        return statistics.median(t / n for t, n in zip(times[on], tokens[on], strict=True))
+
+    return {"part": part, "steps_each": len(times[True]),
+            "tokens_per_s_on": rate(True), "tokens_per_s_off": rate(False),
+            "speedup": rate(True) / rate(False),
+            "median_time_ratio_off_over_on": median_per_token(False) / median_per_token(True)}
+
+
+def run(cfg: WorkerConfig, parts: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    """Build and place the model once, then alternate each applied part in turn."""
+    import torch
+
+    from peftbench.training.batches import endless_batches
+    from peftbench.training.step import build_optimization, train_step
+
+    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    setup = build(cfg)
+    spec, model = setup.spec, setup.model
+    device, precision, autocast, fast_path, gather = prepare_peftbench(setup)
+    opt = build_optimization(model, setup.lr, spec, spec.max_steps)
+    batches = endless_batches(setup.train_set, spec.batch_size, spec.seed)
+    model.train()
+
+    def one_step(n: int) -> int:
+        counted = [0]
+
+        def count(batch: dict[str, Any]) -> None:
+            counted[0] += int(batch["attention_mask"].sum())
+
+        reseed(spec.seed, n)
+        train_step(model, batches, setup.encoder.pad_id, spec, opt, device, autocast,
+                   setup.loaded.is_encoder_decoder, gather, on_batch=count)
+        return counted[0]
+
+    available = switches()
+    results, skipped = [], {}
+    next_step = 1
+    for part in parts:
+        if part not in available:
+            raise SystemExit(f"unknown part {part!r}; choose from {', '.join(available)}")
+        if not fast_path.get(part):
+            skipped[part] = "not applied by the placement (precision, device or model)"
+            continue
+        results.append(alternate(part, available[part], model, one_step, steps, warmup,
+                                 next_step))
+        next_step += warmup + steps
+    return {"benchmark": "ablation", "model": cfg.model, "method": cfg.method,
+            "precision": precision, "fast_path": fast_path, "parts": results,
+            "skipped": skipped, "steps_each_part": steps, "warmup": warmup}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="rotten_tomatoes")
+    parser.add_argument("--method", default="lora")
+    parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention")
+    parser.add_argument("--steps", type=int, default=24,
+                        help="alternating steps per part (half on, half off)")
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--train-size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.steps < 4 or args.steps % 4:
+        parser.error("--steps must be a positive multiple of 4 (pairs on and off)")
+    total = len(args.parts.split(",")) * (args.warmup + args.steps)
+    cfg = WorkerConfig(model=args.model, task=args.task, method=args.method,
+                       variant="peftbench", warmup=0, reps=1, steps=total,
+                       batch_size=args.batch_size, train_size=args.train_size,
+                       threads=args.threads)
+    report = run(cfg, args.parts.split(","), args.steps, args.warmup)
+    for row in report["parts"]:
+        print(f"{row['part']:>22}: {row['tokens_per_s_on']:7.1f} tokens/s on, "
+              f"{row['tokens_per_s_off']:7.1f} off, x{row['speedup']:.3f} "
+              f"(median per-token time off/on {row['median_time_ratio_off_over_on']:.3f}, "
+              f"{row['steps_each']} steps each)")
+    for part, why in report["skipped"].items():
+        print(f"{part:>22}: skipped, {why}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""The ablation benchmark's switches: each turns its fast-path part off (the graph no
+longer has the part's autograd function) and on again, and a run reports every part the
+placement applied."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lora_models import IDS, tiny_lora_llama
+from peftbench.training.model_prep import place_for_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from ablation import WorkerConfig, run, switches
+
+#: each part's autograd function, as it shows in the graph
+NODES = {"fused_lora": "_LoraLinearBf16Backward", "fused_rms_norm": "_RmsNormBackward",
+         "recomputed_attention": "_AttentionBackward"}
+
+
+def _nodes(model: torch.nn.Module) -> list[str]:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    seen, names, stack = set(), [], [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def test_each_switch_turns_its_part_off_and_on_again():
+    model = tiny_lora_llama()
+    applied = place_for_training(model, "bf16", torch.device("cpu"))
+    parts = switches()
+    assert set(parts) == set(NODES) and all(applied[part] for part in parts)
+    for part, switch in parts.items():
+        assert NODES[part] in _nodes(model)
+        assert switch(model, False) > 0
+        names = _nodes(model)
+        assert NODES[part] not in names
+        assert all(NODES[other] in names for other in NODES if other != part)
+        switch(model, True)
+        assert NODES[part] in _nodes(model)
+
+
+def test_a_run_alternates_every_applied_part():
+    cfg = WorkerConfig(model="tiny-random-llama", task="rotten_tomatoes", method="lora",
+                       variant="peftbench", warmup=0, reps=1, steps=15, train_size=64,
+                       batch_size=8)
+    report = run(cfg, ["fused_rms_norm", "fused_lora", "recomputed_attention"], steps=4,
+                 warmup=1)
+    assert [row["part"] for row in report["parts"]] == [
+        "fused_rms_norm", "fused_lora", "recomputed_attention"]
+    for row in report["parts"]:
+        assert row["steps_each"] == 2
+        assert row["tokens_per_s_on"] > 0 and row["tokens_per_s_off"] > 0
+    assert report["skipped"] == {}
