@@ -1,4 +1,5 @@
-"""Tiny Llamas and batches shared by the fused-layer and attention tests. No tests here."""
+"""Tiny Llamas, batches and a graph walk shared by the fused-layer, attention and benchmark
+tests. No tests here."""
 
 from __future__ import annotations
 
@@ -60,3 +61,16 @@ def greedy_generations(switch, autocast=contextlib.nullcontext) -> list[torch.Te
             outputs.append(model.generate(IDS[:1], attention_mask=torch.ones_like(IDS[:1]),
                                           max_new_tokens=5, do_sample=False))
     return outputs
+
+
+def graph_nodes(output: torch.Tensor) -> list[str]:
+    """The class names of every autograd node behind ``output`` (each node once)."""
+    seen, names, stack = set(), [], [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from lora_models import IDS, tiny_lora_llama
+from lora_models import IDS, graph_nodes, tiny_lora_llama
 from peftbench.training.model_prep import place_for_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -23,16 +23,7 @@ NODES = {"fused_lora": "_LoraLinearBf16Backward", "fused_rms_norm": "_RmsNormBac
 
 def _nodes(model: torch.nn.Module) -> list[str]:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=IDS, labels=IDS).loss
-    seen, names, stack = set(), [], [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
+        return graph_nodes(model(input_ids=IDS, labels=IDS).loss)
 
 
 def test_each_switch_turns_its_part_off_and_on_again():

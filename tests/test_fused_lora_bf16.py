@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_models import tiny_lora_llama
+from lora_models import graph_nodes, tiny_lora_llama
 from peftbench.training.dropout import drop_positions, use_fast_dropout
 from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.fused_lora_bf16 import lora_linear_bf16, shared_bf16_copy
@@ -141,18 +141,6 @@ def test_fused_layers_are_as_close_to_fp32_as_peft_under_autocast():
     assert distance(grads_fused) < 0.1
 
 
-def _graph_nodes(loss: torch.Tensor) -> list[str]:
-    seen, names, stack = set(), [], [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
-
-
 def test_every_adapted_layer_runs_fused_with_its_dropout():
     from peft.tuners.lora import LoraLayer
 
@@ -165,7 +153,7 @@ def test_every_adapted_layer_runs_fused_with_its_dropout():
             return model(input_ids=IDS, labels=IDS).loss
 
     first = loss(5)
-    assert _graph_nodes(first).count("_LoraLinearBf16Backward") == layers > 0
+    assert graph_nodes(first).count("_LoraLinearBf16Backward") == layers > 0
     assert loss(5).item() == first.item() != loss(6).item()  # seeded, and really dropping
     model.eval()
     assert loss(5).item() == loss(6).item()  # no dropout in eval
