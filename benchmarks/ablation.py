@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput_worker import WorkerConfig, build, prepare_peftbench, reseed
+from throughput_worker import WorkerConfig, build, prepare_peftbench, reseed, use_threads
 
 _ROUTED = "_ablation_routed_forward"
 
@@ -54,19 +53,16 @@ def routed_switch(original: str) -> Callable[[nn.Module, bool], int]:
 
 
 def attention_switch(implementation: str) -> Callable[[nn.Module, bool], int]:
-    """A switch between ``implementation`` (on) and transformers' sdpa (off), for every
-    model config that ``place_for_training`` switched to it."""
+    """A switch between ``implementation`` (on) and transformers' sdpa (off), for the model
+    configs that ``place_for_training`` had switched to it (found at the first call)."""
+    switched: dict[int, list[Any]] = {}  # id(model) -> its configs
 
     def switch(model: nn.Module, on: bool) -> int:
-        configs = {id(m.config): m.config for m in model.modules()
-                   if getattr(getattr(m, "config", None), "_peftbench_switched", None)}
-        if not configs:  # first call: remember which configs the placement switched
-            configs = {id(m.config): m.config for m in model.modules()
-                       if getattr(getattr(m, "config", None), "_attn_implementation",
-                                  None) == implementation}
-            for config in configs.values():
-                config._peftbench_switched = True
-        for config in configs.values():
+        configs = switched.setdefault(id(model), list({
+            id(m.config): m.config for m in model.modules()
+            if getattr(getattr(m, "config", None), "_attn_implementation", None)
+            == implementation}.values()))
+        for config in configs:
             config._attn_implementation = implementation if on else "sdpa"
         return len(configs)
 
@@ -114,12 +110,11 @@ def alternate(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Mod
 
 def run(cfg: WorkerConfig, parts: list[str], steps: int, warmup: int) -> dict[str, Any]:
     """Build and place the model once, then alternate each applied part in turn."""
-    import torch
 
     from peftbench.training.batches import endless_batches
     from peftbench.training.step import build_optimization, train_step
 
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    use_threads(cfg)
     setup = build(cfg)
     spec, model = setup.spec, setup.model
     device, precision, autocast, fast_path, gather = prepare_peftbench(setup)
@@ -142,8 +137,6 @@ def run(cfg: WorkerConfig, parts: list[str], steps: int, warmup: int) -> dict[st
     results, skipped = [], {}
     next_step = 1
     for part in parts:
-        if part not in available:
-            raise SystemExit(f"unknown part {part!r}; choose from {', '.join(available)}")
         if not fast_path.get(part):
             skipped[part] = "not applied by the placement (precision, device or model)"
             continue
@@ -171,12 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 4 or args.steps % 4:
         parser.error("--steps must be a positive multiple of 4 (pairs on and off)")
-    total = len(args.parts.split(",")) * (args.warmup + args.steps)
+    parts = args.parts.split(",")
+    unknown = [part for part in parts if part not in switches()]
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from "
+                     f"{', '.join(switches())}")
+    total = len(parts) * (args.warmup + args.steps)
     cfg = WorkerConfig(model=args.model, task=args.task, method=args.method,
                        variant="peftbench", warmup=0, reps=1, steps=total,
                        batch_size=args.batch_size, train_size=args.train_size,
                        threads=args.threads)
-    report = run(cfg, args.parts.split(","), args.steps, args.warmup)
+    report = run(cfg, parts, args.steps, args.warmup)
     for row in report["parts"]:
         print(f"{row['part']:>22}: {row['tokens_per_s_on']:7.1f} tokens/s on, "
               f"{row['tokens_per_s_off']:7.1f} off, x{row['speedup']:.3f} "

@@ -599,14 +599,20 @@ TRAINER_ARGS_SHOWN = {
 # --------------------------------------------------------------------------- entry
 
 
+def use_threads(cfg: WorkerConfig) -> None:
+    """torch's threads: ``cfg.threads``, or every usable core; recorded in ``cfg``."""
+    import torch
+
+    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
+    cfg.threads = torch.get_num_threads()
+
+
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Build, train and measure one configuration; the result is JSON-ready."""
-    import torch
 
     if cfg.variant not in ALL_VARIANTS:
         raise SystemExit(f"unknown variant {cfg.variant!r}: one of {', '.join(ALL_VARIANTS)}")
-    torch.set_num_threads(cfg.threads or len(os.sched_getaffinity(0)))
-    cfg.threads = torch.get_num_threads()
+    use_threads(cfg)
     rss = RssSampler()
     rss.start()
     tick = time.perf_counter()

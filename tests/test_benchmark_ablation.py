@@ -1,12 +1,13 @@
 """The ablation benchmark's switches: each turns its fast-path part off (the graph no
 longer has the part's autograd function) and on again, and a run reports every part the
-placement applied."""
+placement applied; an unknown part is a usage error."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lora_models import IDS, graph_nodes, tiny_lora_llama
@@ -14,7 +15,7 @@ from peftbench.training.model_prep import place_for_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from ablation import WorkerConfig, run, switches
+from ablation import WorkerConfig, main, run, switches
 
 #: each part's autograd function, as it shows in the graph
 NODES = {"fused_lora": "_LoraLinearBf16Backward", "fused_rms_norm": "_RmsNormBackward",
@@ -53,3 +54,10 @@ def test_a_run_alternates_every_applied_part():
         assert row["steps_each"] == 2
         assert row["tokens_per_s_on"] > 0 and row["tokens_per_s_off"] > 0
     assert report["skipped"] == {}
+
+
+def test_an_unknown_part_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--parts", "fused_lora,fused_norm"])
+    assert exit_info.value.code == 2
+    assert "unknown fused_norm; choose from fused_lora" in capsys.readouterr().err

@@ -11,7 +11,8 @@ per row::
 
 It keeps ``x``, ``r`` and the weight for the backward, less than autograd kept.
 
-Under CPU bf16 autocast the output is returned in bf16 (the fp32 product rounded once).
+Under autocast the output is returned in the autocast dtype, bf16 on this path (the fp32
+product rounded once).
 The readers of these norms' outputs in the supported models are matmuls (q, k, v; gate,
 up; the output head), which autocast would cast the fp32 output to bf16 for with the same
 rounding, so the values they compute with are unchanged. What changes is the backward:
@@ -22,8 +23,7 @@ alternating in one process: 1.5-3 % faster; BitFit 4-5 % (``benchmarks/README.md
 Readers that are not matmuls (Qwen3's per-head q/k norms feed the rotary embedding) see
 the bf16-rounded value that autocast would only have made at the attention's input.
 
-Only norm
-classes whose forward is exactly LlamaRMSNorm's are routed
+Only norm classes whose forward is exactly LlamaRMSNorm's are routed
 (:func:`~peftbench.training.rms_norm.is_llama_rms_norm`); without gradients, and under
 ``torch.compile``, the norm's own forward runs.
 """
@@ -79,10 +79,9 @@ class _RmsNorm(torch.autograd.Function):
 def _forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return getattr(self, _ORIGINAL)(hidden_states)
-    out_dtype = None
-    if (torch.is_autocast_enabled(hidden_states.device.type)
-            and torch.get_autocast_dtype(hidden_states.device.type) == torch.bfloat16):
-        out_dtype = torch.bfloat16
+    device = hidden_states.device.type
+    # under autocast, the dtype its matmuls would cast this output to
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     return _RmsNorm.apply(hidden_states, self.weight, self.variance_epsilon, out_dtype)
 
 
