@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lora_models import graph_nodes, tiny_lora_llama
+from peftbench.training import sparse_dropout
 from peftbench.training.dropout import drop_positions, use_fast_dropout
 from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.fused_lora_bf16 import lora_linear_bf16, shared_bf16_copy
@@ -57,11 +58,17 @@ def test_a_non_contiguous_input_gets_the_same_mask_in_forward_and_backward():
     assert (lora_a.grad - ref_grad_a).norm() <= 0.02 * ref_grad_a.norm()
 
 
+@pytest.mark.parametrize("sparse", [True, False], ids=["corrected", "zeroed"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_the_fused_function_applies_one_mask_in_forward_and_backward(with_bias):
+def test_the_fused_function_applies_one_mask_in_forward_and_backward(with_bias, sparse,
+                                                                     monkeypatch):
     """Output and every gradient against the formula in float64, with the dropped positions
     the function drew (drawn again from the same seed): a mask missing from any gradient, a
-    wrong scale or a wrong transpose fails."""
+    wrong scale or a wrong transpose fails. Both ways of applying the mask: compiled
+    corrections of the undropped products (where a compiler is found) and zeroed copies."""
+    if sparse and not sparse_dropout.available():
+        pytest.skip("no C compiler: only the zeroing path exists")
+    monkeypatch.setattr(sparse_dropout, "enabled", sparse)
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
