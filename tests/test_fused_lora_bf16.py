@@ -79,7 +79,7 @@ def test_the_fused_function_applies_one_mask_in_forward_and_backward(with_bias, 
     bias = rand(12).requires_grad_() if with_bias else None
     lora_a = rand(4, 16, scale=0.3).requires_grad_()
     lora_b = rand(12, 4, scale=0.3).requires_grad_()
-    scaling, p = 2.0, 0.3
+    scaling, p = 2.0, 0.15  # below sparse_dropout.MAX_P: both paths can run
     grad_out = rand(2, 5, 12)
 
     torch.manual_seed(11)

@@ -123,12 +123,12 @@ def test_the_fused_layers_are_as_close_to_fp32_on_both_paths(monkeypatch):
     reference: the corrected bf16 path's loss and LoRA gradients are as close to it as the
     zeroing path's (the tiny random model amplifies bf16 rounding to several percent; another
     seed's masks move the gradients by more than 100 %). The corrections really ran."""
-    reference = tiny_lora_llama({"dropout": 0.3})
+    reference = tiny_lora_llama({"dropout": 0.15})
     place_for_training(reference, "fp32", CPU)
     loss32, grads32 = _loss_and_grads(reference, seed=7, autocast=False)
     _, grads_other_masks = _loss_and_grads(reference, seed=8, autocast=False)
 
-    model = tiny_lora_llama({"dropout": 0.3})
+    model = tiny_lora_llama({"dropout": 0.15})
     applied = place_for_training(model, "bf16", CPU)
     assert applied["sparse_dropout"] == 1
     calls = []
@@ -145,3 +145,16 @@ def test_the_fused_layers_are_as_close_to_fp32_on_both_paths(monkeypatch):
     assert abs(loss_zeroed - loss32) <= 0.01 * abs(loss32)
     assert _worst(grads_sparse, grads32) <= max(1.5 * _worst(grads_zeroed, grads32), 0.02)
     assert _worst(grads_sparse, grads32) < 0.15 < 1.0 < _worst(grads_other_masks, grads32)
+
+
+@needs_compiler
+def test_dropout_from_max_p_on_zeroes_copies_instead(monkeypatch):
+    assert sparse_dropout.pays(0.05) and not sparse_dropout.pays(0.0)
+    assert not sparse_dropout.pays(sparse_dropout.MAX_P)
+    model = tiny_lora_llama({"dropout": sparse_dropout.MAX_P})
+    place_for_training(model, "bf16", CPU)
+    calls = []
+    monkeypatch.setattr(sparse_dropout, "hidden_minus_dropped",
+                        lambda *args: calls.append(1))
+    _loss_and_grads(model, seed=7)
+    assert calls == []

@@ -75,8 +75,7 @@ class _LoraLinearBf16(torch.autograd.Function):
         a = lora_a.to(_BF16)
         b = (lora_b * scale).to(_BF16)
         # every operand is bf16 already, so autocast has nothing to cast here
-        sparse = (positions is not None and rows.is_contiguous()
-                  and sparse_dropout.available())
+        sparse = positions is not None and rows.is_contiguous() and sparse_dropout.pays(p)
         if sparse:  # no dropped copy: what the dropped elements added is subtracted
             hidden = sparse_dropout.hidden_minus_dropped(rows @ a.t(), rows, a, positions)
         else:
