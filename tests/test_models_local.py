@@ -145,3 +145,25 @@ def test_check_model_needs_cached_weights_or_a_reachable_hub(tmp_path: Path,
     assert not encoder_decoder and next(model.parameters()).device.type == "meta"
     assert [n for n, _ in model.named_parameters()] == \
         [n for n, _ in original.model.named_parameters()]
+
+
+def test_a_local_model_is_one_run_however_its_path_is_spelled(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """Relative, absolute and linked spellings of one folder give one run hash (the store
+    finds the run done); new weights saved into the folder give another."""
+    from peftbench.config import RunSpec
+
+    folder = tmp_path / "models" / "mine"
+    load_model("tiny-random-llama", seed=3).model.save_pretrained(folder)
+    (tmp_path / "link").symlink_to(folder)
+    monkeypatch.chdir(tmp_path)
+
+    def run_hash(model: str) -> str:
+        return RunSpec(model=model, task="toy_cls", method="lora").run_hash()
+
+    spelled = {run_hash(m) for m in ("models/mine", "./models/mine/", str(folder), "link")}
+    assert len(spelled) == 1
+    builtin = RunSpec(model="tiny-random-llama", task="toy_cls", method="lora")
+    assert builtin.identity()["model"] == "tiny-random-llama"  # names stay as given
+    load_model("tiny-random-llama", seed=4).model.save_pretrained(folder)
+    assert run_hash("models/mine") not in spelled

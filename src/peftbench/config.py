@@ -73,6 +73,7 @@ class RunSpec(BaseModel):
 
         fields = {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
         fields["task"] = task_identity(self.task)
+        fields["model"] = model_identity(self.model)
         try:
             method = get_method(self.method)
             fields["method_args"] = method.resolve_args(self.method_args)
@@ -99,6 +100,23 @@ def task_identity(task: str) -> str:
     except OSError:  # reported when the run starts
         return task
     return f"{path.resolve()}#sha256:{hashlib.sha256(content).hexdigest()}"
+
+
+def model_identity(model: str) -> str:
+    """A built-in name or Hub id as given; for a local model directory, its resolved path
+    and the sha256 of its weight files: the same folder spelled differently (relative,
+    absolute, through a link) is the same run, and new weights saved into it make another
+    run. The hash is memoised per file size and modification time (``dir_fingerprint``)."""
+    from peftbench.models.fingerprint import dir_fingerprint
+    from peftbench.models.registry import BUILTINS
+
+    path = Path(model).expanduser()
+    if model in BUILTINS or not path.is_dir():
+        return model
+    try:
+        return f"{path.resolve()}#weights:{dir_fingerprint(path)}"
+    except OSError:  # unreadable: reported when the run starts
+        return model
 
 
 def compact(value: object) -> str:
