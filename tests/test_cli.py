@@ -109,6 +109,24 @@ def test_missing_data_dir_file_is_a_clear_error(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_a_data_dir_that_is_not_a_folder_is_a_usage_error(tmp_path, command):
+    """Even for a task that reads no files (toy_cls, the quickstart suite): a mistyped
+    --data-dir is reported, not silently ignored."""
+    args = (["train", "--model", "tiny-random-llama", "--task", "toy_cls", "--method", "full",
+             "--quiet", "--out", str(tmp_path / "o")] if command == "train"
+            else ["run", "quickstart", "--dry-run", "--db", str(tmp_path / "r.sqlite")])
+    missing = tmp_path / "no-such-data"
+    proc = peftbench(*args, "--data-dir", str(missing))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    message = " ".join(proc.stderr.split())  # the console wraps long lines
+    assert f"--data-dir {missing}: no such folder" in message
+    assert "Traceback" not in proc.stderr
+    (tmp_path / "a-file").write_text("x")
+    proc = peftbench(*args, "--data-dir", str(tmp_path / "a-file"))
+    assert proc.returncode == 2 and "is a file, not a folder" in " ".join(proc.stderr.split())
+
+
 def test_parse_method_args_types():
     assert parse_method_args(["r=8", "alpha=16.5", "target_modules=[q_proj,v_proj]",
                               "init=random"]) == {

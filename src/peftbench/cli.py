@@ -16,7 +16,7 @@ from rich.markup import escape
 from peftbench import yaml_text
 from peftbench.config import RunSpec
 from peftbench.errors import PeftbenchError, UsageError
-from peftbench.files import require_folder
+from peftbench.files import require_folder, require_input_folder
 
 app = typer.Typer(
     add_completion=False,
@@ -117,6 +117,8 @@ def train(
     if max_steps is not None and epochs is not None:
         raise UsageError(f"--max-steps {max_steps} and --epochs {epochs:g}: give one of them "
                          "(the steps to train, or the epochs over the training examples).")
+    if data_dir is not None:
+        require_input_folder(data_dir, "--data-dir", "the dataset's files")
     out_dir = out or default_out_dir(spec)
     require_folder(Path(out_dir), "--out", "output folder")  # before training, not after
     with RunProgress(console, enabled=not quiet) as progress, warnings.catch_warnings():

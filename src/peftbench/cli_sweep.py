@@ -16,7 +16,7 @@ from rich.table import Table
 
 from peftbench.config import compact
 from peftbench.errors import UsageError
-from peftbench.files import require_folder
+from peftbench.files import require_folder, require_input_folder
 from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
 from peftbench.sweep.plan import PlannedRun
 from peftbench.text import count
@@ -76,6 +76,8 @@ def run(
         from peftbench.sweep.ray_backend import require_ray
 
         require_ray()
+    if data_dir is not None:
+        require_input_folder(data_dir, "--data-dir", "the tasks' data files")
     loaded = load_suite(suite)
     name = loaded.spec.name
     workers = workers or loaded.spec.execution.workers

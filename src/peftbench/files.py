@@ -62,3 +62,13 @@ def require_folder(folder: Path, option: str, what: str = "folder",
         except OSError as exc:
             raise UsageError(f"{option} {folder}: cannot create the {what} "
                              f"({exc.strerror or exc}); give a writable folder") from None
+
+
+def require_input_folder(folder: Path, option: str, what: str) -> None:
+    """A usage error naming ``option`` unless ``folder`` is an existing folder (one to read
+    from): a mistyped path is reported, not silently ignored by work that would not read
+    it."""
+    path = folder.expanduser()
+    if not path.is_dir():
+        state = "is a file, not a folder" if path.exists() else "no such folder"
+        raise UsageError(f"{option} {folder}: {state}; give the folder with {what}")
