@@ -76,6 +76,37 @@ def test_overrides_merge_defaults_then_task_then_method_then_lr_grid(tmp_path):
     assert runs["toy_cls", "bitfit"].method_args == {"r": 2}
 
 
+def test_max_steps_and_epochs_are_one_budget_the_most_specific_section_sets(tmp_path):
+    """A task that trains by epochs under defaults that train by steps trains by epochs (the
+    steps from defaults no longer win over it), and the other way round."""
+    suite = load_suite(write(tmp_path, """\
+        models: [m]
+        tasks: [toy_cls, toy_gen]
+        methods: [lora, bitfit]
+        defaults: {max_steps: 5}
+        task_overrides:
+          toy_gen: {epochs: 2}
+        method_overrides:
+          bitfit: {max_steps: 9}
+        """))
+    runs = {(s.task, s.method): s for s in expand(suite)}
+    assert (runs["toy_cls", "lora"].max_steps, runs["toy_cls", "lora"].epochs) == (5, None)
+    assert (runs["toy_gen", "lora"].max_steps, runs["toy_gen", "lora"].epochs) == (None, 2)
+    assert (runs["toy_gen", "bitfit"].max_steps, runs["toy_gen", "bitfit"].epochs) == (9, None)
+
+
+def test_one_section_setting_max_steps_and_epochs_is_an_error(tmp_path):
+    message = error_of(tmp_path, """\
+        models: [m]
+        tasks: [toy_cls]
+        methods: [lora]
+        task_overrides:
+          toy_cls: {max_steps: 5, epochs: 2}
+        """)
+    assert (f"{tmp_path / 'suite.yaml'}:5: task_overrides.toy_cls.epochs: set max_steps or "
+            "epochs, not both" in message)
+
+
 def test_model_and_data_dir_overrides(tmp_path):
     suite = load_suite(write(tmp_path, SUITE))
     plain = expand(suite)

@@ -3,7 +3,8 @@
 A suite names the grid axes (models x tasks x train sizes x seeds x methods, plus optional
 per-task train sizes, per-method variants and learning-rate grids) and the other
 :class:`RunSpec` fields: ``defaults``, updated by ``task_overrides[task]``, then by
-``method_overrides[method]`` (``method_args`` merged key by key), then by one of
+``method_overrides[method]`` (``method_args`` merged key by key; ``max_steps`` and
+``epochs`` are one budget, so a section setting either replaces both), then by one of
 ``method_variants[method]`` (method arguments, e.g. which layers to train), then by
 ``lr_grid[method]``. Unknown keys and bad values are :class:`UsageError`s that say
 ``file:line: key: what is wrong``.
@@ -28,6 +29,8 @@ from peftbench.text import dotted
 AXES = {"model": "models", "task": "tasks", "method": "methods", "train_size": "train_sizes",
         "seed": "seeds"}
 SETTABLE = [name for name in RunSpec.model_fields if name not in AXES]
+# One training budget: a section that sets either replaces both from less specific ones.
+BUDGET = ("max_steps", "epochs")
 
 KeyPath = tuple[str | int, ...]
 
@@ -175,6 +178,9 @@ def _field_problems(values: dict[str, Any], path: KeyPath, locate: Locator) -> l
         elif key not in RunSpec.model_fields:
             problems.append(problem(locate, (*path, key), f"unknown key '{key}'."
                                     f"{did_you_mean(key, SETTABLE)}", at_key=True))
+    if all(key in values for key in BUDGET):
+        problems.append(problem(locate, (*path, BUDGET[1]), "set max_steps or epochs, not "
+                                "both: one section gives one training budget", at_key=True))
     valid = {k: v for k, v in values.items() if k in SETTABLE}
     try:
         RunSpec(model="m", task="t", method="x", **valid)
@@ -309,6 +315,9 @@ def run_fields(spec: SuiteSpec, task: str, method: str) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     args: dict[str, Any] = {}
     for layer in layers:
+        if any(key in layer for key in BUDGET):  # the more specific budget replaces both
+            for key in BUDGET:
+                fields.pop(key, None)
         fields.update(layer)
         args.update(layer.get("method_args", {}))
     if args:
