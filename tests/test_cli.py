@@ -153,6 +153,28 @@ def test_a_failed_run_exits_non_zero_and_an_unusable_out_folder_is_a_usage_error
     assert "Traceback" not in proc.stderr
 
 
+def test_an_out_folder_with_another_runs_results_is_kept_unless_overwrite(tmp_path):
+    """The same run again may replace its own results; another run may not, unless asked:
+    nothing of the first run is touched when it is refused."""
+    out = tmp_path / "run"
+    base = ["train", "--model", "tiny-random-llama", "--task", "toy_cls", "--train-size", "16",
+            "--max-steps", "1", "--max-eval-examples", "4", "--quiet", "--out", str(out)]
+    assert peftbench(*base, "--method", "bitfit").returncode == 0
+    again = peftbench(*base, "--method", "bitfit")
+    assert again.returncode == 0, again.stderr
+    other = peftbench(*base, "--method", "ia3")
+    message = " ".join(other.stderr.split())
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert f"--out {out}: holds the results of another run" in message
+    assert "tiny-random-llama / toy_cls / bitfit, completed" in message
+    assert "--overwrite" in message
+    assert json.loads((out / "result.json").read_text())["run"]["config"]["method"] == "bitfit"
+    replaced = peftbench(*base, "--method", "ia3", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    record = json.loads((out / "result.json").read_text())
+    assert record["run"]["config"]["method"] == "ia3"
+
+
 def test_messages_quote_user_text_as_typed():
     """rich would turn ':smile:' into an emoji."""
     proc = peftbench("train", "--model", "tiny-random-llama", "--task", "toy_cls", "--method",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -74,6 +75,26 @@ def default_out_dir(spec: RunSpec) -> Path:
     return Path("runs") / f"{task}-{model}-{spec.method}-{spec.run_hash()}"
 
 
+def refuse_other_results(out_dir: Path, spec: RunSpec) -> None:
+    """A usage error when ``out_dir`` holds another run's ``result.json`` (another run hash,
+    or unreadable): a new run would replace it, and a failing one would leave its own
+    record beside the other run's adapter. The same run again may replace its results."""
+    path = out_dir / "result.json"
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        run, config = earlier["run"], earlier["run"]["config"]
+        if run["hash"] == spec.run_hash():
+            return
+        what = (f"run {run['hash']}: {config['model']} / {config['task']} / "
+                f"{config['method']}, {earlier.get('status')}")
+    except (OSError, ValueError, KeyError, TypeError):
+        what = "a result.json peftbench cannot read"
+    raise UsageError(f"--out {out_dir}: holds the results of another run ({what}); give "
+                     "another folder, or --overwrite to replace them.")
+
+
 @app.command()
 def train(
     model: Annotated[str, typer.Option(help="model: built-in name, Hub id or local dir")],
@@ -101,6 +122,8 @@ def train(
         "CPU it compiled for 8 min and gained nothing)")] = False,
     data_dir: Annotated[Path | None, typer.Option(help="folder with the dataset's files")] = None,
     out: Annotated[Path | None, typer.Option(help="output folder (result.json, adapter/)")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="replace the results of another run found in --out")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress display")] = False,
 ) -> None:
     """Fine-tune one model on one task with one method; write result.json and the adapter."""
@@ -121,6 +144,8 @@ def train(
         require_input_folder(data_dir, "--data-dir", "the dataset's files")
     out_dir = out or default_out_dir(spec)
     require_folder(Path(out_dir), "--out", "output folder")  # before training, not after
+    if not overwrite:
+        refuse_other_results(Path(out_dir), spec)
     with RunProgress(console, enabled=not quiet) as progress, warnings.catch_warnings():
         # the run's warnings are in its record: the summary prints them once
         warnings.filterwarnings("ignore", message="precision bf16", category=RuntimeWarning)
