@@ -69,6 +69,10 @@ def test_the_fused_function_applies_one_mask_in_forward_and_backward(with_bias, 
     if sparse and not sparse_dropout.available():
         pytest.skip("no C compiler: only the zeroing path exists")
     monkeypatch.setattr(sparse_dropout, "enabled", sparse)
+    calls = []
+    original = sparse_dropout.hidden_minus_dropped
+    monkeypatch.setattr(sparse_dropout, "hidden_minus_dropped",
+                        lambda *args: calls.append(1) or original(*args))
     gen = torch.Generator().manual_seed(0)
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
@@ -87,6 +91,7 @@ def test_the_fused_function_applies_one_mask_in_forward_and_backward(with_bias, 
         out = lora_linear_bf16(x, weight, bias, lora_a, lora_b, scaling, p)
     assert out.dtype == torch.bfloat16
     out.backward(grad_out.to(torch.bfloat16))
+    assert len(calls) == int(sparse)  # the path the case names really ran
     torch.manual_seed(11)
     positions = drop_positions(x.numel(), p, CPU)
     assert 0 < positions.numel() < x.numel()

@@ -5,6 +5,7 @@ fused layer computing the same function on both paths."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 
 import pytest
@@ -71,6 +72,39 @@ def test_the_backward_corrections_equal_the_gradients_under_dropout(x_dtype):
 
 
 @needs_compiler
+def test_a_dropped_outlier_leaves_no_rounding_error_behind():
+    """One element 1000x the others, dropped: the bf16 product of the whole row is
+    dominated by it, and subtracting it would leave that product's rounding error behind
+    (several percent of the rest). Such a row of hidden, and such a column of grad_A, are
+    computed again from the kept elements: as close to float64 as zeroing a copy."""
+    rows, lora_a, grad_hidden, positions, mask = _operands(tokens=64, cols=96, r=8, p=0.05)
+    row, col = 9, 17
+    rows[row, col] = 1000.0
+    flat = row * rows.shape[1] + col
+    positions = torch.unique(torch.cat([positions, torch.tensor([flat])]))
+    mask.view(-1)[flat] = 0.0
+    before = sparse_dropout.recomputed
+
+    hidden = sparse_dropout.hidden_minus_dropped(rows @ lora_a.t(), rows, lora_a, positions)
+    want = (rows.double() * mask) @ lora_a.double().t()
+    zeroed = (rows * mask.to(BF16)) @ lora_a.t()
+    error = (hidden[row].double() - want[row]).norm() / want[row].norm()
+    error_zeroed = (zeroed[row].double() - want[row]).norm() / want[row].norm()
+    assert error <= max(2 * error_zeroed, 0.005)
+
+    grad_a = (grad_hidden.t() @ rows).float()
+    sparse_dropout.backward_minus_dropped(grad_a, None, grad_hidden, rows, lora_a, positions)
+    want_a = grad_hidden.double().t() @ (rows.double() * mask)
+    error_a = (grad_a[:, col].double() - want_a[:, col]).norm() / want_a[:, col].norm()
+    assert error_a <= 0.005
+    assert sparse_dropout.recomputed - before >= 2  # the row and the column
+    # without the recomputation the row would be far off: the check is not idle
+    naive = (rows @ lora_a.t()).double()[row] - (rows.double() * (1 - mask))[row] @ \
+        lora_a.double().t()
+    assert (naive - want[row]).norm() / want[row].norm() > 5 * max(error, 0.001)
+
+
+@needs_compiler
 def test_operands_the_c_code_cannot_take_are_rejected():
     rows, lora_a, _, positions, _ = _operands()
     hidden = rows @ lora_a.t()
@@ -83,6 +117,13 @@ def test_operands_the_c_code_cannot_take_are_rejected():
         sparse_dropout.hidden_minus_dropped(hidden.float(), rows, lora_a, positions)
     with pytest.raises(ValueError, match="int64"):
         sparse_dropout.hidden_minus_dropped(hidden, rows, lora_a, positions.int())
+    descending = positions.flip(0).contiguous()  # the last one in range: only C can tell
+    with pytest.raises(ValueError, match="strictly increasing"):
+        sparse_dropout.hidden_minus_dropped(hidden, rows, lora_a, descending)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        sparse_dropout.backward_minus_dropped(None, hidden.new_zeros(rows.shape), hidden,
+                                              rows, lora_a, torch.cat([positions[:1],
+                                                                       positions[:1]]))
 
 
 @needs_compiler
@@ -100,6 +141,20 @@ def test_without_a_compiler_the_layers_zero_copies_instead(monkeypatch, tmp_path
     with caplog.at_level(logging.WARNING):
         assert sparse_dropout._library.__wrapped__() is None
     assert "zeroing copies instead" in caplog.text
+    monkeypatch.setattr(sparse_dropout, "_library", lambda: None)
+    assert not sparse_dropout.available() and not sparse_dropout.pays(0.05)
+    model = tiny_lora_llama({"dropout": 0.1})
+    applied = place_for_training(model, "bf16", CPU)
+    assert applied["fused_lora"] > 0 and applied["sparse_dropout"] == 0  # recorded
+    loss, grads = _loss_and_grads(model, seed=3)
+    assert math.isfinite(loss) and all(bool(g.abs().sum() > 0) for g in grads.values())
+
+
+def test_the_record_counts_only_layers_whose_dropout_the_c_code_applies():
+    for dropout in (0.0, sparse_dropout.MAX_P):
+        model = tiny_lora_llama({"dropout": dropout})
+        applied = place_for_training(model, "bf16", CPU)
+        assert applied["fused_lora"] > 0 and applied["sparse_dropout"] == 0
 
 
 def _loss_and_grads(model: torch.nn.Module, seed: int, autocast: bool = True):
@@ -130,7 +185,7 @@ def test_the_fused_layers_are_as_close_to_fp32_on_both_paths(monkeypatch):
 
     model = tiny_lora_llama({"dropout": 0.15})
     applied = place_for_training(model, "bf16", CPU)
-    assert applied["sparse_dropout"] == 1
+    assert applied["sparse_dropout"] == applied["fused_lora"] > 0
     calls = []
     original = sparse_dropout.hidden_minus_dropped
     monkeypatch.setattr(sparse_dropout, "hidden_minus_dropped",

@@ -85,7 +85,7 @@ def test_max_steps_and_epochs_are_one_budget_the_most_specific_section_sets(tmp_
         methods: [lora, bitfit]
         defaults: {max_steps: 5}
         task_overrides:
-          toy_gen: {epochs: 2}
+          toy_gen: {epochs: 2, max_steps: null}
         method_overrides:
           bitfit: {max_steps: 9}
         """))

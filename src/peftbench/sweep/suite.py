@@ -29,7 +29,8 @@ from peftbench.text import dotted
 AXES = {"model": "models", "task": "tasks", "method": "methods", "train_size": "train_sizes",
         "seed": "seeds"}
 SETTABLE = [name for name in RunSpec.model_fields if name not in AXES]
-# One training budget: a section that sets either replaces both from less specific ones.
+# One training budget: a section that sets either (not to null) replaces both from less
+# specific ones.
 BUDGET = ("max_steps", "epochs")
 
 KeyPath = tuple[str | int, ...]
@@ -178,7 +179,7 @@ def _field_problems(values: dict[str, Any], path: KeyPath, locate: Locator) -> l
         elif key not in RunSpec.model_fields:
             problems.append(problem(locate, (*path, key), f"unknown key '{key}'."
                                     f"{did_you_mean(key, SETTABLE)}", at_key=True))
-    if all(key in values for key in BUDGET):
+    if all(values.get(key) is not None for key in BUDGET):
         problems.append(problem(locate, (*path, BUDGET[1]), "set max_steps or epochs, not "
                                 "both: one section gives one training budget", at_key=True))
     valid = {k: v for k, v in values.items() if k in SETTABLE}
@@ -315,7 +316,7 @@ def run_fields(spec: SuiteSpec, task: str, method: str) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     args: dict[str, Any] = {}
     for layer in layers:
-        if any(key in layer for key in BUDGET):  # the more specific budget replaces both
+        if any(layer.get(key) is not None for key in BUDGET):  # replaces both
             for key in BUDGET:
                 fields.pop(key, None)
         fields.update(layer)

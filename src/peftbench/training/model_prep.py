@@ -17,7 +17,7 @@ from peftbench.models.base import LoadedModel
 from peftbench.training import sparse_dropout
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
-from peftbench.training.fused_lora import fuse_lora_layers
+from peftbench.training.fused_lora import fuse_lora_layers, fused_dropout_probabilities
 from peftbench.training.fused_rms_norm import fuse_rms_norms
 from peftbench.training.heap import steady_heap
 from peftbench.training.lean_attention import use_lean_attention
@@ -78,8 +78,9 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
         applied["fast_dropout"] = use_fast_dropout(model)
         applied["fused_lora"] = fuse_lora_layers(model)
         if precision == "bf16":
-            if applied["fused_lora"]:
-                applied["sparse_dropout"] = int(sparse_dropout.available())
+            if applied["fused_lora"]:  # layers whose dropout the compiled code applies
+                applied["sparse_dropout"] = sum(
+                    map(sparse_dropout.pays, fused_dropout_probabilities(model)))
             applied["fused_rms_norm"] = fuse_rms_norms(model)
             applied["recomputed_attention"] = use_recomputed_attention(model)
         if precision == "fp32":

@@ -99,7 +99,9 @@ def _library() -> ctypes.CDLL | None:
                                                 size, pointer]
     library.pb_backward_minus_dropped.argtypes = [pointer, pointer, ctypes.c_int, pointer,
                                                   pointer, pointer, pointer, size, size, size,
-                                                  pointer]
+                                                  size, pointer]
+    library.pb_hidden_minus_dropped.restype = size
+    library.pb_backward_minus_dropped.restype = size
     return library
 
 
@@ -124,8 +126,9 @@ def _check(tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> 
 
 
 def _positions(positions: torch.Tensor, count: int) -> tuple[int, int]:
-    """Pointer and length of sorted flat positions (as drop_positions draws them), checked
-    to lie below ``count``: the C code writes at them."""
+    """Pointer and length of flat positions (strictly increasing, as drop_positions draws
+    them; the C code checks that before using each), the last checked to lie below
+    ``count``: the C code reads and writes at them."""
     if positions.dtype != torch.int64 or positions.dim() != 1 or not positions.is_contiguous():
         raise ValueError("positions must be a contiguous 1-D int64 tensor")
     if positions.numel() and not 0 <= int(positions[-1]) < count:
@@ -133,16 +136,28 @@ def _positions(positions: torch.Tensor, count: int) -> tuple[int, int]:
     return positions.data_ptr(), positions.numel()
 
 
+#: rows of ``hidden`` and columns of ``grad_A`` computed again in float32 because their
+#: dropped part outweighed what remained (an outlier dropped), since the process started
+recomputed = 0
+
+
+def _done(status: int) -> None:
+    global recomputed
+    if status < 0:
+        raise ValueError("positions must be strictly increasing")
+    recomputed += status
+
+
 def hidden_minus_dropped(hidden: torch.Tensor, rows: torch.Tensor, lora_a: torch.Tensor,
                          positions: torch.Tensor) -> torch.Tensor:
     """``hidden -= (rows at positions) @ lora_a^T`` in place and returned: turns
     ``rows @ lora_a.t()`` into the product with those positions zeroed (all bf16)."""
     (tokens, cols), r = rows.shape, lora_a.shape[0]
-    scratch = torch.empty(cols * r + r, dtype=torch.float32)
-    _library().pb_hidden_minus_dropped(
+    scratch = torch.empty(cols * r + 2 * r, dtype=torch.float32)
+    _done(_library().pb_hidden_minus_dropped(
         _check(hidden, _BF16, (tokens, r)), _check(rows, _BF16, (tokens, cols)),
         _check(lora_a, _BF16, (r, cols)), *_positions(positions, tokens * cols), cols, r,
-        scratch.data_ptr())
+        scratch.data_ptr()))
     return hidden
 
 
@@ -161,8 +176,8 @@ def backward_minus_dropped(grad_a: torch.Tensor | None, grad_x: torch.Tensor | N
         x_pointer = _check(grad_x, grad_x.dtype, (tokens, cols))
     a_pointer = None if grad_a is None else _check(grad_a, torch.float32, (r, cols))
     scratch = torch.empty(2 * cols * r + r, dtype=torch.float32)
-    _library().pb_backward_minus_dropped(
+    _done(_library().pb_backward_minus_dropped(
         a_pointer, x_pointer, grad_x is not None and grad_x.dtype == _BF16,
         _check(grad_hidden, _BF16, (tokens, r)), _check(rows, _BF16, (tokens, cols)),
-        _check(lora_a, _BF16, (r, cols)), *_positions(positions, tokens * cols), cols, r,
-        scratch.data_ptr())
+        _check(lora_a, _BF16, (r, cols)), *_positions(positions, tokens * cols), tokens, cols,
+        r, scratch.data_ptr()))
