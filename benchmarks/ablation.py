@@ -10,8 +10,7 @@ ratio, and the ratio of median per-token step times.
     python benchmarks/ablation.py --model smollm2-135m --method lora --steps 24
 
 Parts (those the placement applied; others are skipped): ``fused_lora`` (peft's LoRA
-forward when off), ``sparse_dropout`` (the fused layers zero a dropped copy of the input
-when off), ``fused_rms_norm`` (transformers' RMSNorm forward when off) and
+forward when off), ``fused_rms_norm`` (transformers' RMSNorm forward when off) and
 ``recomputed_attention`` (transformers' sdpa when off). Dropout's cheap masks and bf16
 storage are not switchable: the fused layers need the first, the second is the weights.
 """
@@ -70,21 +69,11 @@ def attention_switch(implementation: str) -> Callable[[nn.Module, bool], int]:
     return switch
 
 
-def sparse_dropout_switch(model: nn.Module, on: bool) -> int:
-    """On, the fused bf16 LoRA layers subtract the dropped elements' contributions (compiled
-    C); off, they zero a copy of the input. One process-wide switch."""
-    from peftbench.training import sparse_dropout
-
-    sparse_dropout.enabled = on
-    return 1
-
-
 def switches() -> dict[str, Callable[[nn.Module, bool], int]]:
     """Every switchable part by its name in the run record's fast path."""
     from peftbench.training import fused_lora, fused_rms_norm, recomputed_attention
 
     return {"fused_lora": routed_switch(fused_lora._ORIGINAL_FORWARD),
-            "sparse_dropout": sparse_dropout_switch,
             "fused_rms_norm": routed_switch(fused_rms_norm._ORIGINAL),
             "recomputed_attention": attention_switch(recomputed_attention.IMPLEMENTATION)}
 
@@ -164,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--method", default="lora")
-    parser.add_argument("--parts", default=",".join(switches()))
+    parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention")
     parser.add_argument("--steps", type=int, default=24,
                         help="alternating steps per part (half on, half off)")
     parser.add_argument("--warmup", type=int, default=4)

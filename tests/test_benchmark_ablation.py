@@ -1,7 +1,6 @@
 """The ablation benchmark's switches: each turns its fast-path part off (the graph no
-longer has the part's autograd function; the dropout corrections are no longer called) and
-on again, and a run reports every part the placement applied; an unknown part is a usage
-error."""
+longer has the part's autograd function) and on again, and a run reports every part the
+placement applied; an unknown part is a usage error."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from lora_models import IDS, graph_nodes, tiny_lora_llama
-from peftbench.training import sparse_dropout
 from peftbench.training.model_prep import place_for_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -33,10 +31,8 @@ def test_each_switch_turns_its_part_off_and_on_again():
     model = tiny_lora_llama()
     applied = place_for_training(model, "bf16", torch.device("cpu"))
     parts = switches()
-    assert set(parts) == {*NODES, "sparse_dropout"}
-    assert all(applied[part] for part in NODES)
-    for part in NODES:
-        switch = parts[part]
+    assert set(parts) == set(NODES) and all(applied[part] for part in parts)
+    for part, switch in parts.items():
         assert NODES[part] in _nodes(model)
         assert switch(model, False) > 0
         names = _nodes(model)
@@ -44,24 +40,6 @@ def test_each_switch_turns_its_part_off_and_on_again():
         assert all(NODES[other] in names for other in NODES if other != part)
         switch(model, True)
         assert NODES[part] in _nodes(model)
-
-
-@pytest.mark.skipif(not sparse_dropout.available(), reason="no C compiler")
-def test_the_sparse_dropout_switch_stops_and_restarts_the_corrections(monkeypatch):
-    monkeypatch.setattr(sparse_dropout, "enabled", True)  # restored whatever happens
-    model = tiny_lora_llama({"dropout": 0.1})
-    applied = place_for_training(model, "bf16", torch.device("cpu"))
-    assert applied["sparse_dropout"] == applied["fused_lora"] > 0
-    calls = []
-    original = sparse_dropout.hidden_minus_dropped
-    monkeypatch.setattr(sparse_dropout, "hidden_minus_dropped",
-                        lambda *args: calls.append(1) or original(*args))
-    switch = switches()["sparse_dropout"]
-    for on, more in ((False, 0), (True, applied["fused_lora"])):
-        before = len(calls)
-        assert switch(model, on) == 1
-        _nodes(model)
-        assert len(calls) - before == more
 
 
 def test_a_run_alternates_every_applied_part():

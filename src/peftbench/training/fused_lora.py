@@ -140,14 +140,3 @@ def fuse_lora_layers(model: nn.Module) -> int:
     many (idempotent). Call after :func:`~peftbench.training.dropout.use_fast_dropout`. The
     parameters, and so the saved adapter, stay peft's."""
     return route_forwards(model, _fusable, _fused_forward, _ORIGINAL_FORWARD)
-
-
-def fused_dropout_probabilities(model: nn.Module) -> list[float]:
-    """The LoRA dropout probability of each layer :func:`fuse_lora_layers` routed (0 where
-    its dropout is off)."""
-    probabilities = []
-    for module in model.modules():
-        if hasattr(module, _ORIGINAL_FORWARD):
-            dropout = module.lora_dropout[module.active_adapters[0]]
-            probabilities.append(dropout.p if isinstance(dropout, FastDropout) else 0.0)
-    return probabilities

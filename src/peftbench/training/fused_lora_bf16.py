@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 
-from peftbench.training import sparse_dropout
 from peftbench.training.dropout import adapter_dropout, zero_positions
 
 _BF16 = torch.bfloat16
@@ -75,16 +74,11 @@ class _LoraLinearBf16(torch.autograd.Function):
         a = lora_a.to(_BF16)
         b = (lora_b * scale).to(_BF16)
         # every operand is bf16 already, so autocast has nothing to cast here
-        sparse = positions is not None and rows.is_contiguous() and sparse_dropout.pays(p)
-        if sparse:  # no dropped copy: what the dropped elements added is subtracted
-            hidden = sparse_dropout.hidden_minus_dropped(rows @ a.t(), rows, a, positions)
-        else:
-            hidden = zero_positions(rows, positions) @ a.t()
+        hidden = zero_positions(rows, positions) @ a.t()
         out = base_plus_adapter(rows, weight, None if bias is None else bias.to(_BF16),
                                 hidden, b)
         ctx.save_for_backward(rows, weight, a, b, hidden, positions)
         ctx.scale, ctx.x_dtype, ctx.bias_dtype = scale, x.dtype, getattr(bias, "dtype", None)
-        ctx.sparse = sparse
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -95,23 +89,12 @@ class _LoraLinearBf16(torch.autograd.Function):
         grad_hidden = g @ b  # (tokens, r)
         if ctx.needs_input_grad[4]:
             grad_b = (g.t() @ hidden).float().mul_(ctx.scale)
-        if ctx.sparse:  # products of the undropped input, then the dropped part removed
-            if ctx.needs_input_grad[3]:
-                grad_a = (grad_hidden.t() @ rows).float()
-            if ctx.needs_input_grad[0]:
-                grad_x = (g @ weight).to(ctx.x_dtype)
-                grad_x.addmm_(grad_hidden.to(ctx.x_dtype), a.to(ctx.x_dtype))
-            if grad_a is not None or grad_x is not None:
-                sparse_dropout.backward_minus_dropped(grad_a, grad_x, grad_hidden, rows, a,
-                                                      positions)
-        else:
-            if ctx.needs_input_grad[3]:
-                grad_a = (grad_hidden.t() @ zero_positions(rows, positions)).float()
-            if ctx.needs_input_grad[0]:
-                lora_part = grad_hidden @ a
-                zero_positions(lora_part, positions, out=lora_part)
-                grad_x = (g @ weight).to(ctx.x_dtype).add_(lora_part)
-        if grad_x is not None:
+        if ctx.needs_input_grad[3]:
+            grad_a = (grad_hidden.t() @ zero_positions(rows, positions)).float()
+        if ctx.needs_input_grad[0]:
+            lora_part = grad_hidden @ a
+            zero_positions(lora_part, positions, out=lora_part)
+            grad_x = (g @ weight).to(ctx.x_dtype).add_(lora_part)
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0, dtype=torch.float32).to(ctx.bias_dtype)

@@ -14,10 +14,9 @@ from peftbench.config import RunSpec
 from peftbench.methods import get_method
 from peftbench.methods.base import Method
 from peftbench.models.base import LoadedModel
-from peftbench.training import sparse_dropout
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
-from peftbench.training.fused_lora import fuse_lora_layers, fused_dropout_probabilities
+from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.fused_rms_norm import fuse_rms_norms
 from peftbench.training.heap import steady_heap
 from peftbench.training.lean_attention import use_lean_attention
@@ -50,9 +49,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     the checkpoint file's mapping released. On CPU, unless ``exact``: dropout with cheap
     masks (:mod:`~peftbench.training.dropout`), plain LoRA layers as one autograd function
     (:mod:`~peftbench.training.fused_lora`; under bf16 autocast
-    :mod:`~peftbench.training.fused_lora_bf16`, whose dropout subtracts what the dropped
-    elements contributed in compiled C where a C compiler is found,
-    :mod:`~peftbench.training.sparse_dropout`); in bf16, Llama-style RMSNorms as one
+    :mod:`~peftbench.training.fused_lora_bf16`); in bf16, Llama-style RMSNorms as one
     autograd function returning bf16 under autocast
     (:mod:`~peftbench.training.fused_rms_norm`) and attention keeping
     only its bf16 inputs (:mod:`~peftbench.training.recomputed_attention`); in fp32, the gated
@@ -78,9 +75,6 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
         applied["fast_dropout"] = use_fast_dropout(model)
         applied["fused_lora"] = fuse_lora_layers(model)
         if precision == "bf16":
-            if applied["fused_lora"]:  # layers whose dropout the compiled code applies
-                applied["sparse_dropout"] = sum(
-                    map(sparse_dropout.pays, fused_dropout_probabilities(model)))
             applied["fused_rms_norm"] = fuse_rms_norms(model)
             applied["recomputed_attention"] = use_recomputed_attention(model)
         if precision == "fp32":
