@@ -108,11 +108,11 @@ def model_identity(model: str) -> str:
     absolute, through a link) is the same run, and new weights saved into it make another
     run. The hash is memoised per file size and modification time (``dir_fingerprint``)."""
     from peftbench.models.fingerprint import dir_fingerprint
-    from peftbench.models.registry import BUILTINS
+    from peftbench.models.registry import resolve_model_kind
 
-    path = Path(model).expanduser()
-    if model in BUILTINS or not path.is_dir():
+    if resolve_model_kind(model) != "local":
         return model
+    path = Path(model).expanduser()
     try:
         return f"{path.resolve()}#weights:{dir_fingerprint(path)}"
     except OSError:  # unreadable: reported when the run starts
