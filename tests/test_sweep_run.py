@@ -293,3 +293,29 @@ def test_ray_backend_gives_the_local_results(tmp_path):
         assert other["scores"] == record["scores"]
         assert other["params"] == record["params"]
         assert (run_hash, "eval") in events  # progress came back through the Ray queue
+
+
+@pytest.mark.parametrize(("address", "says"), [
+    ("closed", "Connection refused"),
+    ("no-port-here", "is not host:port"),
+    ("http://127.0.0.1:6379", "unknown scheme 'http'"),
+])
+def test_an_unreachable_ray_address_is_a_usage_error_at_once(tmp_path, capsys, monkeypatch,
+                                                             address, says):
+    pytest.importorskip("ray")
+    import socket
+
+    if address == "closed":  # a port nobody listens on: bound, then released
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            address = f"ray://127.0.0.1:{probe.getsockname()[1]}"
+    started = time.monotonic()
+    code, out = cli(capsys, monkeypatch, "run", str(tiny_suite(tmp_path)), "--backend", "ray",
+                    "--ray-address", address, "--db", str(tmp_path / "r.sqlite"),
+                    "--out-dir", str(tmp_path / "runs"))
+    assert code == 2, out
+    flat = " ".join(out.split())
+    assert f"--ray-address {address!r}" in flat and says in flat
+    assert "ray start --head" in flat and "Traceback" not in out
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "r.sqlite").exists()  # checked before the store is touched

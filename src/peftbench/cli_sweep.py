@@ -73,9 +73,11 @@ def run(
     if ray_address and backend != "ray":
         raise UsageError("--ray-address needs --backend ray.")
     if backend == "ray":
-        from peftbench.sweep.ray_backend import require_ray
+        from peftbench.sweep.ray_backend import check_ray_address, require_ray
 
         require_ray()
+        if ray_address:
+            check_ray_address(ray_address)
     if data_dir is not None:
         require_input_folder(data_dir, "--data-dir", "the tasks' data files")
     loaded = load_suite(suite)

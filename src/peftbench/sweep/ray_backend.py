@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -32,6 +33,41 @@ def require_ray() -> Any:
         raise UsageError("--backend ray needs Ray, which is not installed: "
                          "pip install 'peftbench[ray]'") from None
     return ray
+
+
+_CONNECT_TIMEOUT_S = 5.0
+_RAY_ADDRESS_HELP = ("give the address that `ray start --head` prints (host:6379, or "
+                     "ray://host:10001 for Ray Client), or `auto` on a node of the cluster")
+
+
+def check_ray_address(address: str) -> None:
+    """A UsageError unless ``address`` names a Ray cluster that answers within a few seconds.
+
+    ``ray.init`` on an unreachable host:port retries for minutes; this probe makes the
+    mistake a one-line error instead. ``auto`` and ``local`` are left to Ray, which
+    answers those at once.
+    """
+    if address in ("auto", "local"):
+        return
+    scheme, sep, rest = address.partition("://")
+    if not sep:
+        scheme, rest = "", address
+    elif scheme not in ("ray", "rays"):
+        raise UsageError(f"--ray-address {address!r}: unknown scheme {scheme!r}; "
+                         f"{_RAY_ADDRESS_HELP}.")
+    host, colon, port_text = rest.rstrip("/").rpartition(":")
+    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise UsageError(f"--ray-address {address!r} is not host:port; {_RAY_ADDRESS_HELP}.")
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {_CONNECT_TIMEOUT_S:g} s"
+        raise UsageError(f"--ray-address {address!r}: no Ray cluster reachable at "
+                         f"{host}:{port_text} ({reason}); {_RAY_ADDRESS_HELP}.") from None
 
 
 def _task(spec_json: str, out_dir: str, threads: int, run_hash: str,
@@ -84,7 +120,12 @@ def run_ray(runs: Sequence[PlannedRun], on_event: RunEventSink, address: str | N
     if started_here:
         options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
         if address:
-            ray.init(address=address, **options)
+            check_ray_address(address)
+            try:
+                ray.init(address=address, **options)
+            except ConnectionError as exc:
+                raise UsageError(f"--ray-address {address!r}: {exc}; {_RAY_ADDRESS_HELP}."
+                                 ) from None
         else:
             ray.init(num_cpus=available_cpus(), include_dashboard=False, **options)
     in_flight: dict[Any, PlannedRun] = {}
