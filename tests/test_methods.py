@@ -159,6 +159,31 @@ def test_lora_target_that_matches_nothing_is_a_usage_error():
                    encoder_decoder=False)
 
 
+@pytest.mark.parametrize(("method", "args", "message"), [
+    ("prompt_tuning", {"num_virtual_tokens": 1100},
+     r"num_virtual_tokens=1100 .*reads at most 1024 positions.*at most 512 virtual tokens"),
+    ("bitfit", {"exclude": ["lm_head", "mlpp"]},
+     r"exclude=\['lm_head', 'mlpp'\] .*'mlpp' names no module of this model.*down_proj"),
+    ("ia3", {"target_modules": ["k_proj", "v_proj"], "feedforward_modules": ["down_proj"]},
+     r"'down_proj' is not in target_modules.*e\.g\. target_modules=k_proj,v_proj,down_proj"),
+])
+def test_method_arguments_the_model_cannot_take_are_usage_errors(method, args, message):
+    """Before: the soft prompt ran out of memory (exit 137, no message); the misspelled
+    exclusion excluded nothing, silently; peft's subset error named no fix."""
+    loaded = load_model("tiny-random-llama", seed=0)
+    chosen = get_method(method)
+    with pytest.raises(UsageError, match=message):
+        chosen.apply(loaded.model, chosen.resolve_args(args), encoder_decoder=False)
+
+
+def test_the_limits_leave_right_arguments_alone():
+    _apply("tiny-random-llama", "prompt_tuning", num_virtual_tokens=512)
+    _, model = _apply("tiny-random-llama", "bitfit", exclude=["lm_head", "mlp"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and not any(".mlp." in n or "lm_head" in n for n in trained)
+    _apply("tiny-random-t5", "prompt_tuning", num_virtual_tokens=600)  # relative positions
+
+
 @pytest.mark.parametrize(("method", "args", "names"), [
     ("lora", {"target_modules": "q_proj,v_projj"}, "'v_projj'"),
     ("ia3", {"target_modules": ["k_proj", "v_proj", "down_proj"],

@@ -17,6 +17,7 @@ from torch import nn
 from peftbench.errors import UsageError
 from peftbench.methods.base import Method, freeze, load_trainable, save_trainable
 from peftbench.methods.registry import register
+from peftbench.text import subject
 
 _ADDED = "bitfit_added_biases.json"
 
@@ -35,6 +36,20 @@ def add_zero_biases(model: nn.Module, exclude: list[str]) -> list[str]:
     return added
 
 
+def _require_parts(model: nn.Module, exclude: list[str]) -> None:
+    """Every ``exclude`` name is a part of some module's dotted name (a misspelled one
+    would otherwise exclude nothing, silently)."""
+    parts = {part for name, _ in model.named_modules() for part in name.split(".")}
+    missing = [name for name in exclude if str(name) not in parts]
+    if missing:
+        named = sorted({part for name, module in model.named_modules()
+                        if isinstance(module, nn.Linear) for part in name.split(".")
+                        if not part.isdigit()})
+        raise UsageError(f"--method-arg exclude={exclude} (method 'bitfit'): "
+                         f"{subject(missing, 'names', 'name')} no module of this model; the "
+                         f"names on its linear layers' paths are {', '.join(named)}")
+
+
 @register
 class BitFit(Method):
     name = "bitfit"
@@ -46,6 +61,8 @@ class BitFit(Method):
     }
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
+        if args["exclude"] != self.defaults["exclude"]:  # the default fits models without one
+            _require_parts(model, args["exclude"])
         freeze(model)
         add_zero_biases(model, args["exclude"])
         biases = [p for n, p in model.named_parameters() if n.endswith("bias")]

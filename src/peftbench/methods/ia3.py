@@ -8,9 +8,11 @@ from typing import Any, ClassVar
 from peft import IA3Config
 from torch import nn
 
+from peftbench.errors import UsageError
 from peftbench.methods import peft_common
 from peftbench.methods.base import Method
 from peftbench.methods.registry import register
+from peftbench.text import subject
 
 
 @register
@@ -32,6 +34,17 @@ class IA3(Method):
         return args
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
+        targets, feedforward = args["target_modules"], args["feedforward_modules"]
+        for key in ("target_modules", "feedforward_modules"):  # a misspelling first
+            peft_common.require_modules(model, args[key], self.name, key)
+        if isinstance(targets, list) and isinstance(feedforward, list):
+            outside = [name for name in feedforward if name not in targets]
+            if outside:
+                raise UsageError(
+                    f"--method-arg feedforward_modules={feedforward} (method 'ia3'): "
+                    f"{subject(outside, 'is', 'are')} not in target_modules={targets}; the "
+                    f"feed-forward modules are some of the modules rescaled, e.g. "
+                    f"target_modules={','.join([*targets, *outside])}")
         return peft_common.wrap(
             model, IA3Config, self.name,
             task_type=peft_common.task_type(encoder_decoder),

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from peft import PromptTuningConfig, PromptTuningInit
 from torch import nn
 
+from peftbench.errors import UsageError
 from peftbench.methods import peft_common
 from peftbench.methods.base import Method
 from peftbench.methods.registry import register
@@ -31,6 +32,8 @@ class PromptTuning(Method):
     choices: ClassVar[dict[str, tuple[str, ...]]] = {"init": tuple(_INITS)}
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
+        if not encoder_decoder:
+            _check_positions(model, args["num_virtual_tokens"])
         return peft_common.wrap(
             model, PromptTuningConfig, self.name,
             task_type=peft_common.task_type(encoder_decoder),
@@ -46,3 +49,18 @@ class PromptTuning(Method):
 
     def load(self, base, out_dir, args, *, encoder_decoder):  # type: ignore[override]
         return peft_common.load_adapter(base, out_dir)
+
+
+def _check_positions(model: nn.Module, virtual_tokens: int) -> None:
+    """A decoder reads the soft prompt and the input in one sequence of at most the model's
+    positions; a prompt that fills them leaves no room for the input (and long before that,
+    attention over it runs out of memory)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+    if isinstance(positions, int) and virtual_tokens > positions // 2:
+        raise UsageError(
+            f"--method-arg num_virtual_tokens={virtual_tokens} (method 'prompt_tuning'): the "
+            f"model reads at most {positions} positions, which the soft prompt and the input "
+            f"share; use at most {positions // 2} virtual tokens (the study's prompts use 20)."
+        )
