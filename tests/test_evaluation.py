@@ -57,6 +57,15 @@ def test_classification_metrics_known_values():
     assert classification_metrics([1, 1, 1], [1, 0, 1])["mcc"] == 0.0
 
 
+def test_one_class_in_a_tiny_split_scores_without_a_library_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert classification_metrics([1], [1]) == {"accuracy": 100.0, "macro_f1": 100.0,
+                                                     "mcc": 0.0}
+
+
 def test_generation_metrics_use_the_best_reference():
     scores = generation_metrics(["the cat sat on the mat"],
                                 [("a dog barked", "the cat sat on the mat")])

@@ -198,3 +198,15 @@ def test_epochs_that_overshoot_are_recorded_and_warned(tmp_path):
     assert any("1 step(s) train 4.0 epochs" in w for w in record["run"]["warnings"])
     fine = _spec("tiny-random-llama", "lora", max_steps=None, epochs=3, train_size=1000)
     assert epochs_warning(fine, 188, 1000) is None  # 3.008 epochs: rounding, not a problem
+
+
+def test_tiny_evaluation_splits_are_warned_unless_capped_on_purpose():
+    from peftbench.training.loop import small_split_warning
+
+    spec = _spec("tiny-random-llama", "lora", max_eval_examples=None)
+    warning = small_split_warning(spec, {"train": 10, "validation": 1, "test": 4})
+    assert warning and "(validation 1, test 4)" in warning and "worth 100 points" in warning
+    assert small_split_warning(spec, {"train": 5, "validation": 20, "test": 300}) is None
+    capped = _spec("tiny-random-llama", "lora", max_eval_examples=8)
+    assert small_split_warning(capped, {"train": 10, "validation": 8, "test": 8}) is None
+    assert "test 3" in small_split_warning(capped, {"train": 10, "validation": 8, "test": 3})

@@ -79,6 +79,22 @@ def epochs_warning(spec: RunSpec, total_steps: int, train_examples: int) -> str 
             "batch size or gradient accumulation, or set max_steps")
 
 
+SMALL_SPLIT = 20  # fewer evaluation examples than this: a score moves by 5 points per example
+
+
+def small_split_warning(spec: RunSpec, sizes: dict[str, int]) -> str | None:
+    """A warning when the validation or test split is tiny (a task carved from a few rows)
+    and not only because ``max_eval_examples`` asked for so few."""
+    wanted = min(SMALL_SPLIT, spec.max_eval_examples or SMALL_SPLIT)
+    small = {split: n for split, n in sizes.items() if split != "train" and 0 < n < wanted}
+    if not small:
+        return None
+    listed = ", ".join(f"{split} {n}" for split, n in small.items())
+    return (f"few evaluation examples ({listed}): one example is worth "
+            f"{100 / min(small.values()):.0f} points of a score, so the scores say little; "
+            "give the task more rows, or validation/test files of its own")
+
+
 def eval_steps(spec: RunSpec, total: int) -> list[int]:
     """Validation points: step 0, every ``eval_every`` steps, and the last step."""
     every = spec.eval_every or max(1, math.ceil(total / spec.num_evals))
@@ -115,6 +131,8 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
                       "sizes": {"train": len(task.train), "validation": len(task.validation),
                                 "test": len(task.test)}}
     record["provenance"]["data_fingerprint"] = task.fingerprint
+    if warning := small_split_warning(spec, record["task"]["sizes"]):
+        record["run"].setdefault("warnings", []).append(warning)
     loaded = load_model(spec.model, seed=spec.seed)
     record["model"] = {"name": loaded.name, "source": loaded.source,
                        "pretrained": loaded.pretrained,

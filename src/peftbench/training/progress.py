@@ -20,15 +20,20 @@ class RunProgress:
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
             disable=not enabled)
         self.task_id = self.progress.add_task(label, total=None, loss="-", val="-")
+        self.stepped = False
 
     def __enter__(self) -> RunProgress:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # a run that ended before its first step (a setup error) leaves no empty bar
+        # ("step 0/None") above its message
+        self.progress.live.transient = not self.stepped
         self.progress.stop()
 
     def update(self, event: dict[str, Any]) -> None:
+        self.stepped = True
         fields: dict[str, Any] = {"total": event["total"], "completed": event["step"]}
         if event["type"] == "step":
             fields["loss"] = f"{event['loss']:.4f}"
