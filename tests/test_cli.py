@@ -88,17 +88,29 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, override, message):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["train", "--model", "tiny-random-llama", "--bogus"], "No such option: --bogus"),
-    (["train", "--model", "tiny-random-llama"], "Missing option '--task'"),
-    (["nosuch"], "No such command 'nosuch'"),
+    (["train", "--model", "tiny-random-llama", "--bogus"], "error: No such option: --bogus"),
+    (["train", "--model", "tiny-random-llama"],
+     "error: Missing option '--task'. See `peftbench train --help`."),
+    (["nosuch"], "error: No such command 'nosuch'. See `peftbench --help`."),
+    (["run", "--workers", "0"], "error: Invalid value for '--workers': Input should be greater "
+     "than or equal to 1. See `peftbench run --help`."),
 ])
 def test_command_line_mistakes_are_usage_errors_without_traceback(argv, message):
     """Unknown options, missing options and unknown commands (click's errors, which typer
-    raises from its own copy of click) print the usage line, not a traceback."""
+    raises from its own copy of click) print one line in peftbench's own style, as its
+    other usage errors do, naming the command's help; not click's block, not a traceback."""
     proc = peftbench(*argv)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+    assert message in " ".join(proc.stderr.split())
+    command = "peftbench" if argv == ["nosuch"] else f"peftbench {argv[0]}"
+    assert f"See `{command} --help`." in " ".join(proc.stderr.split())
+    assert "Usage:" not in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_the_bare_command_still_shows_its_help():
+    proc = peftbench()
+    assert proc.returncode == 2 and "Usage: peftbench [OPTIONS] COMMAND" in proc.stdout + \
+        proc.stderr
 
 
 def test_missing_data_dir_file_is_a_clear_error(tmp_path):
@@ -137,6 +149,29 @@ def test_parse_method_args_types():
     # "10:20" as the base-60 number 620
     assert parse_method_args(["layers=-6:", "layers_to_transform=20:", "x=10:20"]) == {
         "layers": "-6:", "layers_to_transform": "20:", "x": "10:20"}
+
+
+def test_a_method_argument_given_twice_is_a_usage_error():
+    """Keeping the last of `r=4 r=2` silently trained another adapter than one typed."""
+    with pytest.raises(UsageError, match=r"--method-arg r: given twice \(r=4 and r= 2\)"):
+        parse_method_args(["r=4", "alpha=8", "r= 2"])
+
+
+def test_an_error_before_the_first_step_leaves_no_empty_progress_bar(capsys):
+    from rich.console import Console
+
+    from peftbench.training.progress import RunProgress
+
+    def shown(steps: int) -> str:
+        console = Console(force_terminal=True, width=100)
+        with pytest.raises(UsageError), RunProgress(console) as progress:
+            for step in range(1, steps + 1):
+                progress.update({"type": "step", "step": step, "total": 5, "loss": 1.0})
+            raise UsageError("bad")
+        return capsys.readouterr().out
+
+    assert "step 2/5" in shown(2).rsplit("\r", 1)[-1]  # a started run keeps its bar
+    assert "\x1b[2K" in shown(0).rsplit("step 0/None", 1)[-1]  # the empty one is erased
 
 
 def test_a_failed_run_exits_non_zero_and_an_unusable_out_folder_is_a_usage_error(tmp_path):

@@ -209,3 +209,15 @@ def test_caps_must_be_positive_numbers(capsys, monkeypatch, db, cap):
     code, _, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
                        "--train-size", "100", "--db", str(db), "--max-trainable-params", cap)
     assert code == 2 and "give a positive number" in err
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--model", "smollm"], "--model 'smollm': no runs of that model in Results database"),
+    (["--scales", "5000,500"], "--scales 5000,500: the thresholds LOW,HIGH need 0 < LOW < HIGH"),
+])
+def test_filters_that_match_nothing_say_what_there_is(capsys, monkeypatch, db, args, says):
+    code, _, err = cli(capsys, monkeypatch, "recommend", "--task-type", "generation",
+                       "--train-size", "100", "--db", str(db), *args)
+    assert code == 2 and says in err, err
+    if args[0] == "--model":
+        assert err.endswith("its models are smollm2-135m.")

@@ -115,7 +115,7 @@ method_variants:
     source = tmp_path / "pre.yaml"
     assert len(found) == 3, found
     assert found[0].startswith(f"{source}:8: method_variants.lora[1] on model "
-                               "tiny-random-llama: --method-arg target_modules=")
+                               "tiny-random-llama: target_modules=")
     assert "'v_projj' names no module of this model" in found[0]
     assert found[1].startswith(f"{source}:9: method_variants.partial[1] on model")
     assert "the model has 2 layers" in found[1]

@@ -161,7 +161,7 @@ def test_unknown_key_in_overrides_and_axis_keys(tmp_path):
     (("lr_grid: {lora", "lr_grid: {full: [0.1], lora"), ":10: lr_grid.full: 'full' is"
                                                           " not one of"),
     (("tasks: [toy_cls]", "tasks: []"), ":3: tasks: List should have at least 1 item"),
-    (("name: grid", "name: a/b"), ":1: name: String should match pattern"),
+    (("name: grid", "name: a/b"), ":1: name: use letters, digits, '_', '.' and '-' only"),
 ])
 def test_bad_values_are_named_with_file_and_line(tmp_path, change, expected):
     message = error_of(tmp_path, SUITE.replace(*change))
@@ -260,7 +260,7 @@ def test_method_variant_mistakes_are_named_with_file_and_line(tmp_path):
     with pytest.raises(UsageError) as info:
         check_names(load_suite(write(tmp_path, VARIANTS.replace("{modules: self_attn}",
                                                                 "{module: self_attn}"))))
-    assert ":15: method_variants.partial[1]: --method-arg module='self_attn'" in str(info.value)
+    assert ":15: method_variants.partial[1]: module='self_attn'" in str(info.value)
     with pytest.raises(UsageError) as info:
         check_names(load_suite(write(tmp_path, VARIANTS.replace('{layers: "-1:"}', "{}"))))
     assert ":14: method_variants.partial[0]:" in str(info.value)
@@ -343,7 +343,7 @@ def test_method_argument_mistakes_are_blamed_where_they_are_written(tmp_path):
 
     # a bad shared value with valid variants: the override's line, not a variant's
     bad_rank = VARIANTS.replace("lora: {method_args: {r: 4}}", 'lora: {method_args: {r: "x"}}')
-    assert ":7: method_overrides.lora.method_args: --method-arg r='x'" in problem(bad_rank)
+    assert ":7: method_overrides.lora.method_args: r='x'" in problem(bad_rank)
     # partial without arguments and nothing that sets any: its entry in methods
     bare = "models: [m]\ntasks: [toy_cls]\nmethods: [full, partial]\n"
     assert ":3: methods[1]: method 'partial' trains chosen parts" in problem(bare)
@@ -408,7 +408,7 @@ def test_odd_values_in_a_suite_are_located(tmp_path):
     assert ":5: defaults[1]: 1 is not a setting name" in message and "[key]" not in message
     assert ":5: lr_grid.lora[0]: Input should be a finite number" in error_of(
         tmp_path, base + "lr_grid: {lora: [.inf]}\n")
-    assert ":5: defaults.max_steps: Value error, expected a number, not true/false" in \
+    assert ":5: defaults.max_steps: expected a number, not true/false" in \
         error_of(tmp_path, base + "defaults: {max_steps: true}\n")  # was taken as 1
     message = error_of(tmp_path, base + "seeds: [-1, 99999999999999999999]\n")
     assert ":5: seeds[0]: Input should be greater than or equal to 0" in message
@@ -419,3 +419,10 @@ def test_a_suite_without_name_takes_its_file_name_made_valid(tmp_path):
     path = tmp_path / "my suite (ü).yaml"
     path.write_text("models: [m]\ntasks: [toy_cls]\nmethods: [lora]\n")
     assert load_suite(path).spec.name == "my_suite"
+
+
+def test_an_unknown_execution_key_lists_the_keys_there_are(tmp_path):
+    base = "name: s\nmodels: [m]\ntasks: [toy_cls]\nmethods: [lora]\n"
+    message = error_of(tmp_path, base + "execution: {workerz: 2}\n")
+    assert ":5: execution.workerz: unknown key 'workerz'. Did you mean 'workers'? Choose " \
+        "one of: cpus_per_run, workers." in message

@@ -219,7 +219,7 @@ labels: {pos: positive, neg: negative}
         ),
         (
             GOOD + "archive: {package: a, version: '1', sha256: xyz, member: m}\n",
-            ["task.yaml:7: archive.sha256: String should match pattern"],
+            ["task.yaml:7: archive.sha256: use 64 lowercase hexadecimal digits"],
         ),
         (
             GOOD.replace("labels: {pos: positive, neg: negative}", "labels: {pos: x, neg: ' x'}"),
@@ -278,6 +278,8 @@ def _cls_task(tmp_path: Path, csv_text: str, name: str = "t.csv", **extra: str) 
         ("", "t.csv: the file is empty"),
         ("review,stars\n", "t.csv: no examples (the file has no data rows)"),
         ("review,review\na,b\n", "t.csv:1: duplicate column name(s) in header: ['review']"),
+        ("review;stars\ngood;pos\n", "columns present: review;stars; the header is one column, "
+                                      "'review;stars': the file looks separated by semicolons"),
     ],
 )
 def test_data_errors_name_file_line_and_column(tmp_path, csv_text, expected):

@@ -40,6 +40,7 @@ def parse_method_args(pairs: list[str]) -> dict[str, Any]:
     """``["r=16", "target_modules=[q_proj,v_proj]"]`` -> dict, values parsed as YAML scalars
     or lists; text that YAML reads as a mapping stays text (``layers=-6:`` is a range)."""
     parsed: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
@@ -52,7 +53,12 @@ def parse_method_args(pairs: list[str]) -> dict[str, Any]:
             value = raw.strip()
         elif value == "None":  # as `peftbench methods` prints defaults; YAML says null
             value = None
-        parsed[key.strip()] = value
+        key = key.strip()
+        if key in parsed:
+            raise UsageError(f"--method-arg {key}: given twice ({given[key]} and "
+                             f"{pair.strip()}); give each argument once (a list as "
+                             f"{key}=a,b).")
+        parsed[key], given[key] = value, pair.strip()
     return parsed
 
 
@@ -229,7 +235,7 @@ def main() -> None:
     try:
         # outside standalone mode click returns, not raises, a command's typer.Exit code
         # (a failed `train`, Ctrl-C): pass it on
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="peftbench")
         if isinstance(code, int) and code:
             if code == 130:  # typer turns Ctrl-C into a silent Exit(130)
                 err_console.print("interrupted")
@@ -244,9 +250,24 @@ def main() -> None:
         sys.exit(130)
     except Exception as exc:  # click usage errors arrive here in non-standalone mode
         if isinstance(exc, _click_errors()):
-            exc.show()
+            _show_click_error(exc)
             sys.exit(exc.exit_code)
         raise
+
+
+def _show_click_error(exc: Any) -> None:
+    """click's usage errors (a missing option, a wrong type) in peftbench's one-line style,
+    naming the command's help; the bare help screen of a command given no arguments stays."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()
+        return
+    message = exc.format_message().strip()
+    if not message.endswith((".", "?", "!")):
+        message += "."
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        message += f" See `{ctx.command_path} --help`."
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
 
 
 def _click_errors() -> tuple[type[Exception], ...]:

@@ -80,8 +80,12 @@ def load_records(db: Path | None, reference: str | None = None, suite: str | Non
         raise UsageError("--suite selects runs in a results database (--db *.sqlite); "
                          f"{source.kind} results have no suites.")
     if model is not None:
+        present = sorted({r["run"]["config"].get("model") for r in source.records} - {None})
         source.records = [r for r in source.records if model in (
             r["run"]["config"].get("model"), (r.get("model") or {}).get("name"))]
+        if not source.records and present:
+            raise UsageError(f"--model {model!r}: no runs of that model in {source.label}; "
+                             f"its models are {', '.join(present)}.")
         source.label += f", model {model}"
     if not source.records:
         what = f"model {model!r} in " if model else ""

@@ -18,8 +18,8 @@ class Scales:
 
     def __post_init__(self) -> None:
         if not 0 < self.low_below < self.high_from:
-            raise UsageError(f"scale thresholds {self.low_below},{self.high_from}: need "
-                             "0 < LOW < HIGH, e.g. --scales 500,5000.")
+            raise UsageError(f"--scales {self.low_below},{self.high_from}: the thresholds "
+                             "LOW,HIGH need 0 < LOW < HIGH, e.g. --scales 500,5000.")
 
     def of(self, size: int) -> str:
         if size < self.low_below:

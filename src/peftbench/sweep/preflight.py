@@ -24,6 +24,7 @@ from peftbench.sweep.suite import (
     check_names,
     problem,
     section_values,
+    suite_words,
     variant_fields,
 )
 from peftbench.text import dotted
@@ -98,7 +99,7 @@ def _method_problems(locate: Locator, spec: SuiteSpec, specs: list[RunSpec],
         except PeftbenchError as exc:
             path = _method_path(spec, named[run.task], run, str(exc))
             problems.append(f"{locate.where(path)}: {dotted(path)} on model {run.model}: "
-                            f"{exc}")
+                            f"{suite_words(str(exc))}")
         except Exception:  # not a usage error: left to the run
             continue
     return problems

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from peftbench import yaml_text
 from peftbench.config import RunSpec
 from peftbench.errors import UsageError, did_you_mean
-from peftbench.text import dotted
+from peftbench.text import NAME_PATTERN, dotted, validation_message
 
 # RunSpec fields that are grid axes: set by the suite's lists, not in defaults/overrides.
 AXES = {"model": "models", "task": "tasks", "method": "methods", "train_size": "train_sizes",
@@ -50,7 +50,7 @@ class SuiteSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+    name: str = Field(pattern=NAME_PATTERN,
                       description="the suite's name: results are filed under it")
     description: str = ""
     models: list[str] = Field(min_length=1)
@@ -134,7 +134,13 @@ class Locator:
 
 def problem(locate: Locator, path: KeyPath, message: str, at_key: bool = False) -> str:
     """``file:line: key.path: message`` for the value (or, ``at_key``, the key) at ``path``."""
-    return f"{locate.where(path, at_key)}: {dotted(path)}: {message}"
+    return f"{locate.where(path, at_key)}: {dotted(path)}: {suite_words(message)}"
+
+
+def suite_words(message: str) -> str:
+    """A method's message as a suite says it: ``--method-arg r=4`` is ``r=4`` (of the
+    ``method_args`` the message's location names)."""
+    return re.sub(r"--method-arg (\w+)=", r"\1=", message)
 
 
 def _list_problems(locate: Locator, path: KeyPath, items: list[Any], empty: str,
@@ -155,14 +161,15 @@ def _schema_problems(exc: ValidationError, locate: Locator) -> list[str]:
             continue
         if error["type"] == "extra_forbidden":
             key, parent = str(path[-1]), path[:-1]
-            choices = list(SuiteSpec.model_fields) if not parent else []
-            hint = did_you_mean(key, choices) if choices else ""
+            within = {(): SuiteSpec, ("execution",): Execution}.get(parent)
+            hint = did_you_mean(key, list(within.model_fields)) if within else ""
             problems.append(problem(locate, path, f"unknown key '{key}'.{hint}", at_key=True))
         elif error["type"] == "missing":
             problems.append(f"{locate.where(path[:-1])}: missing required key "
                             f"'{dotted(path)}'")
         else:
-            problems.append(problem(locate, path, f"{error['msg']} (got {error['input']!r})"))
+            problems.append(problem(locate, path,
+                                    f"{validation_message(error)} (got {error['input']!r})"))
     return problems
 
 
@@ -188,7 +195,7 @@ def _field_problems(values: dict[str, Any], path: KeyPath, locate: Locator) -> l
     except ValidationError as exc:
         for error in exc.errors():
             problems.append(problem(locate, (*path, *error["loc"]),
-                                    f"{error['msg']} (got {error['input']!r})"))
+                                    f"{validation_message(error)} (got {error['input']!r})"))
     return problems
 
 

@@ -191,12 +191,25 @@ def _read_parquet(data: bytes, display: str) -> tuple[list[str], list[Record]]:
     return table.column_names, [Record(f"{display}: row {i}", r) for i, r in enumerate(rows, 1)]
 
 
+def separator_hint(header: list[Any]) -> str:
+    """A hint when a one-column header looks split by another separator (``text;label``)."""
+    if len(header) != 1:
+        return ""
+    for separator, name in ((";", "semicolons"), ("|", "'|'"), ("\t", "tabs"), (",", "commas")):
+        if separator in str(header[0]):
+            return (f"; the header is one column, {header[0]!r}: the file looks separated by "
+                    f"{name}, but .csv files are read with commas and .tsv files with tabs. "
+                    "Save it with commas (or tabs, as .tsv).")
+    return ""
+
+
 def text_value(record: Record, column: str) -> str:
     """The stripped text of ``column``; a missing column or an empty value is a DataError."""
     if column not in record.values:
         raise DataError(
             f"{record.where}: no column '{column}'; "
             f"columns present: {', '.join(map(str, record.values)) or '(none)'}"
+            f"{separator_hint(list(record.values))}"
         )
     value = record.values[column]
     text = "" if value is None else str(value).strip()
@@ -213,5 +226,5 @@ def require_columns(header: list[str] | None, needed: dict[str, str], display: s
         if column not in header:
             raise DataError(
                 f"{display}: missing column '{column}' ({why}); "
-                f"columns present: {', '.join(header) or '(none)'}"
+                f"columns present: {', '.join(header) or '(none)'}{separator_hint(header)}"
             )

@@ -50,6 +50,7 @@ from peftbench import yaml_text
 from peftbench.errors import UsageError, did_you_mean
 from peftbench.tasks.base import TaskSpec
 from peftbench.tasks.readers import FORMATS, detect_format
+from peftbench.text import NAME_PATTERN, SHA256_PATTERN, validation_message
 
 CLASSIFICATION_METRICS = ("accuracy", "mcc", "macro_f1")
 GENERATION_METRICS = ("rougeL", "rougeLsum", "rouge1", "rouge2", "bleu")
@@ -79,7 +80,7 @@ class ArchiveSource(_Strict):
 
     package: str
     version: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=SHA256_PATTERN)
     kind: Literal["wheel", "sdist"] = "wheel"
     member: str
     inner_member: str | None = None
@@ -96,7 +97,7 @@ class Files(_Strict):
 class TaskFile(_Strict):
     """The task YAML, as written."""
 
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
     type: Literal["classification", "generation"]
     description: str = ""
     files: Files | None = None
@@ -211,8 +212,8 @@ def _describe(err: Any, path: Path, lines: dict) -> str:
         return f"{path}:{_line(lines, loc)}: unknown key '{dotted}'.{hint}"
     if err["type"] == "missing":
         return f"{path}:{_line(lines, loc[:-1])}: missing required key '{dotted}'"
-    message = str(err["msg"]).removeprefix("Value error, ")
-    return f"{path}:{_line(lines, loc)}: {dotted}: {message} (got {err.get('input')!r})"
+    return (f"{path}:{_line(lines, loc)}: {dotted}: {validation_message(err)} "
+            f"(got {err.get('input')!r})")
 
 
 def _fail(path: Path, lines: dict, key: tuple[str, ...], message: str) -> UsageError:
