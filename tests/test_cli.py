@@ -92,6 +92,7 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, override, message):
     (["train", "--model", "tiny-random-llama"],
      "error: Missing option '--task'. See `peftbench train --help`."),
     (["nosuch"], "error: No such command 'nosuch'. See `peftbench --help`."),
+    (["train", "--model"], "error: Option '--model' requires an argument."),
     (["run", "--workers", "0"], "error: Invalid value for '--workers': Input should be greater "
      "than or equal to 1. See `peftbench run --help`."),
 ])
@@ -153,7 +154,8 @@ def test_parse_method_args_types():
 
 def test_a_method_argument_given_twice_is_a_usage_error():
     """Keeping the last of `r=4 r=2` silently trained another adapter than one typed."""
-    with pytest.raises(UsageError, match=r"--method-arg r: given twice \(r=4 and r= 2\)"):
+    with pytest.raises(UsageError, match=r"--method-arg r: given twice \(r=4 and r= 2\); "
+                                         r"give each argument once\.$"):
         parse_method_args(["r=4", "alpha=8", "r= 2"])
 
 

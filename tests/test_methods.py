@@ -161,9 +161,13 @@ def test_lora_target_that_matches_nothing_is_a_usage_error():
 
 @pytest.mark.parametrize(("method", "args", "message"), [
     ("prompt_tuning", {"num_virtual_tokens": 1100},
-     r"num_virtual_tokens=1100 .*reads at most 1024 positions.*at most 512 virtual tokens"),
+     r"num_virtual_tokens=1100 .*has 1024 positions.*the input share; use at most 1023"),
     ("bitfit", {"exclude": ["lm_head", "mlpp"]},
      r"exclude=\['lm_head', 'mlpp'\] .*'mlpp' names no module of this model.*down_proj"),
+    ("bitfit", {"exclude": ["layers.7"]}, r"'layers.7' names no module"),
+    ("ia3", {"feedforward_modules": ["gate_proj"]},
+     r"'gate_proj' is not in the modules \(IA\)3 rescales by default in this model, "
+     r"\['k_proj', 'v_proj', 'down_proj'\]"),
     ("ia3", {"target_modules": ["k_proj", "v_proj"], "feedforward_modules": ["down_proj"]},
      r"'down_proj' is not in target_modules.*e\.g\. target_modules=k_proj,v_proj,down_proj"),
 ])
@@ -177,11 +181,31 @@ def test_method_arguments_the_model_cannot_take_are_usage_errors(method, args, m
 
 
 def test_the_limits_leave_right_arguments_alone():
-    _apply("tiny-random-llama", "prompt_tuning", num_virtual_tokens=512)
+    _apply("tiny-random-llama", "prompt_tuning", num_virtual_tokens=1000)
     _, model = _apply("tiny-random-llama", "bitfit", exclude=["lm_head", "mlp"])
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and not any(".mlp." in n or "lm_head" in n for n in trained)
     _apply("tiny-random-t5", "prompt_tuning", num_virtual_tokens=600)  # relative positions
+    _apply("tiny-random-llama", "ia3", feedforward_modules=["down_proj"])  # a default target
+
+
+@pytest.mark.parametrize("exclude", [[0], ["layers.0"], ["model.layers.0"]])
+def test_bitfit_excludes_a_layer_by_its_index_or_a_dotted_path(exclude):
+    """An int from YAML, and a dotted path, once passed the check and excluded nothing."""
+    _, model = _apply("tiny-random-llama", "bitfit", exclude=exclude)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and not any(".layers.0." in n for n in trained)
+    assert any(".layers.1." in n for n in trained) and any("lm_head" in n for n in trained)
+
+
+def test_the_soft_prompt_and_the_longest_sequence_must_fit_the_positions():
+    loaded, _ = _apply("tiny-random-llama", "prompt_tuning", num_virtual_tokens=1000)
+    tuning = get_method("prompt_tuning")
+    args = tuning.resolve_args({"num_virtual_tokens": 1000})
+    tuning.check_lengths(loaded.model, args, 24, encoder_decoder=False)  # 1024: fits
+    with pytest.raises(UsageError, match=r"longest training sequence \(25 tokens\) share; "
+                                         r"use at most 999 virtual tokens"):
+        tuning.check_lengths(loaded.model, args, 25, encoder_decoder=False)
 
 
 @pytest.mark.parametrize(("method", "args", "names"), [

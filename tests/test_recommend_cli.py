@@ -212,7 +212,8 @@ def test_caps_must_be_positive_numbers(capsys, monkeypatch, db, cap):
 
 
 @pytest.mark.parametrize(("args", "says"), [
-    (["--model", "smollm"], "--model 'smollm': no runs of that model in Results database"),
+    (["--model", "smollm"],
+     "--model 'smollm' matches no run; the models with runs are smollm2-135m (Results "),
     (["--scales", "5000,500"], "--scales 5000,500: the thresholds LOW,HIGH need 0 < LOW < HIGH"),
 ])
 def test_filters_that_match_nothing_say_what_there_is(capsys, monkeypatch, db, args, says):
@@ -220,4 +221,4 @@ def test_filters_that_match_nothing_say_what_there_is(capsys, monkeypatch, db, a
                        "--train-size", "100", "--db", str(db), *args)
     assert code == 2 and says in err, err
     if args[0] == "--model":
-        assert err.endswith("its models are smollm2-135m.")
+        assert err.endswith(f"(Results database {db}).")

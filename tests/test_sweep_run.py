@@ -299,6 +299,7 @@ def test_ray_backend_gives_the_local_results(tmp_path):
     ("closed", "Connection refused"),
     ("no-port-here", "is not host:port"),
     ("http://127.0.0.1:6379", "unknown scheme 'http'"),
+    ("rays://127.0.0.1:6379", "unknown scheme 'rays'"),
 ])
 def test_an_unreachable_ray_address_is_a_usage_error_at_once(tmp_path, capsys, monkeypatch,
                                                              address, says):

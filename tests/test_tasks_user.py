@@ -279,7 +279,10 @@ def _cls_task(tmp_path: Path, csv_text: str, name: str = "t.csv", **extra: str) 
         ("review,stars\n", "t.csv: no examples (the file has no data rows)"),
         ("review,review\na,b\n", "t.csv:1: duplicate column name(s) in header: ['review']"),
         ("review;stars\ngood;pos\n", "columns present: review;stars; the header is one column, "
-                                      "'review;stars': the file looks separated by semicolons"),
+                                      "'review;stars': the file looks separated by semicolons, "
+                                      "but it is read as CSV; save it with commas as .csv"),
+        ("review\tstars\ngood\tpos\n", "looks separated by tabs, but it is read as CSV; name it "
+                                        ".tsv (or set format: tsv in the task YAML)."),
     ],
 )
 def test_data_errors_name_file_line_and_column(tmp_path, csv_text, expected):

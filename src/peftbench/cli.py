@@ -56,8 +56,7 @@ def parse_method_args(pairs: list[str]) -> dict[str, Any]:
         key = key.strip()
         if key in parsed:
             raise UsageError(f"--method-arg {key}: given twice ({given[key]} and "
-                             f"{pair.strip()}); give each argument once (a list as "
-                             f"{key}=a,b).")
+                             f"{pair.strip()}); give each argument once.")
         parsed[key], given[key] = value, pair.strip()
     return parsed
 
@@ -265,8 +264,10 @@ def _show_click_error(exc: Any) -> None:
     if not message.endswith((".", "?", "!")):
         message += "."
     ctx = getattr(exc, "ctx", None)
-    if ctx is not None:
-        message += f" See `{ctx.command_path} --help`."
+    # an option without its value comes without a context: the command is argv's first word
+    command = ctx.command_path if ctx is not None else " ".join(
+        ["peftbench", *[word for word in sys.argv[1:2] if not word.startswith("-")]])
+    message += f" See `{command} --help`."
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
 
 

@@ -84,8 +84,8 @@ def load_records(db: Path | None, reference: str | None = None, suite: str | Non
         source.records = [r for r in source.records if model in (
             r["run"]["config"].get("model"), (r.get("model") or {}).get("name"))]
         if not source.records and present:
-            raise UsageError(f"--model {model!r}: no runs of that model in {source.label}; "
-                             f"its models are {', '.join(present)}.")
+            raise UsageError(f"--model {model!r} matches no run; the models with runs are "
+                             f"{', '.join(present)} ({source.label}).")
         source.label += f", model {model}"
     if not source.records:
         what = f"model {model!r} in " if model else ""

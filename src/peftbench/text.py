@@ -7,8 +7,8 @@ from typing import Any
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # suite and task names: file-name safe
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 _PATTERN_WORDS = {
-    NAME_PATTERN: "letters, digits, '_', '.' and '-' only, starting with a letter or a "
-                  "digit (no spaces), e.g. my_suite",
+    NAME_PATTERN: "ASCII letters, digits, '_', '.' and '-' only, starting with a letter "
+                  "or a digit (no spaces), e.g. news-v2",
     SHA256_PATTERN: "64 lowercase hexadecimal digits (a sha256)",
 }
 

@@ -52,6 +52,11 @@ class Method(ABC):
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
         """Return the model to train: parameters to train have ``requires_grad=True``."""
 
+    def check_lengths(self, base: nn.Module, args: dict[str, Any], longest: int, *,  # noqa: B027
+                      encoder_decoder: bool) -> None:  # an optional check: most need none
+        """Raise a UsageError when sequences of ``longest`` tokens cannot be trained with
+        ``args`` on the model ``base`` (called once the training data is tokenised)."""
+
     @abstractmethod
     def save(self, model: nn.Module, out_dir: Path) -> None:
         """Save what training changed (adapter or tensors) so that :meth:`load` restores it."""

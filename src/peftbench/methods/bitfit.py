@@ -22,12 +22,18 @@ from peftbench.text import subject
 _ADDED = "bitfit_added_biases.json"
 
 
+def _within(name: str, part: object) -> bool:
+    """``part`` (``mlp``, ``0``, ``layers.0``, ``mlp.down_proj``) is a whole part, or a run
+    of whole parts, of the dotted module ``name``."""
+    return f".{part}." in f".{name}."
+
+
 def add_zero_biases(model: nn.Module, exclude: list[str]) -> list[str]:
     """Give every bias-free ``nn.Linear`` (not matching ``exclude``) a zero bias; names back."""
     added = []
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module.bias is None:
-            if any(part in name.split(".") for part in exclude):
+            if any(_within(name, part) for part in exclude):
                 continue
             weight = module.weight
             module.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=torch.float32,
@@ -37,17 +43,18 @@ def add_zero_biases(model: nn.Module, exclude: list[str]) -> list[str]:
 
 
 def _require_parts(model: nn.Module, exclude: list[str]) -> None:
-    """Every ``exclude`` name is a part of some module's dotted name (a misspelled one
-    would otherwise exclude nothing, silently)."""
-    parts = {part for name, _ in model.named_modules() for part in name.split(".")}
-    missing = [name for name in exclude if str(name) not in parts]
+    """Every ``exclude`` entry is a part (or a dotted run of parts) of some module's name:
+    a misspelled one would otherwise exclude nothing, silently."""
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [part for part in exclude if not any(_within(name, part) for name in names)]
     if missing:
         named = sorted({part for name, module in model.named_modules()
                         if isinstance(module, nn.Linear) for part in name.split(".")
                         if not part.isdigit()})
         raise UsageError(f"--method-arg exclude={exclude} (method 'bitfit'): "
-                         f"{subject(missing, 'names', 'name')} no module of this model; the "
-                         f"names on its linear layers' paths are {', '.join(named)}")
+                         f"{subject(missing, 'names', 'name')} no module of this model; give "
+                         f"parts of module paths such as {', '.join(named)}, a layer index, "
+                         "or a dotted run of them (layers.0, mlp.down_proj)")
 
 
 @register
@@ -57,7 +64,8 @@ class BitFit(Method):
     default_lr = 1e-3
     defaults: ClassVar[dict[str, Any]] = {"exclude": ["lm_head"]}
     arg_help: ClassVar[dict[str, str]] = {
-        "exclude": "module names whose linear layers get no added bias (default: lm_head)",
+        "exclude": "modules whose linear layers get no added bias: parts of module paths "
+                   "(mlp, 0) or dotted runs of them (layers.0); default: lm_head",
     }
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:

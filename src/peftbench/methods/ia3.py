@@ -15,6 +15,14 @@ from peftbench.methods.registry import register
 from peftbench.text import subject
 
 
+def _default_targets(model: nn.Module) -> list[str] | None:
+    """peft's (IA)3 target modules for this model's architecture, if it has a default."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.get(model_type)
+
+
 @register
 class IA3(Method):
     name = "ia3"
@@ -34,15 +42,18 @@ class IA3(Method):
         return args
 
     def apply(self, model: nn.Module, args: dict[str, Any], *, encoder_decoder: bool) -> nn.Module:
-        targets, feedforward = args["target_modules"], args["feedforward_modules"]
         for key in ("target_modules", "feedforward_modules"):  # a misspelling first
             peft_common.require_modules(model, args[key], self.name, key)
+        feedforward = args["feedforward_modules"]
+        targets = args["target_modules"] or _default_targets(model)
         if isinstance(targets, list) and isinstance(feedforward, list):
             outside = [name for name in feedforward if name not in targets]
             if outside:
+                which = ("target_modules=" if args["target_modules"] else
+                         "the modules (IA)3 rescales by default in this model, ")
                 raise UsageError(
                     f"--method-arg feedforward_modules={feedforward} (method 'ia3'): "
-                    f"{subject(outside, 'is', 'are')} not in target_modules={targets}; the "
+                    f"{subject(outside, 'is', 'are')} not in {which}{targets}; the "
                     f"feed-forward modules are some of the modules rescaled, e.g. "
                     f"target_modules={','.join([*targets, *outside])}")
         return peft_common.wrap(

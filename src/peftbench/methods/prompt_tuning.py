@@ -44,6 +44,18 @@ class PromptTuning(Method):
             num_transformer_submodules=1,
         )
 
+    def check_lengths(self, base: nn.Module, args: dict[str, Any], longest: int, *,
+                      encoder_decoder: bool) -> None:
+        """The soft prompt and the longest tokenised training sequence fit the decoder's
+        positions (past them, learned positions fail and rotary ones were never trained)."""
+        positions = _positions(base)
+        virtual_tokens = args["num_virtual_tokens"]
+        if not encoder_decoder and positions is not None \
+                and virtual_tokens + longest > positions:
+            raise _room_error(virtual_tokens, positions,
+                              f"the longest training sequence ({longest} tokens)",
+                              positions - longest)
+
     def save(self, model: nn.Module, out_dir: Path) -> None:
         peft_common.save_adapter(model, out_dir)
 
@@ -51,16 +63,24 @@ class PromptTuning(Method):
         return peft_common.load_adapter(base, out_dir)
 
 
-def _check_positions(model: nn.Module, virtual_tokens: int) -> None:
-    """A decoder reads the soft prompt and the input in one sequence of at most the model's
-    positions; a prompt that fills them leaves no room for the input (and long before that,
-    attention over it runs out of memory)."""
+def _positions(model: nn.Module) -> int | None:
+    """The positions a decoder was built for (``max_position_embeddings``), if it says."""
     config = getattr(model, "config", None)
     positions = getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None)
-    if isinstance(positions, int) and virtual_tokens > positions // 2:
-        raise UsageError(
-            f"--method-arg num_virtual_tokens={virtual_tokens} (method 'prompt_tuning'): the "
-            f"model reads at most {positions} positions, which the soft prompt and the input "
-            f"share; use at most {positions // 2} virtual tokens (the study's prompts use 20)."
-        )
+    return positions if isinstance(positions, int) else None
+
+
+def _room_error(virtual_tokens: int, positions: int, why: str, at_most: int) -> UsageError:
+    return UsageError(
+        f"--method-arg num_virtual_tokens={virtual_tokens} (method 'prompt_tuning'): the model "
+        f"has {positions} positions (max_position_embeddings), which the soft prompt and "
+        f"{why} share; use at most {max(at_most, 0)} virtual tokens (the default is 20).")
+
+
+def _check_positions(model: nn.Module, virtual_tokens: int) -> None:
+    """A decoder reads the soft prompt and the input as one sequence: a prompt that fills
+    the positions leaves none for the input."""
+    positions = _positions(model)
+    if positions is not None and virtual_tokens >= positions:
+        raise _room_error(virtual_tokens, positions, "the input", positions - 1)

@@ -52,7 +52,7 @@ def check_ray_address(address: str) -> None:
     scheme, sep, rest = address.partition("://")
     if not sep:
         scheme, rest = "", address
-    elif scheme not in ("ray", "rays"):
+    elif scheme != "ray":
         raise UsageError(f"--ray-address {address!r}: unknown scheme {scheme!r}; "
                          f"{_RAY_ADDRESS_HELP}.")
     host, colon, port_text = rest.rstrip("/").rpartition(":")

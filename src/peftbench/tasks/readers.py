@@ -191,16 +191,25 @@ def _read_parquet(data: bytes, display: str) -> tuple[list[str], list[Record]]:
     return table.column_names, [Record(f"{display}: row {i}", r) for i, r in enumerate(rows, 1)]
 
 
-def separator_hint(header: list[Any]) -> str:
-    """A hint when a one-column header looks split by another separator (``text;label``)."""
-    if len(header) != 1:
+def separator_hint(header: list[Any], fmt: str | None) -> str:
+    """A hint when a CSV/TSV file's one-column header looks split by another separator
+    (``text;label``): which separator it seems to use and how to have it read."""
+    if fmt not in ("csv", "tsv") or len(header) != 1:
         return ""
-    for separator, name in ((";", "semicolons"), ("|", "'|'"), ("\t", "tabs"), (",", "commas")):
-        if separator in str(header[0]):
-            return (f"; the header is one column, {header[0]!r}: the file looks separated by "
-                    f"{name}, but .csv files are read with commas and .tsv files with tabs. "
-                    "Save it with commas (or tabs, as .tsv).")
-    return ""
+    seen = [(separator, name) for separator, name in (
+        ("\t", "tabs"), (",", "commas"), (";", "semicolons"), ("|", "'|'"))
+        if separator in str(header[0])]
+    if not seen:
+        return ""
+    separator, name = seen[0]
+    if (separator, fmt) == ("\t", "csv"):
+        fix = "name it .tsv (or set format: tsv in the task YAML)"
+    elif (separator, fmt) == (",", "tsv"):
+        fix = "name it .csv (or set format: csv in the task YAML)"
+    else:
+        fix = "save it with commas as .csv, or with tabs as .tsv"
+    return (f"; the header is one column, {header[0]!r}: the file looks separated by {name}, "
+            f"but it is read as {fmt.upper()}; {fix}.")
 
 
 def text_value(record: Record, column: str) -> str:
@@ -209,7 +218,6 @@ def text_value(record: Record, column: str) -> str:
         raise DataError(
             f"{record.where}: no column '{column}'; "
             f"columns present: {', '.join(map(str, record.values)) or '(none)'}"
-            f"{separator_hint(list(record.values))}"
         )
     value = record.values[column]
     text = "" if value is None else str(value).strip()
@@ -218,13 +226,15 @@ def text_value(record: Record, column: str) -> str:
     return text
 
 
-def require_columns(header: list[str] | None, needed: dict[str, str], display: str) -> None:
-    """Check a header holds every needed column (``{column: why}``), naming what is there."""
+def require_columns(header: list[str] | None, needed: dict[str, str], display: str,
+                    fmt: str | None = None) -> None:
+    """Check a header holds every needed column (``{column: why}``), naming what is there
+    (``fmt``: the file's format, for a hint on a CSV/TSV read with the wrong separator)."""
     if header is None:
         return
     for column, why in needed.items():
         if column not in header:
             raise DataError(
                 f"{display}: missing column '{column}' ({why}); "
-                f"columns present: {', '.join(header) or '(none)'}{separator_hint(header)}"
+                f"columns present: {', '.join(header) or '(none)'}{separator_hint(header, fmt)}"
             )

@@ -79,14 +79,15 @@ def _locate(task: UserTask, split: str, relative: str, data_dir: Path | None) ->
 def _examples(
     task: UserTask, data: bytes, fmt: str | None, display: str, notes: list[str], split: str
 ) -> list[Example]:
-    header, records = read_records(data, fmt or "csv", display)
+    fmt = fmt or "csv"
+    header, records = read_records(data, fmt, display)
     is_cls = task.spec.type == "classification"
     needed = {task.column(f): f"template field {{{f}}}" for f in task.fields}
     target = task.column("label" if is_cls else "target")
     needed[target] = "the label" if is_cls else "the target text"
     if task.file.group_by:
         needed[task.file.group_by] = "group_by"
-    require_columns(header, needed, display)
+    require_columns(header, needed, display, fmt)
     examples, unknown = [], 0
     for record in records:
         fields = {f: text_value(record, task.column(f)) for f in task.fields}

@@ -154,6 +154,8 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
                           spec.max_target_length, open_cache(loaded.tokenizer))
     train_set = encoder.encode_many([(e.input, e.target) for e in task.train])
     tokenise_seconds = time.perf_counter() - tick
+    method.check_lengths(loaded.model, args, max(len(e.input_ids) for e in train_set),
+                         encoder_decoder=loaded.is_encoder_decoder)
     gather = use_gathered_logits(model, train_set, encoder.pad_id, device, autocast,
                                  loaded.is_encoder_decoder)
     record["run"]["gathered_logits"] = gather
