@@ -211,6 +211,19 @@ def test_caps_must_be_positive_numbers(capsys, monkeypatch, db, cap):
     assert code == 2 and "give a positive number" in err
 
 
+def test_a_parameter_cap_may_be_written_as_recommend_prints_counts(capsys, monkeypatch, db):
+    from peftbench.cli_analysis import parse_count
+
+    assert [parse_count(t, "--x") for t in ("500000", "1.5M", "16.4K", "2e6", " 3 k")] == [
+        500000, 1.5e6, pytest.approx(16400), 2e6, 3000]
+    base = ["recommend", "--task-type", "classification", "--train-size", "100", "--db",
+            str(db)]
+    assert cli(capsys, monkeypatch, *base, "--max-trainable-params", "1.5M")[0] == 0
+    code, _, err = cli(capsys, monkeypatch, *base, "--max-trainable-params", "1X")
+    assert code == 2 and "--max-trainable-params '1X': expected a number, optionally with " \
+        "K, M or G (e.g. 1.5M)." in err
+
+
 @pytest.mark.parametrize(("args", "says"), [
     (["--model", "smollm"],
      "--model 'smollm' matches no run; the models with runs are smollm2-135m (Results "),

@@ -161,7 +161,7 @@ def test_unknown_key_in_overrides_and_axis_keys(tmp_path):
     (("lr_grid: {lora", "lr_grid: {full: [0.1], lora"), ":10: lr_grid.full: 'full' is"
                                                           " not one of"),
     (("tasks: [toy_cls]", "tasks: []"), ":3: tasks: List should have at least 1 item"),
-    (("name: grid", "name: a/b"), ":1: name: use letters, digits, '_', '.' and '-' only"),
+    (("name: grid", "name: a/b"), ":1: name: use ASCII letters, digits, '_', '.' and '-' only"),
 ])
 def test_bad_values_are_named_with_file_and_line(tmp_path, change, expected):
     message = error_of(tmp_path, SUITE.replace(*change))
@@ -179,6 +179,9 @@ def test_missing_key_duplicate_key_and_bad_yaml(tmp_path):
     assert ":3: key 'models' given twice" in error_of(
         tmp_path, "models: [m]\ntasks: [t]\nmodels: [n]\nmethods: [lora]\n")
     assert "suite.yaml:2: not valid YAML" in error_of(tmp_path, "models: [m\ntasks: [t]\n")
+    assert error_of(tmp_path, "name: s\nmethods:\n\t- lora\n").endswith(
+        "suite.yaml:3: not valid YAML: found character '\\t' that cannot start any token; "
+        "YAML indents with spaces, not tabs")
     assert "a suite is a YAML mapping" in error_of(tmp_path, "- just a list\n")
 
 
@@ -400,6 +403,40 @@ def test_task_files_are_found_beside_the_suite_and_identified_by_place_and_conte
     before = run.run_hash()
     task_file.write_text(task_file.read_text().replace("Sentiment:", "Verdict:"))
     assert relative.run_hash() == run.run_hash() != before  # an edited task: another run
+
+
+def test_a_task_files_data_is_part_of_the_run_identity(tmp_path):
+    """Rewritten data, or other data found through a link or --data-dir, was taken for a
+    run already done and silently skipped."""
+    import os
+    import shutil
+
+    from peftbench.config import RunSpec
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "my_task"
+    shutil.copytree(example, tmp_path / "a")
+    spec = RunSpec(model="m", task=str(tmp_path / "a" / "task.yaml"), method="lora")
+    first = spec.run_hash()
+    train = tmp_path / "a" / "data" / "train.csv"
+    original = train.read_bytes()
+    train.write_bytes(original.replace(b",pos", b",neg", 1))
+    assert spec.run_hash() != first  # rewritten data: another run
+    train.write_bytes(original)
+    assert spec.run_hash() == first  # the same bytes again: the same run
+    (tmp_path / "b").mkdir()  # the same task file through a link, with data of its own
+    os.symlink(tmp_path / "a" / "task.yaml", tmp_path / "b" / "task.yaml")
+    shutil.copytree(tmp_path / "a" / "data", tmp_path / "b" / "data")
+    linked = RunSpec(model="m", task=str(tmp_path / "b" / "task.yaml"), method="lora")
+    assert linked.run_hash() == first  # same file, same data
+    (tmp_path / "b" / "data" / "dev.csv").write_text("movie,review,sentiment\nX,fine,pos\n")
+    assert linked.run_hash() != first
+    # files missing beside the task are found in data_dir: their content counts
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tmp_path / "a" / "task.yaml", bare / "task.yaml")
+    via = [RunSpec(model="m", task=str(bare / "task.yaml"), method="lora",
+                   data_dir=str(tmp_path / folder)) for folder in ("a", "b")]
+    assert via[0].run_hash() != via[1].run_hash()
 
 
 def test_odd_values_in_a_suite_are_located(tmp_path):

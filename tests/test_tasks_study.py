@@ -332,6 +332,15 @@ def test_unknown_task_suggests_the_closest(tmp_path):
         load_task(str(tmp_path / "missing.yaml"))
 
 
+def test_a_task_named_without_its_suffix_or_by_its_folder_says_which_file(tmp_path):
+    (tmp_path / "num.yaml").write_text("type: classification\n")
+    with pytest.raises(UsageError, match=r"Did you mean the task file .*num\.yaml\?$"):
+        load_task(str(tmp_path / "num"))
+    with pytest.raises(UsageError, match=r"It is a folder \(it holds num\.yaml\): give the "
+                                         r"path of the task YAML itself\.$"):
+        load_task(str(tmp_path))
+
+
 def test_hub_rows_are_converted_like_the_release_files(monkeypatch):
     """The Hub path with a stand-in `datasets` module (the real Hub is unreachable here)."""
     rows = {

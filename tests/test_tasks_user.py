@@ -329,12 +329,24 @@ def test_relative_paths_fall_back_to_data_dir(tmp_path):
         ),
         ("t.jsonl", '{"review": "a", "stars": "pos"}\n{oops}\n', "t.jsonl:2: invalid JSON line"),
         ("t.parquet", "not parquet", "t.parquet: not a readable Parquet file"),
+        ("t.jsonl", '[{"review": "a", "stars": "pos"},\n {"review": "b", "stars": "neg"}]\n',
+         "t.jsonl:1: invalid JSON line: Expecting value; the file holds a JSON array"),
+        ("t.jsonl", "[{\"review\": \"a\", \"stars\": \"pos\"}]\n",
+         "found list; the file holds a JSON array, not one object per line: name it .json"),
     ],
 )
 def test_json_and_parquet_errors(tmp_path, name, content, expected):
     with pytest.raises(DataError) as err:
         load_task(_cls_task(tmp_path, content, name=name))
     assert expected in str(err.value)
+
+
+def test_a_parquet_file_named_csv_says_so(tmp_path):
+    _write(tmp_path / "t.parquet", "parquet", [{"review": "a", "stars": "pos"}])
+    (tmp_path / "t.parquet").rename(tmp_path / "t.csv")
+    with pytest.raises(DataError, match=r"t.csv: a Parquet file \(it starts with PAR1\), read "
+                                        r"as text; name it .parquet, or set format: parquet"):
+        load_task(_task(tmp_path, GOOD))
 
 
 def test_parquet_rows_are_located_by_row_number(tmp_path):
@@ -357,3 +369,25 @@ def test_quote_error_inside_a_record_points_at_its_start(tmp_path):
     with pytest.raises(DataError) as err:
         load_task(_cls_task(tmp_path, text))
     assert "t.csv:3: malformed CSV (a record running to line 4)" in str(err.value)
+
+
+@pytest.mark.parametrize(("labels", "cells"), [
+    ("{0.0: negative, 1.0: positive}", ("0.0", "1.0")),
+    ("{True: positive, False: negative}", ("True", "False")),
+    ("{1: positive, 0: negative}", ("1.0", "0")),
+])
+def test_label_cells_match_label_keys_written_the_same_way(tmp_path, labels, cells):
+    """YAML reads the key 1.0 as 1 and True as true; a CSV cell typed the same way was an
+    unknown label, with an error that contradicted the file."""
+    rows = "".join(f"text {i},{cells[i % 2]}\n" for i in range(40))
+    path = _cls_task(tmp_path, "review,stars\n" + rows)
+    path.write_text(path.read_text().replace("{pos: positive, neg: negative}", labels))
+    data = load_task(path)
+    assert {e.target for e in data.train} == {"positive", "negative"}
+
+
+def test_a_data_folder_given_for_a_file_is_named_as_a_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(UsageError, match=r"task.yaml:3: files.train: 'd' is a folder; give the "
+                                         r"path of a data file in it"):
+        load_task(_task(tmp_path, GOOD.replace("t.csv", "d")))

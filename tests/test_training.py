@@ -186,6 +186,8 @@ def test_a_reused_output_folder_holds_only_the_last_runs_adapter(tmp_path):
     assert on_disk < full["efficiency"]["adapter_bytes"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]
     assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~_umask()  # as mkdir
+    for written in (tmp_path / "adapter").iterdir():  # as open: colleagues can load them
+        assert written.stat().st_mode & 0o777 == 0o666 & ~_umask(), written.name
 
 
 def test_epochs_that_overshoot_are_recorded_and_warned(tmp_path):
@@ -198,6 +200,23 @@ def test_epochs_that_overshoot_are_recorded_and_warned(tmp_path):
     assert any("1 step(s) train 4.0 epochs" in w for w in record["run"]["warnings"])
     fine = _spec("tiny-random-llama", "lora", max_steps=None, epochs=3, train_size=1000)
     assert epochs_warning(fine, 188, 1000) is None  # 3.008 epochs: rounding, not a problem
+    tiny = _spec("tiny-random-llama", "lora", max_steps=None, epochs=0.01)
+    assert "2 step(s) train 0.016 epochs" in epochs_warning(tiny, 2, 2000)  # was "0.0"
+
+
+def test_evaluation_examples_that_were_trained_on_are_warned():
+    from peftbench.tasks.base import Example
+    from peftbench.training.loop import overlap_warning
+
+    train = [Example(f"text {i}", "yes") for i in range(50)]
+    fresh = [Example(f"other {i}", "yes") for i in range(20)]
+    assert overlap_warning(train, {"validation": fresh, "test": fresh}) is None
+    one = fresh[:19] + train[:1]  # 1 of 20: the odd duplicate real datasets have
+    assert overlap_warning(train, {"validation": one, "test": fresh}) is None
+    warning = overlap_warning(train, {"validation": fresh, "test": fresh[:10] + train[:10]})
+    assert warning and warning.startswith("10 of 20 test examples are also training")
+    relabelled = [Example(e.input, "no") for e in train[:20]]  # same text, other target
+    assert overlap_warning(train, {"validation": relabelled, "test": []}) is None
 
 
 def test_tiny_evaluation_splits_are_warned_unless_capped_on_purpose():

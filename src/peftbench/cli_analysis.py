@@ -8,6 +8,7 @@ reference file), or the reference results shipped with peftbench (``--reference`
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,9 @@ def recommend(
     suite: SuiteOption = None,
     model: ModelOption = None,
     prefer: PreferOption = "balanced",
-    max_trainable_params: Annotated[float | None, typer.Option(
-        help="only methods with at most this many trainable parameters")] = None,
+    max_trainable_params: Annotated[str | None, typer.Option(
+        help="only methods with at most this many trainable parameters (e.g. 500000, "
+             "1.5M, 16.4K)")] = None,
     max_memory_mb: Annotated[float | None, typer.Option(
         help="only methods with at most this peak memory (MB)")] = None,
     scales: ScalesOption = "500,5000",
@@ -174,7 +176,9 @@ def recommend(
     from peftbench.analysis.records import build_cells, split_runs
 
     source = load_records(db, reference, suite, model)
-    config = DecisionConfig(Scales.parse(scales), prefer, max_trainable_params, max_memory_mb)
+    config = DecisionConfig(Scales.parse(scales), prefer,
+                            parse_count(max_trainable_params, "--max-trainable-params"),
+                            max_memory_mb)
     cells = build_cells(split_runs(source.records)[0])
     if not cells:
         raise UsageError(f"{source.label}: no completed run to recommend from.")
@@ -188,6 +192,21 @@ def recommend(
         sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     else:
         _print_recommendation(payload)
+
+
+_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}
+
+
+def parse_count(text: str | None, option: str) -> float | None:
+    """A count as typed or as peftbench prints it: ``500000``, ``1.5M``, ``16.4K``, ``2e6``."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([^\skKmMgGbB]+)\s*([kKmMgGbB]?)\s*", text)
+    try:
+        return float(match.group(1)) * _SUFFIXES[match.group(2).lower()]  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        raise UsageError(f"{option} {text!r}: expected a number, optionally with K, M or G "
+                         "(e.g. 1.5M).") from None
 
 
 def recommendation_json(result: Any, source: Source, scales: Any) -> dict[str, Any]:

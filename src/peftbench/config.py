@@ -72,7 +72,7 @@ class RunSpec(BaseModel):
         from peftbench.methods import get_method  # torch and peft: not at import time
 
         fields = {k: v for k, v in self.model_dump().items() if k not in _NON_IDENTITY_FIELDS}
-        fields["task"] = task_identity(self.task)
+        fields["task"] = task_identity(self.task, self.data_dir)
         fields["model"] = model_identity(self.model)
         try:
             method = get_method(self.method)
@@ -88,10 +88,13 @@ class RunSpec(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def task_identity(task: str) -> str:
-    """A built-in task's name; for a task file, its resolved path and content hash: the same
-    file spelled differently (relative, absolute) is the same run, an edited one is another
-    run, and so is a copy elsewhere (its data files are found beside it)."""
+def task_identity(task: str, data_dir: str | None = None) -> str:
+    """A built-in task's name; for a task file, its resolved path, content hash and the hash
+    of the data files it reads (beside it, else in ``data_dir``): the same file spelled
+    differently (relative, absolute) is the same run; an edited task file, rewritten data,
+    other data found through ``data_dir`` or a link, and a copy elsewhere are other runs."""
+    from peftbench.tasks.user import data_files_fingerprint
+
     if not task.lower().endswith((".yaml", ".yml")):
         return task
     path = Path(task).expanduser()
@@ -99,7 +102,9 @@ def task_identity(task: str) -> str:
         content = path.read_bytes()
     except OSError:  # reported when the run starts
         return task
-    return f"{path.resolve()}#sha256:{hashlib.sha256(content).hexdigest()}"
+    identity = f"{path.resolve()}#sha256:{hashlib.sha256(content).hexdigest()}"
+    data = data_files_fingerprint(path, data_dir)
+    return identity if data is None else f"{identity}#data:{data}"
 
 
 def model_identity(model: str) -> str:

@@ -60,3 +60,13 @@ def duplicate_keys(root: yaml.Node | None, source: str) -> list[str]:
         elif isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
     return [f"{source}:{line}: key '{key}' given twice" for line, key in sorted(found)]
+
+
+def problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """``file:LINE``'s suffix and PyYAML's problem in words: ``(":3", "found ...")``; a
+    tab where YAML wants spaces gets the fix added."""
+    mark = getattr(exc, "problem_mark", None)
+    text = str(getattr(exc, "problem", None) or exc)
+    if "'\\t'" in text:
+        text += "; YAML indents with spaces, not tabs"
+    return (f":{mark.line + 1}" if mark is not None else ""), text

@@ -358,10 +358,8 @@ def parse_suite(text: str, source: str, default_name: str = "suite") -> Suite:
         locate = Locator(text, source)
         data = yaml_text.load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UsageError(f"{source}{line}: not valid YAML: "
-                         f"{getattr(exc, 'problem', None) or exc}") from None
+        line, what = yaml_text.problem(exc)
+        raise UsageError(f"{source}{line}: not valid YAML: {what}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{source}:1: a suite is a YAML mapping with keys "
                          f"{', '.join(SuiteSpec.model_fields)}.")

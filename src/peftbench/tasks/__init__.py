@@ -57,11 +57,22 @@ def _task_file(name_or_path: str | Path) -> Path | None:
             )
         return path
     if text not in BUILTINS:
-        raise UsageError(
-            f"unknown task '{text}'.{did_you_mean(text, list(BUILTINS))} "
-            "Or give the path to a task YAML."
-        )
+        hint = _file_hint(path) or (f"{did_you_mean(text, list(BUILTINS))} Or give the path "
+                                    "to a task YAML.")
+        raise UsageError(f"unknown task '{text}'.{hint}")
     return None
+
+
+def _file_hint(path: Path) -> str:
+    """What the user probably meant by a task that names a folder or a YAML without suffix."""
+    for suffix in (".yaml", ".yml"):
+        if path.with_name(path.name + suffix).is_file():
+            return f" Did you mean the task file {path}{suffix}?"
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        found = f" (it holds {', '.join(inside)})" if inside else " (it holds no .yaml file)"
+        return f" It is a folder{found}: give the path of the task YAML itself."
+    return ""
 
 
 def get_spec(name_or_path: str | Path) -> TaskSpec:

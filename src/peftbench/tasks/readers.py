@@ -57,6 +57,9 @@ def detect_format(name: str) -> str | None:
 
 def decode_text(data: bytes, display: str) -> str:
     """UTF-8 text (a byte-order mark is dropped); bad bytes are reported with their line."""
+    if data.startswith(b"PAR1"):
+        raise DataError(f"{display}: a Parquet file (it starts with PAR1), read as text; name "
+                        "it .parquet, or set format: parquet in the task YAML")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -142,11 +145,15 @@ def read_records(data: bytes, fmt: str, display: str) -> tuple[list[str] | None,
         raise DataError(f"{display}: unknown format '{fmt}'; choose one of {', '.join(FORMATS)}")
     for line, item in items:
         if not isinstance(item, dict):
-            raise DataError(
-                f"{display}:{line}: expected a JSON object per record, found {type(item).__name__}"
-            )
+            hint = _ARRAY_IN_JSONL if fmt == "jsonl" and isinstance(item, list) else ""
+            raise DataError(f"{display}:{line}: expected a JSON object per record, found "
+                            f"{type(item).__name__}{hint}")
         records.append(Record(f"{display}:{line}", item))
     return None, records
+
+
+_ARRAY_IN_JSONL = ("; the file holds a JSON array, not one object per line: name it .json, "
+                   "or set format: json in the task YAML")
 
 
 def _iter_jsonl(text: str, display: str) -> Iterator[tuple[int, Any]]:
@@ -155,7 +162,10 @@ def _iter_jsonl(text: str, display: str) -> Iterator[tuple[int, Any]]:
             try:
                 yield number, json.loads(raw)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{display}:{number}: invalid JSON line: {exc.msg}") from exc
+                hint = (_ARRAY_IN_JSONL if raw.lstrip().startswith("[") or text.lstrip(
+                    "\ufeff \t\r\n").startswith("[") else "")
+                raise DataError(f"{display}:{number}: invalid JSON line: {exc.msg}{hint}"
+                                ) from exc
 
 
 def _read_delimited(text: str, display: str, delimiter: str) -> tuple[list[str], list[Record]]:

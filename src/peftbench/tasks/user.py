@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from peftbench.archives import ArchiveSpec
-from peftbench.errors import DataError
+from peftbench.archives import ArchiveSpec, sha256_file
+from peftbench.errors import DataError, PeftbenchError
 from peftbench.tasks.archive_sources import read_member
 from peftbench.tasks.base import Example, TaskData
 from peftbench.tasks.fingerprints import files_fingerprint
@@ -65,6 +66,34 @@ def load_user_task(path: Path, data_dir: Path | None = None) -> TaskData:
     )
 
 
+_file_hashes: dict[tuple[str, int, int], str] = {}
+
+
+def data_files_fingerprint(path: Path, data_dir: str | None) -> str | None:
+    """sha256 over the contents of the data files a task YAML reads (found as a run would
+    find them: beside the YAML, else in ``data_dir``), for the run identity: rewritten data
+    is another run. ``None`` for a task read from a pinned archive (its sha256 is in the
+    YAML) or one whose files cannot be found yet (the run reports that when it starts).
+    Each file's hash is memoised per resolved path, size and modification time."""
+    try:
+        task = parse_task_file(path)
+        if task.file.files is None:
+            return None
+        hashes = {}
+        for split, relative in task.file.files:
+            if relative is not None:
+                found = _locate(task, split, relative, Path(data_dir) if data_dir else None)
+                stat = found.stat()
+                key = (str(found.resolve()), stat.st_size, stat.st_mtime_ns)
+                if key not in _file_hashes:
+                    _file_hashes[key] = sha256_file(found)
+                hashes[split] = _file_hashes[key]
+    except (PeftbenchError, OSError):
+        return None
+    blob = "".join(f"{split}\0{digest}\n" for split, digest in sorted(hashes.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def _locate(task: UserTask, split: str, relative: str, data_dir: Path | None) -> Path:
     places = [task.path.parent / relative]
     if data_dir is not None and not Path(relative).is_absolute():
@@ -122,6 +151,8 @@ def _label(task: UserTask, record: Record, column: str) -> int | None:
     key = _value_text(record, column)
     if key in task.label_index:
         return task.label_index[key]
+    if (alias := _as_yaml_reads_it(key)) in task.label_index:
+        return task.label_index[alias]
     if task.file.skip_unknown_labels:
         return None
     if isinstance(task.file.labels, dict):
@@ -131,6 +162,18 @@ def _label(task: UserTask, record: Record, column: str) -> int | None:
     raise DataError(
         f"{record.where}: unknown label {key!r} in column '{column}'; allowed labels: {allowed}"
     )
+
+
+def _as_yaml_reads_it(text: str) -> str:
+    """A CSV cell as the task YAML's label keys are normalised (:func:`label_key`): ``1.0``
+    -> ``1``, ``True`` -> ``true``; so ``labels: {1.0: positive}`` matches a cell ``1.0``."""
+    if text.lower() in ("true", "false"):
+        return text.lower()
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return str(int(number)) if number.is_integer() else text
 
 
 def _value_text(record: Record, column: str) -> str:

@@ -165,9 +165,8 @@ def parse_task_file(path: Path) -> UserTask:
         node = yaml.compose(text, Loader=_Loader)
         raw = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"{path}{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+        line, what = yaml_text.problem(exc)
+        raise UsageError(f"{path}{line}: invalid YAML: {what}") from exc
     if not isinstance(raw, dict):
         raise UsageError(
             f"{path}:1: a task file is a YAML mapping with keys like name:, type:, files:, "
@@ -335,6 +334,9 @@ def _interpret(path: Path, model: TaskFile, lines: dict) -> UserTask:
             ]
         )
         for *key, name in sources:
+            if key[0] == "files" and (path.parent / name).is_dir():
+                raise _fail(path, lines, tuple(key), f"'{name}' is a folder; give the path of "
+                            "a data file in it (e.g. data/train.csv)")
             if detect_format(name) is None:
                 raise _fail(
                     path,

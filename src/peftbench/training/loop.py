@@ -23,6 +23,7 @@ from peftbench.files import umask_mode
 from peftbench.methods import count_parameters
 from peftbench.models import load_model
 from peftbench.tasks import load_task
+from peftbench.tasks.base import Example
 from peftbench.training.batches import endless_batches
 from peftbench.training.device import (
     autocast_factory,
@@ -75,8 +76,8 @@ def epochs_warning(spec: RunSpec, total_steps: int, train_examples: int) -> str 
         return None
     return (f"epochs {asked:g}: an optimizer step holds {per_step} examples (batch size "
             f"{spec.batch_size} x grad accum {spec.grad_accum}) and the training set "
-            f"{train_examples}, so {total_steps} step(s) train {seen:.1f} epochs; lower the "
-            "batch size or gradient accumulation, or set max_steps")
+            f"{train_examples}, so {total_steps} step(s) train {_epochs_text(seen)} epochs; "
+            "lower the batch size or gradient accumulation, or set max_steps")
 
 
 SMALL_SPLIT = 20  # fewer evaluation examples than this: a score moves by 5 points per example
@@ -93,6 +94,31 @@ def small_split_warning(spec: RunSpec, sizes: dict[str, int]) -> str | None:
     return (f"few evaluation examples ({listed}): one example is worth "
             f"{100 / min(small.values()):.0f} points of a score, so the scores say little; "
             "give the task more rows, or validation/test files of its own")
+
+
+LEAK_SHARE = 0.1  # evaluation examples also trained on, from this share up: a warning
+
+
+def overlap_warning(train: Sequence[Example], splits: dict[str, Sequence[Example]]
+                    ) -> str | None:
+    """A warning when many validation/test examples (input and target) are also training
+    examples: a split read from the training file, or overlapping files. Their scores
+    measure memory, not generalisation."""
+    trained = {(e.input, e.target) for e in train}
+    shared = {split: sum((e.input, e.target) in trained for e in examples)
+              for split, examples in splits.items() if examples}
+    heavy = [f"{n} of {len(splits[split])} {split}" for split, n in shared.items()
+             if n >= LEAK_SHARE * len(splits[split])]
+    if not heavy:
+        return None
+    return (f"{', '.join(heavy)} examples are also training examples: their scores measure "
+            "what was memorised, not how the model generalises; give the task validation/"
+            "test files without its training rows")
+
+
+def _epochs_text(epochs: float) -> str:
+    """``4.0``, ``1.5``; below one epoch two significant digits (``0.016``, not ``0.0``)."""
+    return f"{epochs:.1f}" if epochs >= 1 else f"{epochs:.2g}"
 
 
 def eval_steps(spec: RunSpec, total: int) -> list[int]:
@@ -131,8 +157,11 @@ def train(spec: RunSpec, record: dict[str, Any], out_dir: Path,
                       "sizes": {"train": len(task.train), "validation": len(task.validation),
                                 "test": len(task.test)}}
     record["provenance"]["data_fingerprint"] = task.fingerprint
-    if warning := small_split_warning(spec, record["task"]["sizes"]):
-        record["run"].setdefault("warnings", []).append(warning)
+    for warning in (small_split_warning(spec, record["task"]["sizes"]),
+                    overlap_warning(task.train, {"validation": task.validation,
+                                                 "test": task.test})):
+        if warning:
+            record["run"].setdefault("warnings", []).append(warning)
     loaded = load_model(spec.model, seed=spec.seed)
     record["model"] = {"name": loaded.name, "source": loaded.source,
                        "pretrained": loaded.pretrained,
@@ -249,6 +278,9 @@ def save_adapter(method: Any, model: Any, out_dir: Path) -> Path:
     old = Path(tempfile.mkdtemp(dir=out_dir, prefix=".adapter-old."))
     try:
         method.save(model, fresh)
+        for written in fresh.rglob("*"):  # safetensors writes owner-only (0600) files
+            if written.is_file():
+                written.chmod(umask_mode(0o666))
         if target.exists():
             target.rename(old / "adapter")
         try:
