@@ -6,12 +6,15 @@ import copy
 import csv
 import io
 import json
+import os
 import sqlite3
+import threading
 
 import pytest
 
+from cli_in_process import run_main
 from peftbench.errors import UsageError
-from peftbench.store import ResultStore, flat_row, write_csv, write_json
+from peftbench.store import ResultStore, db, flat_row, write_csv, write_json
 from peftbench.store.schema import SCHEMA_VERSION
 
 
@@ -169,3 +172,132 @@ def test_json_export_writes_no_bare_nan(store):
     write_json(store.records(), text)
     assert "NaN" not in text.getvalue()
     assert json.loads(text.getvalue())[0]["curve"][-1]["train_loss"] is None
+
+
+# -- locked and read-only databases --------------------------------------------------------
+READING_COMMANDS = (["results"], ["analyze"], ["report", "--out", "report.html"],
+                    ["recommend", "--task-type", "classification", "--train-size", "64"])
+
+
+@pytest.fixture()
+def saved(tmp_path, monkeypatch):
+    """A results database with one run, in the current folder (the reports go there)."""
+    monkeypatch.chdir(tmp_path)
+    with ResultStore(tmp_path / "r.sqlite") as opened:
+        opened.save(make_record(), suite="s")
+    return tmp_path / "r.sqlite"
+
+
+def hold_exclusive_lock(path) -> sqlite3.Connection:
+    """Another program's connection that keeps everyone else out (readers too, WAL or not)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA locking_mode = EXCLUSIVE")
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def cli(capsys, monkeypatch, *args: str) -> tuple[int, str, str]:
+    code, out, err = run_main(capsys, monkeypatch, *args)
+    return code, out, " ".join(err.split())  # rich wraps long errors
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda c: c[0])
+def test_a_locked_database_is_announced_then_named_locked(capsys, monkeypatch, saved,
+                                                          command):
+    monkeypatch.setattr(db, "READ_WAIT_S", 0.5)
+    holder = hold_exclusive_lock(saved)
+    try:
+        code, _, err = cli(capsys, monkeypatch, *command, "--db", str(saved))
+    finally:
+        holder.close()
+    assert code == 2, err
+    assert err.startswith(f"--db {saved}: locked by another program; waiting up to 0.5 s")
+    assert (f"error: --db {saved}: the database is locked by another program (still locked "
+            "after 0.5 s); retry when it has finished." in err)
+    assert "not a peftbench results database" not in err and "Traceback" not in err
+
+
+def test_a_reader_reads_once_the_lock_is_released(capsys, monkeypatch, saved):
+    holder = hold_exclusive_lock(saved)
+    threading.Timer(0.5, holder.close).start()  # READ_WAIT_S (5 s) is plenty
+    code, out, err = cli(capsys, monkeypatch, "results", "--db", str(saved), "--format", "csv")
+    assert code == 0, err
+    assert "waiting up to 5 s" in err and "abc123" in out
+
+
+def test_the_writer_waits_longer_and_also_names_the_lock(monkeypatch, saved, capsys):
+    assert db.WRITE_WAIT_S >= 30  # a sweep outwaits other writers' short transactions
+    monkeypatch.setattr(db, "WRITE_WAIT_S", 0.5)
+    holder = hold_exclusive_lock(saved)
+    try:
+        with pytest.raises(UsageError, match="locked by another program"):
+            ResultStore(saved)
+    finally:
+        holder.close()
+    assert "waiting up to 0.5 s" in capsys.readouterr().err
+
+
+def act_as_read_only_mount(monkeypatch) -> None:
+    """Opens fail as on a read-only mount of a WAL database (its -shm cannot be made),
+    except the immutable one; as root, too, where chmod would not stop writes."""
+    real = db._connect_sqlite
+
+    def connect(target: str, uri: bool, timeout: float) -> sqlite3.Connection:
+        if "immutable=1" not in target:
+            raise sqlite3.OperationalError("unable to open database file")
+        return real(target, uri, timeout)
+
+    monkeypatch.setattr(db, "_connect_sqlite", connect)
+
+
+@pytest.mark.parametrize("command", READING_COMMANDS, ids=lambda c: c[0])
+def test_a_database_on_a_read_only_mount_is_read(capsys, monkeypatch, saved, command):
+    before = saved.read_bytes()
+    act_as_read_only_mount(monkeypatch)
+    code, _, err = cli(capsys, monkeypatch, *command, "--db", str(saved))
+    assert code == 0, err
+    assert err == "" and saved.read_bytes() == before
+    with ResultStore(saved, must_exist=True) as store:
+        assert store.read_only and [r["run"]["hash"] for r in store.records()] == ["abc123"]
+
+
+def test_read_only_mounts_still_tell_what_is_wrong(monkeypatch, tmp_path, saved):
+    act_as_read_only_mount(monkeypatch)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(UsageError, match="not a peftbench results database"):
+        ResultStore(junk, must_exist=True)
+    with pytest.raises(UsageError, match="cannot open or create it"):
+        ResultStore(saved)  # `peftbench run` needs to write
+    monkeypatch.setattr(db, "_connect_sqlite", lambda *args, **kwargs: sqlite3.connect(
+        str(tmp_path / "missing" / "x.sqlite")))  # opens in no mode
+    with pytest.raises(UsageError, match=r"cannot read it \(unable to open database file\); "
+                                         "check that you may read the file and its folder"):
+        ResultStore(saved, must_exist=True)
+
+
+def test_unmerged_changes_a_read_only_open_cannot_see_are_mentioned(monkeypatch, saved,
+                                                                    capsys):
+    (saved.parent / "r.sqlite-wal").write_bytes(b"x" * 100)  # as a killed run leaves it
+    act_as_read_only_mount(monkeypatch)
+    ResultStore(saved, must_exist=True).close()
+    err = " ".join(capsys.readouterr().err.split())
+    assert "r.sqlite-wal holds changes not merged into it yet" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root chmod does not stop writes; "
+                    "test_a_database_on_a_read_only_mount_is_read covers this")
+def test_a_database_in_a_folder_without_write_permission_is_read(capsys, monkeypatch,
+                                                                 tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with ResultStore(folder / "r.sqlite") as store:
+        store.save(make_record())
+    (folder / "r.sqlite").chmod(0o444)
+    folder.chmod(0o555)
+    try:
+        code, out, err = cli(capsys, monkeypatch, "results", "--db", str(folder / "r.sqlite"),
+                             "--format", "csv")
+    finally:
+        folder.chmod(0o755)
+    assert code == 0 and "abc123" in out, err

@@ -17,7 +17,7 @@ from rich.table import Table
 from peftbench.config import compact
 from peftbench.errors import UsageError
 from peftbench.files import require_folder, require_input_folder
-from peftbench.store import DEFAULT_DB, ResultStore, flat_row, write_csv, write_json
+from peftbench.store import DEFAULT_DB, ResultStore, RunLock, flat_row, write_csv, write_json
 from peftbench.sweep.plan import PlannedRun
 from peftbench.text import count
 
@@ -104,7 +104,8 @@ def run(
                 statuses = store.statuses(run.run_hash for run in runs)
         _print_plan(statuses, runs)
         return
-    with ResultStore(db) as store:
+    # one `run` per database at a time (a dry run only reads: it needs no lock)
+    with ResultStore(db) as store, RunLock(db):
         todo = runs_to_do(store, runs)
         if todo:
             check(todo)
