@@ -222,3 +222,11 @@ def test_messages_quote_user_text_as_typed():
 def test_none_as_printed_by_methods_means_the_default():
     assert parse_method_args(["target_modules=None", "layers=null"]) == {
         "target_modules": None, "layers": None}
+
+
+def test_a_long_error_is_one_line_when_piped():
+    """rich wrapped errors at 80 columns on a pipe: one error came out as several lines."""
+    proc = peftbench("train", "--model", "tiny-random-llama", "--task", "toy_cls", "--method",
+                     "lora", "--method-arg", "rank=4")
+    assert proc.returncode == 2
+    assert len(proc.stderr) > 100 and proc.stderr.count("\n") == 1, proc.stderr

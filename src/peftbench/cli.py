@@ -27,7 +27,8 @@ app = typer.Typer(
 )
 # no emoji codes: ":smile:" in a user's label or path must print as typed
 console = Console(emoji=False)
-err_console = Console(stderr=True, emoji=False)
+# errors are one line however long, also when piped (a terminal wraps them itself)
+err_console = Console(stderr=True, emoji=False, soft_wrap=True)
 
 _FLAG_OF = {"train_size": "--train-size", "max_steps": "--max-steps", "lr": "--lr",
             "epochs": "--epochs", "batch_size": "--batch-size", "grad_accum": "--grad-accum",
