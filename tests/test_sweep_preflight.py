@@ -164,3 +164,7 @@ def test_a_dry_run_creates_nothing(tmp_path, monkeypatch, capsys):
     code, out = cli(capsys, monkeypatch, "run", "smoke", "--dry-run", "--db", "new.sqlite")
     assert code == 0 and "80 runs" in out
     assert list(tmp_path.iterdir()) == []  # no database, no runs folder
+    (tmp_path / "empty.sqlite").touch()  # an existing database is read, never written
+    code, out = cli(capsys, monkeypatch, "run", "smoke", "--dry-run", "--db", "empty.sqlite")
+    assert code == 0 and (tmp_path / "empty.sqlite").stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]

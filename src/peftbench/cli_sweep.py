@@ -99,8 +99,8 @@ def run(
     if dry_run:
         check(runs)
         statuses: dict[str, str] = {}
-        if db.exists():  # a dry run creates nothing
-            with ResultStore(db) as store:
+        if db.is_file() and db.stat().st_size:  # a dry run creates and changes nothing
+            with ResultStore(db, must_exist=True) as store:
                 statuses = store.statuses(run.run_hash for run in runs)
         _print_plan(statuses, runs)
         return
