@@ -62,3 +62,41 @@ def test_cells_are_ordered_full_first_and_carry_costs():
 def test_within_target_handles_negative_references():
     assert within_target(95.0, 100.0) and not within_target(94.9, 100.0)
     assert within_target(-10.5, -10.0) and not within_target(-10.6, -10.0)
+
+
+def _ran(record: dict, when: str, **settings) -> dict:
+    record["run"]["config"].update(settings)
+    record["run"]["finished_at"] = when
+    return record
+
+
+def test_runs_of_another_setup_are_set_aside_not_averaged():
+    """Two suites with other budgets in one database (or a task run again on edited data)
+    made one cell of five 'seeds' out of two setups."""
+    from peftbench.analysis.records import build_cells, set_aside_note
+
+    older = [_ran(make_record(method="full", seed=s, test=90.0), "2026-05-01T10:00:00",
+                  max_steps=20) for s in (0, 1, 2)]
+    newer = [_ran(make_record(method="full", seed=s, test=50.0), "2026-05-02T10:00:00",
+                  max_steps=4) for s in (0, 1)]
+    [cell] = build_cells(older + newer)
+    assert cell.seeds == [0, 1] and cell.score.mean == 50.0 and cell.score.n == 2
+    assert len(cell.set_aside) == 3 and cell.set_aside_why == "max_steps 4 kept"
+    note = set_aside_note([cell])
+    assert note.startswith("3 runs set aside, of another setup than the latest runs of their "
+                           "cell: rotten_tomatoes / smollm2-135m / full / n=100 (max_steps 4 "
+                           "kept). Select the runs to compare with --suite")
+    edited = make_record(method="full", seed=2, test=10.0)
+    edited["provenance"]["data_fingerprint"] = "0" * 64
+    [cell] = build_cells([*newer, _ran(edited, "2026-05-03T10:00:00", max_steps=4)])
+    assert cell.seeds == [2] and cell.set_aside_why == "other data"
+
+
+def test_a_seed_run_again_counts_once():
+    from peftbench.analysis.records import build_cells
+
+    runs = [_ran(make_record(method="lora", seed=0, test=t), when)
+            for t, when in ((60.0, "2026-05-01T10:00:00"), (70.0, "2026-05-02T10:00:00"))]
+    [cell] = build_cells(runs)
+    assert cell.score.n == 1 and cell.score.mean == 70.0
+    assert cell.set_aside_why == "an older run of the same seed"

@@ -235,3 +235,25 @@ def test_filters_that_match_nothing_say_what_there_is(capsys, monkeypatch, db, a
     assert code == 2 and says in err, err
     if args[0] == "--model":
         assert err.endswith(f"(Results database {db}).")
+
+
+def test_runs_of_another_setup_are_named_on_stderr_and_in_the_report(capsys, monkeypatch,
+                                                                     tmp_path):
+    path = tmp_path / "mixed.sqlite"
+    with ResultStore(path) as store:
+        for steps, when in ((20, "2026-05-01T10:00:00"), (4, "2026-05-02T10:00:00")):
+            for seed in (0, 1):
+                record = make_record(method="lora", seed=seed)
+                record["run"]["config"]["max_steps"] = steps
+                record["run"]["finished_at"] = when
+                record["run"]["hash"] += str(steps)
+                store.save(record, suite=f"s{steps}")
+    code, out, err = cli(capsys, monkeypatch, "analyze", "--db", str(path), "--json")
+    assert code == 0 and json.loads(out)["tables"]
+    assert err.startswith("note: 2 runs set aside, of another setup than the latest runs of "
+                          "their cell: rotten_tomatoes / smollm2-135m / lora / n=100 "
+                          "(max_steps 4 kept)")
+    code, out, _ = cli(capsys, monkeypatch, "report", "--db", str(path), "--out",
+                       str(tmp_path / "r.html"))
+    assert code == 0 and "2 set aside)" in out
+    assert "2 set aside)" in (tmp_path / "r.md").read_text()

@@ -70,6 +70,20 @@ def test_caps_on_trainable_parameters_and_memory():
     assert d.recommended is None and "no measured method fits the caps" in d.why
 
 
+def test_a_cap_holds_on_every_model_not_on_the_mean_over_models():
+    """LoRA at 16,384 trainable parameters on one model and 43,008 on another passed a 30K
+    cap on their mean (29,696)."""
+    records = [make_record(model=model, method="lora", trainable=n, test=80.0)
+               for model, n in (("small", 16_384), ("big", 43_008))]
+    records += [make_record(model=model, method="ia3", trainable=1_000, test=70.0)
+                for model in ("small", "big")]
+    d = decide(build_cells(records), "classification", "low",
+               DecisionConfig(max_trainable_params=30_000))
+    assert [s.method for s in d.ranking] == ["ia3"]
+    assert dict(d.excluded)["lora"] == "43,008 trainable parameters on big / rotten_tomatoes " \
+        "> cap 30,000"
+
+
 def test_unknown_preference_and_bad_scales_are_usage_errors():
     with pytest.raises(UsageError, match="--prefer"):
         DecisionConfig(prefer="fast")

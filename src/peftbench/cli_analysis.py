@@ -25,6 +25,7 @@ from peftbench.store import DEFAULT_DB
 from peftbench.text import count as counted
 
 console = Console(soft_wrap=True, emoji=False)
+notes_console = Console(stderr=True, soft_wrap=True, emoji=False)  # stdout may be JSON
 wide_console = console if console.is_terminal else Console(width=200, emoji=False)
 
 DbOption = Annotated[Path | None, typer.Option(
@@ -113,7 +114,17 @@ def _analysis(source: Source, scales: str, prefer: str = "balanced",
     from peftbench.analysis import DecisionConfig, Scales, analyse_records
 
     config = DecisionConfig(Scales.parse(scales), prefer, max_trainable_params, max_memory_mb)
-    return analyse_records(source.records, config)
+    analysis = analyse_records(source.records, config)
+    _note_set_aside(analysis.cells)
+    return analysis
+
+
+def _note_set_aside(cells: list[Any]) -> None:
+    """Say on stderr which runs the cells left out (another setup than their latest)."""
+    from peftbench.analysis.records import set_aside_note
+
+    if note := set_aside_note(cells):
+        notes_console.print(f"[bold yellow]note:[/] {escape(note)}", highlight=False)
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -145,9 +156,11 @@ def report(
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write the report ({exc.strerror or exc}); "
                          "give a path in a writable folder") from None
+    aside = sum(len(c.set_aside) for c in analysis.cells)
     console.print(f"report: {escape(str(html_path))} and {escape(str(md_path))} "
                   f"({len(analysis.cells)} cells from {len(source.records)} runs, "
-                  f"{len(analysis.failed)} failed or diverged)", highlight=False)
+                  f"{len(analysis.failed)} failed or diverged"
+                  f"{f', {aside} set aside' if aside else ''})", highlight=False)
 
 
 # -- recommend -------------------------------------------------------------------------------
@@ -182,6 +195,7 @@ def recommend(
     cells = build_cells(split_runs(source.records)[0])
     if not cells:
         raise UsageError(f"{source.label}: no completed run to recommend from.")
+    _note_set_aside(cells)
     result = apply(cells, task_type, train_size, config)
     if result.method is None:
         excluded = "; ".join(f"{m}: {r}" for m, r in result.decision.excluded)

@@ -150,14 +150,21 @@ def _cost_indices(summaries: list[MethodSummary]) -> None:
         s.cost_index = math.exp(statistics.fmean(logs)) if logs else 1.0
 
 
+def _worst(s: MethodSummary, name: str) -> tuple[float, Cell] | None:
+    """The method's largest ``name`` cost over its cells (a cap holds for every model and
+    task it was measured on, not for their mean), with the cell."""
+    measured = [(c.stats[name].mean, c) for c in s.cells if c.stats[name].mean is not None]
+    return max(measured, key=lambda item: item[0]) if measured else None  # type: ignore
+
+
 def _cap_reason(s: MethodSummary, config: DecisionConfig) -> str | None:
-    trainable, memory = s.value("trainable"), s.value("memory_mb")
-    if config.max_trainable_params is not None and trainable is not None \
-            and trainable > config.max_trainable_params:
-        return f"{trainable:,.0f} trainable parameters > cap {config.max_trainable_params:,.0f}"
-    if config.max_memory_mb is not None and memory is not None \
-            and memory > config.max_memory_mb:
-        return f"peak memory {memory:,.0f} MB > cap {config.max_memory_mb:,.0f} MB"
+    for name, cap, what in (("trainable", config.max_trainable_params, "trainable parameters"),
+                            ("memory_mb", config.max_memory_mb, "MB peak memory")):
+        worst = _worst(s, name) if cap is not None else None
+        if worst is not None and worst[0] > cap:  # type: ignore[operator]
+            cell = worst[1]
+            return (f"{worst[0]:,.0f} {what} on {cell.key.model} / {cell.key.task} "
+                    f"> cap {cap:,.0f}")
     return None
 
 

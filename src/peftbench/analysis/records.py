@@ -174,6 +174,10 @@ class Cell:
     resolved_args: dict[str, Any] = field(default_factory=dict)
     configs_tried: int = 1
     stats: dict[str, Stat] = field(default_factory=dict)
+    # runs of this cell left out: another setup than its latest runs', or an older run of
+    # a seed run again; with why (the settings that differ)
+    set_aside: list[Record] = field(default_factory=list)
+    set_aside_why: str = ""
 
     @property
     def score(self) -> Stat:
@@ -189,6 +193,45 @@ def config_key(record: Record) -> str:
     method arguments."""
     return json.dumps({"lr": learning_rate(record), "args": config(record).get("method_args")},
                       sort_keys=True, default=str)
+
+
+# what may differ between the runs of one configuration: the seed, and where or how it ran
+_NOT_SETUP = frozenset({"seed", "data_dir", "device", "compile", "model", "task", "lr",
+                        "method_args"})
+
+
+def setup(record: Record) -> dict[str, Any]:
+    """What must be equal for runs to be seeds of one configuration: the training settings,
+    the data and a pretrained model's weights (fingerprints: a task or model path may be
+    spelled otherwise; a randomly initialised model's weights differ by seed)."""
+    fields = {k: v for k, v in config(record).items() if k not in _NOT_SETUP}
+    provenance = record.get("provenance") or {}
+    fields["data"] = provenance.get("data_fingerprint")
+    if (record.get("model") or {}).get("pretrained"):  # random weights differ by seed
+        fields["weights"] = provenance.get("model_fingerprint")
+    return fields
+
+
+def _finished(record: Record) -> str:
+    return str(record["run"].get("finished_at") or record["run"].get("started_at") or "")
+
+
+def one_setup(runs: list[Record]) -> tuple[list[Record], list[Record], str]:
+    """``(kept, set aside, why)``: the runs of the setup run last, one per seed (the latest),
+    and the rest; ``why`` names the settings in which the set-aside runs differ."""
+    newest = max(runs, key=_finished)
+    chosen = setup(newest)
+    latest: dict[int, Record] = {}
+    for record in sorted(runs, key=_finished):
+        if setup(record) == chosen:
+            latest[seed(record)] = record
+    kept = list(latest.values())
+    aside = [r for r in runs if all(r is not k for k in kept)]
+    differ = sorted({key for r in aside for key, value in setup(r).items()
+                     if chosen.get(key) != value})
+    why = ", ".join(f"{key} {chosen.get(key)!r} kept" if key not in ("data", "weights")
+                    else f"other {key}" for key in differ) or "an older run of the same seed"
+    return kept, aside, why
 
 
 STAT_GETTERS: dict[str, Callable[[Record], float | None]] = {
@@ -221,9 +264,25 @@ def selected_runs(configs: dict[str, list[Record]]) -> tuple[list[Record], dict[
     return runs, {name: Stat.of(get(r) for r in runs) for name, get in STAT_GETTERS.items()}
 
 
+def _one_setup_each(configs: dict[str, list[Record]]
+                    ) -> tuple[dict[str, list[Record]], list[Record], list[str]]:
+    """Every configuration reduced to :func:`one_setup`; the runs set aside and why."""
+    kept, aside, whys = {}, [], []
+    for name, runs in configs.items():
+        kept[name], left, why = one_setup(runs)
+        if left:
+            aside += left
+            whys.append(why)
+    return kept, aside, whys
+
+
 def build_cells(records: Iterable[Record]) -> list[Cell]:
     """Usable runs grouped into cells, each with its selected configuration and stats.
 
+    The runs of one configuration are its seeds only when they ran the same setup
+    (:func:`setup`): a database holding two suites with other budgets, or a task run again
+    on edited data, keeps each configuration's latest setup and sets the others aside
+    (``Cell.set_aside``, said by every command), never averaging them together.
     Runs without a train size are skipped. Cells are sorted by model, task, size, method
     (full fine-tuning first).
     """
@@ -235,14 +294,30 @@ def build_cells(records: Iterable[Record]) -> list[Cell]:
         key = CellKey(model_name(record), task_name(record), method(record), size)
         groups[key][config_key(record)].append(record)
     cells = []
-    for key, configs in groups.items():
+    for key, mixed in groups.items():
+        configs, aside, whys = _one_setup_each(mixed)
         runs, stats = selected_runs(configs)
         cells.append(Cell(key=key, task_type=task_type(runs[0]), metric=metric(runs[0]),
                           runs=runs, lr=learning_rate(runs[0]), method_args=method_args(runs[0]),
                           resolved_args=resolved_args(runs[0]), configs_tried=len(configs),
-                          stats=stats))
+                          stats=stats, set_aside=aside, set_aside_why="; ".join(
+                              dict.fromkeys(whys))))
     return sorted(cells, key=lambda c: (c.key.model, c.key.task, c.key.train_size,
                                         method_order(c.key.method)))
+
+
+def set_aside_note(cells: Iterable[Cell]) -> str | None:
+    """One sentence on the runs :func:`build_cells` set aside, or None."""
+    cells = [c for c in cells if c.set_aside]
+    if not cells:
+        return None
+    count = sum(len(c.set_aside) for c in cells)
+    listed = "; ".join(f"{c.key.task} / {c.key.model} / {c.key.method} / n={c.key.train_size} "
+                       f"({c.set_aside_why})" for c in cells[:3])
+    more = f"; and {len(cells) - 3} more cells" if len(cells) > 3 else ""
+    return (f"{count} run{'s' if count != 1 else ''} set aside, of another setup than the "
+            f"latest runs of their cell: {listed}{more}. Select the runs to compare with "
+            "--suite, or keep such runs in separate databases.")
 
 
 def method_order(name: str) -> tuple[int, str]:

@@ -14,9 +14,11 @@ from peftbench.analysis.overview import Analysis
 def report_meta(analysis: Analysis, source: str, command: str) -> dict[str, Any]:
     """Header facts and summary cards."""
     from peftbench import __version__
+    from peftbench.analysis.records import set_aside_note
     from peftbench.report.tables import claim_summary
 
     cells = analysis.cells
+    aside = [r for c in cells for r in c.set_aside]
     cards = [("completed runs", str(len(analysis.records) - len(analysis.failed))),
              ("failed / diverged", str(len(analysis.failed))),
              ("tasks", str(len({c.key.task for c in cells}))),
@@ -29,8 +31,10 @@ def report_meta(analysis: Analysis, source: str, command: str) -> dict[str, Any]
              ("models", ", ".join(sorted({c.key.model for c in cells})) or "-")]
     return {"source": source, "command": command, "version": __version__,
             "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "runs": len(analysis.records), "usable": len(analysis.records) - len(analysis.failed),
-            "failed": len(analysis.failed), "cards": cards,
+            "runs": len(analysis.records),
+            "usable": len(analysis.records) - len(analysis.failed) - len(aside),
+            "failed": len(analysis.failed), "set_aside": len(aside),
+            "set_aside_note": set_aside_note(analysis.cells) or "", "cards": cards,
             "claim_lines": claim_summary(analysis), "subtitle": source}
 
 

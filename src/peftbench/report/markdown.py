@@ -56,7 +56,9 @@ def render_markdown(tables: dict[str, Table], figures: list[Figure], meta: dict[
         "# peftbench report", "",
         text(meta["source"]), "",
         text(f"Generated {meta['generated']} by peftbench {meta['version']}; {meta['runs']} "
-             f"runs ({meta['usable']} used, {meta['failed']} failed or diverged)."), "",
+             f"runs ({meta['usable']} used, {meta['failed']} failed or diverged"
+             + (f", {meta['set_aside']} set aside" if meta["set_aside"] else "") + ")."), "",
+        *([text(meta["set_aside_note"]), ""] if meta["set_aside_note"] else []),
         "## Summary", "",
         *[f"- {text(label)}: {text(value)}" for label, value in meta["cards"]],
         *[f"- {text(line)}" for line in meta["claim_lines"]], "",
