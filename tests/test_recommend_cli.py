@@ -257,3 +257,16 @@ def test_runs_of_another_setup_are_named_on_stderr_and_in_the_report(capsys, mon
                        str(tmp_path / "r.html"))
     assert code == 0 and "2 set aside)" in out
     assert "2 set aside)" in (tmp_path / "r.md").read_text()
+
+
+def test_a_suite_not_run_to_its_end_says_how_many_runs_are_missing(capsys, monkeypatch,
+                                                                   tmp_path):
+    path = tmp_path / "partial.sqlite"
+    done = make_record(method="lora", seed=0)
+    with ResultStore(path) as store:
+        store.add_to_suite("grid", [done["run"]["hash"], "f" * 16, "e" * 16])
+        store.save(done, suite="grid")
+    code, out, _ = cli(capsys, monkeypatch, "analyze", "--db", str(path), "--suite", "grid")
+    assert code == 0
+    assert "suite grid (2 of its planned runs have no result yet: `peftbench run` the suite " \
+        "again to finish it)" in " ".join(out.split())

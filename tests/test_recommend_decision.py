@@ -151,3 +151,16 @@ def test_recommend_errors_name_the_problem():
         recommend(cells, "generation", 100, DecisionConfig())
     with pytest.raises(UsageError, match="--task-type"):
         recommend(cells, "regression", 100, DecisionConfig())
+
+
+def test_a_recommendation_from_untrained_scores_says_so():
+    """Best validation at step 0 in every run: the base model's score, not the method's."""
+    flat = [make_record(method=m, scores=[60.0, 55.0, 50.0], test=59.0, trainable=n)
+            for m, n in (("full", 134_000_000), ("ia3", 1_000))]
+    d = decide(build_cells(flat), "classification", "low", DecisionConfig())
+    assert d.recommended.method == "ia3"
+    assert "its best validation score was the untrained model's (step 0)" in d.why
+    trained = [make_record(method=m, trainable=n) for m, n in (("full", 134_000_000),
+                                                               ("ia3", 1_000))]
+    assert "untrained" not in decide(build_cells(trained), "classification", "low",
+                                     DecisionConfig()).why

@@ -185,3 +185,28 @@ def test_markdown_links_survive_spaces_and_brackets_in_the_file_name(tmp_path):
                            tmp_path / "my report (v1).html", "edge")
     links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", md.read_text())
     assert links and all((md.parent / unquote(link)).is_file() for link in links)
+
+
+def test_a_ratio_against_a_full_run_that_never_converged_is_not_printed_as_0x():
+    from peftbench.analysis.records import Stat
+    from peftbench.report.tables import _median, ratio
+
+    assert ratio(Stat.of([0.0])) == "0 (full never)" == _median(0.0)
+    assert ratio(Stat.of([0.5, 1.5])) == "1.00x ± 0.71" and _median(float("inf")) == "never"
+
+
+def test_failures_are_told_apart_by_configuration():
+    """Failures of lr 1.0 were noted on the lr 0.01 row that completed every seed."""
+    from peftbench.report.tables import benchmark, failed
+
+    good = [make_record(method="lora", lr=0.01, seed=s) for s in (0, 1)]
+    bad = [make_record(method="lora", lr=1.0, seed=s, status="diverged",
+                       method_args={"r": 4}) for s in (0, 1)]
+    analysis = analyse_records(good + bad)
+    [row] = benchmark(analysis).rows
+    assert row[5] == "0.01"
+    assert row[-1] == "2 failed/diverged in other configurations"
+    assert [r[4] for r in failed(analysis).rows] == ["1 · r=4", "1 · r=4"]
+    again = analyse_records([*good, make_record(method="lora", lr=0.01, seed=2,
+                                                status="failed")])
+    assert benchmark(again).rows[0][-1] == "1 failed/diverged"

@@ -104,7 +104,12 @@ def _from_database(db: Path, suite: str | None) -> Source:
             known = ", ".join(store.suites()) or "none yet"
             raise UsageError(f"--suite {suite!r}: no such suite in {db} (suites: {known}).")
         records = store.records(suite)
+        missing = len(store.planned(suite) - {r["run"]["hash"] for r in records}) \
+            if suite is not None else 0
     label = f"Results database {db}" + (f", suite {suite}" if suite else "")
+    if missing:  # a sweep interrupted, or not run to its end yet
+        label += (f" ({missing} of its planned runs have no result yet: `peftbench run` "
+                  "the suite again to finish it)")
     return Source(records, label, "database", {"suite": suite})
 
 

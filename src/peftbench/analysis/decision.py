@@ -242,7 +242,17 @@ def explain(decision: Decision) -> str:
             _times(rec.value("memory_mb"), other.value("memory_mb"), "peak memory")) if d]
         parts.append(f"vs {other.method} ({points(other.gap.mean)})"
                      + (": " + ", ".join(diffs) if diffs else ""))
+    if untrained_best(rec.cells):
+        parts.append("but in every run its best validation score was the untrained model's "
+                     "(step 0): training did not improve on the base model here, so the "
+                     "scores compare starting points, not methods")
     return "; ".join(parts) + "."
+
+
+def untrained_best(cells: list[Cell]) -> bool:
+    """Every run of ``cells`` had its best validation score at step 0."""
+    steps = [(r.get("scores") or {}).get("best_step") for c in cells for r in c.runs]
+    return bool(steps) and all(step == 0 for step in steps)
 
 
 def buckets(cells: list[Cell], scales: Scales) -> dict[tuple[str, str], list[Cell]]:

@@ -6,6 +6,7 @@ A table is a title, a header row, rows of cells and notes. A cell is a string, o
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,8 @@ def count(value: float | None) -> str:
 def ratio(s: Stat, never: int = 0) -> str:
     if s.mean is None:
         return "never" if never else "-"
+    if s.mean == 0:  # every seed: PEFT got there, full fine-tuning never did
+        return "0 (full never)" + (f" (+{never} never)" if never else "")
     text = f"{s.mean:.2f}x"
     if s.std is not None:
         text += f" ± {s.std:.2f}"
@@ -79,8 +82,11 @@ def _case(analysis: Analysis, model: str, task: str) -> str:
 
 # -- tables ----------------------------------------------------------------------------------
 def benchmark(analysis: Analysis) -> Table:
+    # failed runs per cell, and per cell and configuration (lr, arguments)
     bad = Counter((rec.model_name(r), rec.task_name(r), rec.method(r), rec.train_size(r))
                   for r in analysis.failed)
+    bad_here = Counter((rec.model_name(r), rec.task_name(r), rec.method(r), rec.train_size(r),
+                        _configured(r)) for r in analysis.failed)
     best: dict[tuple[str, str, int], float] = {}
     for c in analysis.cells:
         k = (c.key.model, c.key.task, c.key.train_size)
@@ -100,7 +106,9 @@ def benchmark(analysis: Analysis) -> Table:
             lr += " · " + " ".join(f"{k}={compact(v)}" for k, v in c.method_args.items())
         if c.configs_tried > 1:
             lr += f" (best of {c.configs_tried})"
-        n_bad = bad.get((c.key.model, c.key.task, c.key.method, c.key.train_size), 0)
+        cell_key = (c.key.model, c.key.task, c.key.method, c.key.train_size)
+        n_bad = (bad_here.get((*cell_key, _configured(c.runs[0])), 0),
+                 bad.get(cell_key, 0))
         rows.append([_case(analysis, c.key.model, c.key.task), f"{c.key.train_size:,}",
                      c.key.method, c.metric or "-", score, lr, count(s["trainable"].mean),
                      num(s["trainable_pct"].mean, 3), num(s["train_seconds"].mean),
@@ -124,9 +132,19 @@ def benchmark(analysis: Analysis) -> Table:
         group=2)
 
 
-def _cell_notes(cell: Cell, failed: int, mixed_precision: bool) -> str:
-    """The notes column: failed runs and, when the table mixes precisions, the cell's."""
-    notes = [f"{failed} failed/diverged"] if failed else []
+def _configured(record: rec.Record) -> str:
+    """A run's configuration as the suite set it (a failed run may lack the resolved lr)."""
+    return json.dumps([rec.config(record).get("lr"), rec.method_args(record)],
+                      sort_keys=True, default=str)
+
+
+def _cell_notes(cell: Cell, failed: tuple[int, int], mixed_precision: bool) -> str:
+    """The notes column: failed runs (of the configuration shown, of the cell's others)
+    and, when the table mixes precisions, the cell's."""
+    here, others = failed[0], failed[1] - failed[0]
+    notes = [f"{here} failed/diverged"] if here else []
+    if others:
+        notes.append(f"{others} failed/diverged in other configurations")
     if mixed_precision:
         notes.append("/".join(sorted({rec.precision(r) or "unknown" for r in cell.runs})))
     return "; ".join(notes)
@@ -170,7 +188,8 @@ def convergence(analysis: Analysis) -> Table:
         "best from the start, 0 = never improved). AUC score: the time-averaged validation "
         "score (metric units). final-best gap: best - final validation score.",
         f"ratios vs full: PEFT / full per seed, samples (or seconds) to {pct(CONVERGED)} of "
-        "each run's own best, mean ± seed std (> 1: PEFT slower; undetermined: both still "
+        "each run's own best, mean ± seed std (> 1: PEFT slower; 0: full fine-tuning never "
+        "got there; undetermined: seeds where neither got there, or both were still "
         "improving at the end). score ratio: mean test score PEFT / full."], group=2)
 
 
@@ -208,7 +227,11 @@ def claim(analysis: Analysis) -> Table:
 
 
 def _median(value: float | None) -> str:
-    return "-" if value is None else "never" if value == float("inf") else f"{value:.2f}x"
+    if value is None:
+        return "-"
+    if value == 0:  # PEFT got there, full fine-tuning never did
+        return "0 (full never)"
+    return "never" if value == float("inf") else f"{value:.2f}x"
 
 
 def claim_summary(analysis: Analysis) -> list[str]:
@@ -354,11 +377,14 @@ def failed(analysis: Analysis) -> Table:
     for r in analysis.failed:
         error = (r.get("error") or "").strip().splitlines()
         lr = rec.learning_rate(r)
-        rows.append([rec.task_name(r), rec.method(r), f"{rec.train_size(r) or '-'}",
-                     str(rec.seed(r)), "-" if lr is None else f"{lr:g}",
+        args = " ".join(f"{k}={compact(v)}" for k, v in rec.method_args(r).items())
+        rows.append([_case(analysis, rec.model_name(r), rec.task_name(r)), rec.method(r),
+                     f"{rec.train_size(r) or '-'}", str(rec.seed(r)),
+                     ("-" if lr is None else f"{lr:g}") + (f" · {args}" if args else ""),
                      str(r.get("status")), error[-1] if error else "-", rec.run_hash(r)])
     return Table("failed", "Failed and diverged runs", [
-        "task", "method", "train size", "seed", "lr", "status", "error", "run"], rows,
+        "task", "method", "train size", "seed", "lr · arguments", "status", "error", "run"],
+        rows,
         ["Listed here, never averaged into scores."])
 
 

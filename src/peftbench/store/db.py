@@ -347,6 +347,11 @@ class ResultStore:
         rows = self._rows("SELECT * FROM runs WHERE run_hash = ?", (run_hash,))
         return self._record(rows[0]) if rows else None
 
+    def planned(self, suite: str) -> set[str]:
+        """The run hashes ``suite`` planned (every `peftbench run` of it adds its grid)."""
+        return {r[0] for r in self._rows("SELECT run_hash FROM suite_runs WHERE suite = ?",
+                                         (suite,))}
+
     def suites(self) -> list[str]:
         rows = self._rows("SELECT DISTINCT suite FROM suite_runs UNION "
                           "SELECT DISTINCT suite FROM runs WHERE suite IS NOT NULL")
