@@ -83,9 +83,10 @@ def test_runs_of_another_setup_are_set_aside_not_averaged():
     assert cell.seeds == [0, 1] and cell.score.mean == 50.0 and cell.score.n == 2
     assert len(cell.set_aside) == 3 and cell.set_aside_why == "max_steps 4 kept"
     note = set_aside_note([cell])
-    assert note.startswith("3 runs set aside, of another setup than the latest runs of their "
-                           "cell: rotten_tomatoes / smollm2-135m / full / n=100 (max_steps 4 "
-                           "kept). Select the runs to compare with --suite")
+    assert note.startswith("3 runs set aside: another setup than the latest runs of their "
+                           "cell, or an older run of a seed run again: rotten_tomatoes / "
+                           "smollm2-135m / full / n=100 (max_steps 4 kept). Compare one "
+                           "suite's runs with --suite")
     edited = make_record(method="full", seed=2, test=10.0)
     edited["provenance"]["data_fingerprint"] = "0" * 64
     [cell] = build_cells([*newer, _ran(edited, "2026-05-03T10:00:00", max_steps=4)])
@@ -99,4 +100,39 @@ def test_a_seed_run_again_counts_once():
             for t, when in ((60.0, "2026-05-01T10:00:00"), (70.0, "2026-05-02T10:00:00"))]
     [cell] = build_cells(runs)
     assert cell.score.n == 1 and cell.score.mean == 70.0
-    assert cell.set_aside_why == "an older run of the same seed"
+    assert cell.set_aside_why == "an older run of a seed run again"
+
+
+def test_one_setup_per_cell_across_learning_rates_and_in_any_order():
+    """Each configuration kept its own latest setup: lr 1e-3 at 1 step was compared with
+    lr 3e-3 at 3 steps ('best of 2'). Ties in time went by list order."""
+    old = [_ran(make_record(lr=1e-3, seed=s, test=90.0), "2026-05-01T10:00:00", max_steps=1)
+           for s in (0, 1)]
+    new = [_ran(make_record(lr=3e-3, seed=s, test=50.0), "2026-05-02T10:00:00", max_steps=3)
+           for s in (0, 1)]
+    [cell] = build_cells(old + new)
+    assert cell.configs_tried == 1 and cell.lr == 3e-3 and len(cell.set_aside) == 2
+    tied = [_ran(make_record(seed=s), "2026-05-01T10:00:00", max_steps=5) for s in (0, 1)]
+    lone = [_ran(make_record(seed=0), "2026-05-01T10:00:00", max_steps=1)]
+    for order in (tied + lone, lone + tied):
+        [cell] = build_cells(order)
+        assert cell.seeds == [0, 1] and cell.set_aside_why == "max_steps 5 kept"
+
+
+def test_a_setting_an_older_record_lacks_counts_as_its_default():
+    plain = make_record(seed=0)
+    older = make_record(seed=1)
+    del older["run"]["config"]["warmup_ratio"]  # written before the setting existed
+    [cell] = build_cells([plain, older])
+    assert cell.seeds == [0, 1] and not cell.set_aside
+
+
+def test_the_selective_study_leaves_set_aside_runs_out():
+    runs = [_ran(make_record(method=m, seed=s, test=t), when, max_steps=steps)
+            for m in ("full", "partial") for s in (0, 1)
+            for t, when, steps in ((50.0, "2026-05-01T10:00:00", 1),
+                                   (90.0, "2026-05-02T10:00:00", 100))]
+    analysis = analyse_records(runs)
+    assert {c.key.method: (c.score.n, len(c.set_aside)) for c in analysis.cells} == {
+        "full": (2, 2), "partial": (2, 2)}
+    assert analysis.selective and all(v.stats["score"].n == 2 for v in analysis.selective)

@@ -214,8 +214,9 @@ def test_caps_must_be_positive_numbers(capsys, monkeypatch, db, cap):
 def test_a_parameter_cap_may_be_written_as_recommend_prints_counts(capsys, monkeypatch, db):
     from peftbench.cli_analysis import parse_count
 
-    assert [parse_count(t, "--x") for t in ("500000", "1.5M", "16.4K", "2e6", " 3 k")] == [
-        500000, 1.5e6, pytest.approx(16400), 2e6, 3000]
+    assert [parse_count(t, "--x") for t in ("500000", "1.5M", "16.4K", "2e6", " 3 k",
+                                            "16,384")] == [
+        500000, 1.5e6, pytest.approx(16400), 2e6, 3000, 16384]
     base = ["recommend", "--task-type", "classification", "--train-size", "100", "--db",
             str(db)]
     assert cli(capsys, monkeypatch, *base, "--max-trainable-params", "1.5M")[0] == 0
@@ -250,9 +251,9 @@ def test_runs_of_another_setup_are_named_on_stderr_and_in_the_report(capsys, mon
                 store.save(record, suite=f"s{steps}")
     code, out, err = cli(capsys, monkeypatch, "analyze", "--db", str(path), "--json")
     assert code == 0 and json.loads(out)["tables"]
-    assert err.startswith("note: 2 runs set aside, of another setup than the latest runs of "
-                          "their cell: rotten_tomatoes / smollm2-135m / lora / n=100 "
-                          "(max_steps 4 kept)")
+    assert err.startswith("note: 2 runs set aside: another setup than the latest runs of "
+                          "their cell, or an older run of a seed run again: rotten_tomatoes / "
+                          "smollm2-135m / lora / n=100 (max_steps 4 kept)")
     code, out, _ = cli(capsys, monkeypatch, "report", "--db", str(path), "--out",
                        str(tmp_path / "r.html"))
     assert code == 0 and "2 set aside)" in out
@@ -270,3 +271,7 @@ def test_a_suite_not_run_to_its_end_says_how_many_runs_are_missing(capsys, monke
     assert code == 0
     assert "suite grid (2 of its planned runs have no result yet: `peftbench run` the suite " \
         "again to finish it)" in " ".join(out.split())
+    with ResultStore(path) as store:  # the suite file edited: its grid is the stored run
+        store.add_to_suite("grid", [done["run"]["hash"]])
+    code, out, _ = cli(capsys, monkeypatch, "analyze", "--db", str(path), "--suite", "grid")
+    assert code == 0 and "planned runs" not in out

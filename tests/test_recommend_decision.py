@@ -66,6 +66,8 @@ def test_caps_on_trainable_parameters_and_memory():
     assert {m for m, _ in d.excluded} == {"full", "lora"}
     d = decide(cells, "classification", "low", DecisionConfig(max_memory_mb=1400))
     assert [s.method for s in d.ranking] == ["ia3"]
+    assert dict(d.excluded)["lora"].endswith("MB peak memory on smollm2-135m / "
+                                             "rotten_tomatoes > cap 1,400 MB")
     d = decide(cells, "classification", "low", DecisionConfig(max_trainable_params=10))
     assert d.recommended is None and "no measured method fits the caps" in d.why
 

@@ -168,3 +168,5 @@ def test_a_dry_run_creates_nothing(tmp_path, monkeypatch, capsys):
     code, out = cli(capsys, monkeypatch, "run", "smoke", "--dry-run", "--db", "empty.sqlite")
     assert code == 0 and (tmp_path / "empty.sqlite").stat().st_size == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]
+    code, out = cli(capsys, monkeypatch, "run", "smoke", "--dry-run", "--db", str(tmp_path))
+    assert code == 2 and "is a folder; give the results database file" in " ".join(out.split())

@@ -339,6 +339,9 @@ def test_a_task_named_without_its_suffix_or_by_its_folder_says_which_file(tmp_pa
     with pytest.raises(UsageError, match=r"It is a folder \(it holds num\.yaml\): give the "
                                          r"path of the task YAML itself\.$"):
         load_task(str(tmp_path))
+    for folder in (".", "/"):  # no name to add a suffix to (it crashed)
+        with pytest.raises(UsageError, match=rf"unknown task '{folder}'\. It is a folder"):
+            load_task(folder)
 
 
 def test_hub_rows_are_converted_like_the_release_files(monkeypatch):

@@ -220,7 +220,7 @@ def parse_count(text: str | None, option: str) -> float | None:
     """A count as typed or as peftbench prints it: ``500000``, ``1.5M``, ``16.4K``, ``2e6``."""
     if text is None:
         return None
-    match = re.fullmatch(r"\s*([^\skKmMgGbB]+)\s*([kKmMgGbB]?)\s*", text)
+    match = re.fullmatch(r"\s*([^\skKmMgGbB]+)\s*([kKmMgGbB]?)\s*", text.replace(",", ""))
     try:
         return float(match.group(1)) * _SUFFIXES[match.group(2).lower()]  # type: ignore[union-attr]
     except (AttributeError, ValueError):

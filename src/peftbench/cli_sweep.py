@@ -99,7 +99,7 @@ def run(
     if dry_run:
         check(runs)
         statuses: dict[str, str] = {}
-        if db.is_file() and db.stat().st_size:  # a dry run creates and changes nothing
+        if db.is_dir() or (db.is_file() and db.stat().st_size):  # creates, changes nothing
             with ResultStore(db, must_exist=True) as store:
                 statuses = store.statuses(run.run_hash for run in runs)
         _print_plan(statuses, runs)

@@ -158,13 +158,14 @@ def _worst(s: MethodSummary, name: str) -> tuple[float, Cell] | None:
 
 
 def _cap_reason(s: MethodSummary, config: DecisionConfig) -> str | None:
-    for name, cap, what in (("trainable", config.max_trainable_params, "trainable parameters"),
-                            ("memory_mb", config.max_memory_mb, "MB peak memory")):
+    for name, cap, what, unit in (
+            ("trainable", config.max_trainable_params, "trainable parameters", ""),
+            ("memory_mb", config.max_memory_mb, "MB peak memory", " MB")):
         worst = _worst(s, name) if cap is not None else None
         if worst is not None and worst[0] > cap:  # type: ignore[operator]
             cell = worst[1]
             return (f"{worst[0]:,.0f} {what} on {cell.key.model} / {cell.key.task} "
-                    f"> cap {cap:,.0f}")
+                    f"> cap {cap:,.0f}{unit}")
     return None
 
 

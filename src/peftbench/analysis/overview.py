@@ -59,7 +59,8 @@ def analyse_records(records: Iterable[Record], config: DecisionConfig | None = N
     convergence, versus = analyse(cells, thresholds, threshold)
     claims = check_claim(cells, versus, config.scales.of)
     reqs = requirements(cells, versus)
-    study = variants(ok)
+    aside = {id(r) for c in cells for r in c.set_aside}  # never averaged in, here either
+    study = variants([r for r in ok if id(r) not in aside])
     return Analysis(records, failed, cells, convergence, versus, claims, reqs,
                     by_task_type(reqs), decision_table(cells, config), config, study,
                     findings(study))

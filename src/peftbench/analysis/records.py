@@ -9,6 +9,7 @@ kept apart (:func:`split_runs`) and never averaged into scores.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -201,10 +202,12 @@ _NOT_SETUP = frozenset({"seed", "data_dir", "device", "compile", "model", "task"
 
 
 def setup(record: Record) -> dict[str, Any]:
-    """What must be equal for runs to be seeds of one configuration: the training settings,
-    the data and a pretrained model's weights (fingerprints: a task or model path may be
-    spelled otherwise; a randomly initialised model's weights differ by seed)."""
-    fields = {k: v for k, v in config(record).items() if k not in _NOT_SETUP}
+    """What must be equal for runs to be seeds of one cell: the training settings (a
+    setting an older record lacks counts as its default), the data and a pretrained
+    model's weights (fingerprints: a task or model path may be spelled otherwise; a
+    randomly initialised model's weights differ by seed)."""
+    fields = {**_setting_defaults(), **config(record)}
+    fields = {k: v for k, v in fields.items() if k not in _NOT_SETUP}
     provenance = record.get("provenance") or {}
     fields["data"] = provenance.get("data_fingerprint")
     if (record.get("model") or {}).get("pretrained"):  # random weights differ by seed
@@ -212,25 +215,37 @@ def setup(record: Record) -> dict[str, Any]:
     return fields
 
 
+@functools.cache
+def _setting_defaults() -> dict[str, Any]:
+    from peftbench.config import RunSpec
+
+    return {name: info.get_default(call_default_factory=True)
+            for name, info in RunSpec.model_fields.items() if not info.is_required()}
+
+
 def _finished(record: Record) -> str:
     return str(record["run"].get("finished_at") or record["run"].get("started_at") or "")
 
 
 def one_setup(runs: list[Record]) -> tuple[list[Record], list[Record], str]:
-    """``(kept, set aside, why)``: the runs of the setup run last, one per seed (the latest),
-    and the rest; ``why`` names the settings in which the set-aside runs differ."""
-    newest = max(runs, key=_finished)
-    chosen = setup(newest)
-    latest: dict[int, Record] = {}
-    for record in sorted(runs, key=_finished):
-        if setup(record) == chosen:
-            latest[seed(record)] = record
+    """``(kept, set aside, why)`` for the runs of one cell: those of the setup run last
+    (ties: the one with more seeds), one per configuration and seed (the latest), and the
+    rest; ``why`` names the settings in which the set-aside runs differ."""
+    groups: dict[str, list[Record]] = defaultdict(list)
+    for record in runs:
+        groups[json.dumps(setup(record), sort_keys=True, default=str)].append(record)
+    chosen_key = max(groups, key=lambda k: (max(_finished(r) for r in groups[k]),
+                                            len({seed(r) for r in groups[k]}), k))
+    latest: dict[tuple[str, int], Record] = {}
+    for record in sorted(groups[chosen_key], key=_finished):
+        latest[(config_key(record), seed(record))] = record
     kept = list(latest.values())
     aside = [r for r in runs if all(r is not k for k in kept)]
+    chosen = setup(kept[0])
     differ = sorted({key for r in aside for key, value in setup(r).items()
                      if chosen.get(key) != value})
     why = ", ".join(f"{key} {chosen.get(key)!r} kept" if key not in ("data", "weights")
-                    else f"other {key}" for key in differ) or "an older run of the same seed"
+                    else f"other {key}" for key in differ) or "an older run of a seed run again"
     return kept, aside, why
 
 
@@ -264,16 +279,7 @@ def selected_runs(configs: dict[str, list[Record]]) -> tuple[list[Record], dict[
     return runs, {name: Stat.of(get(r) for r in runs) for name, get in STAT_GETTERS.items()}
 
 
-def _one_setup_each(configs: dict[str, list[Record]]
-                    ) -> tuple[dict[str, list[Record]], list[Record], list[str]]:
-    """Every configuration reduced to :func:`one_setup`; the runs set aside and why."""
-    kept, aside, whys = {}, [], []
-    for name, runs in configs.items():
-        kept[name], left, why = one_setup(runs)
-        if left:
-            aside += left
-            whys.append(why)
-    return kept, aside, whys
+
 
 
 def build_cells(records: Iterable[Record]) -> list[Cell]:
@@ -286,22 +292,25 @@ def build_cells(records: Iterable[Record]) -> list[Cell]:
     Runs without a train size are skipped. Cells are sorted by model, task, size, method
     (full fine-tuning first).
     """
-    groups: dict[CellKey, dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[CellKey, list[Record]] = defaultdict(list)
     for record in records:
         size = train_size(record)
         if not is_ok(record) or size is None:
             continue
-        key = CellKey(model_name(record), task_name(record), method(record), size)
-        groups[key][config_key(record)].append(record)
+        groups[CellKey(model_name(record), task_name(record), method(record), size)].append(
+            record)
     cells = []
     for key, mixed in groups.items():
-        configs, aside, whys = _one_setup_each(mixed)
+        kept, aside, why = one_setup(mixed)
+        configs: dict[str, list[Record]] = defaultdict(list)
+        for record in kept:
+            configs[config_key(record)].append(record)
         runs, stats = selected_runs(configs)
         cells.append(Cell(key=key, task_type=task_type(runs[0]), metric=metric(runs[0]),
                           runs=runs, lr=learning_rate(runs[0]), method_args=method_args(runs[0]),
                           resolved_args=resolved_args(runs[0]), configs_tried=len(configs),
-                          stats=stats, set_aside=aside, set_aside_why="; ".join(
-                              dict.fromkeys(whys))))
+                          stats=stats, set_aside=aside,
+                          set_aside_why=why if aside else ""))
     return sorted(cells, key=lambda c: (c.key.model, c.key.task, c.key.train_size,
                                         method_order(c.key.method)))
 
@@ -315,9 +324,10 @@ def set_aside_note(cells: Iterable[Cell]) -> str | None:
     listed = "; ".join(f"{c.key.task} / {c.key.model} / {c.key.method} / n={c.key.train_size} "
                        f"({c.set_aside_why})" for c in cells[:3])
     more = f"; and {len(cells) - 3} more cells" if len(cells) > 3 else ""
-    return (f"{count} run{'s' if count != 1 else ''} set aside, of another setup than the "
-            f"latest runs of their cell: {listed}{more}. Select the runs to compare with "
-            "--suite, or keep such runs in separate databases.")
+    return (f"{count} run{'s' if count != 1 else ''} set aside: another setup than the latest "
+            f"runs of their cell, or an older run of a seed run again: {listed}{more}. "
+            "Compare one suite's runs with --suite, or keep other setups in separate "
+            "databases.")
 
 
 def method_order(name: str) -> tuple[int, str]:

@@ -283,10 +283,19 @@ class ResultStore:
                              (suite, run["hash"], suite))
 
     def add_to_suite(self, suite: str, run_hashes: Iterable[str]) -> None:
-        """Record that these runs (in this grid order) belong to ``suite``."""
+        """Record that these runs (in this grid order) belong to ``suite``. Runs an earlier
+        grid of the suite planned and never stored are no longer planned (the suite file
+        changed); stored runs of earlier grids stay in the suite."""
+        hashes = list(run_hashes)
         with self._transaction() as conn:
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS grid (run_hash TEXT PRIMARY KEY)")
+            conn.execute("DELETE FROM grid")
+            conn.executemany("INSERT OR IGNORE INTO grid VALUES (?)", [(h,) for h in hashes])
+            conn.execute("DELETE FROM suite_runs WHERE suite = ? AND run_hash NOT IN "
+                         "(SELECT run_hash FROM grid) AND run_hash NOT IN "
+                         "(SELECT run_hash FROM runs)", (suite,))
             conn.executemany("INSERT OR REPLACE INTO suite_runs VALUES (?, ?, ?)",
-                             [(suite, h, i) for i, h in enumerate(run_hashes)])
+                             [(suite, h, i) for i, h in enumerate(hashes)])
 
     # -- reading -----------------------------------------------------------------------
     def _rows(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:

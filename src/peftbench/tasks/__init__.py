@@ -65,7 +65,7 @@ def _task_file(name_or_path: str | Path) -> Path | None:
 
 def _file_hint(path: Path) -> str:
     """What the user probably meant by a task that names a folder or a YAML without suffix."""
-    for suffix in (".yaml", ".yml"):
+    for suffix in (".yaml", ".yml") if path.name else ():  # "." and "/" have no name
         if path.with_name(path.name + suffix).is_file():
             return f" Did you mean the task file {path}{suffix}?"
     if path.is_dir():
