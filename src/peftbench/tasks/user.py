@@ -69,6 +69,20 @@ def load_user_task(path: Path, data_dir: Path | None = None) -> TaskData:
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
+_parsed_tasks: dict[tuple[str, int, int], UserTask] = {}
+
+
+def _parsed(path: Path) -> UserTask:
+    """:func:`parse_task_file`, memoised per path, size and modification time (planning
+    asks for every run's identity). The path is not resolved: a linked task file reads the
+    data beside the link."""
+    stat = path.stat()
+    key = (str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+    if key not in _parsed_tasks:
+        _parsed_tasks[key] = parse_task_file(path)
+    return _parsed_tasks[key]
+
+
 def data_files_fingerprint(path: Path, data_dir: str | None) -> str | None:
     """sha256 over the contents of the data files a task YAML reads (found as a run would
     find them: beside the YAML, else in ``data_dir``), for the run identity: rewritten data
@@ -76,7 +90,7 @@ def data_files_fingerprint(path: Path, data_dir: str | None) -> str | None:
     YAML) or one whose files cannot be found yet (the run reports that when it starts).
     Each file's hash is memoised per resolved path, size and modification time."""
     try:
-        task = parse_task_file(path)
+        task = _parsed(path)
         if task.file.files is None:
             return None
         hashes = {}
