@@ -140,6 +140,15 @@ def test_a_data_dir_that_is_not_a_folder_is_a_usage_error(tmp_path, command):
     assert proc.returncode == 2 and "is a file, not a folder" in " ".join(proc.stderr.split())
 
 
+def test_a_data_dir_for_a_generated_task_is_noted_as_unused(tmp_path):
+    proc = peftbench("train", "--model", "tiny-random-llama", "--task", "toy_cls", "--method",
+                     "bitfit", "--max-steps", "1", "--max-eval-examples", "4", "--quiet",
+                     "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (f"note: --data-dir {tmp_path} is not used: task 'toy_cls' is "
+                           "generated and reads no files.\n")
+
+
 def test_parse_method_args_types():
     assert parse_method_args(["r=8", "alpha=16.5", "target_modules=[q_proj,v_proj]",
                               "init=random"]) == {

@@ -148,6 +148,7 @@ def train(
                          "(the steps to train, or the epochs over the training examples).")
     if data_dir is not None:
         require_input_folder(data_dir, "--data-dir", "the dataset's files")
+        _note_unread_data_dir(task, data_dir)
     out_dir = out or default_out_dir(spec)
     require_folder(Path(out_dir), "--out", "output folder")  # before training, not after
     if not overwrite:
@@ -159,6 +160,17 @@ def train(
     print_summary(console, record, out_dir)
     if record["status"] != "completed":
         raise typer.Exit(1)
+
+
+def _note_unread_data_dir(task: str, data_dir: Path) -> None:
+    """A note when ``--data-dir`` goes to a built-in task that reads no files."""
+    from peftbench.tasks.registry import BUILTINS
+
+    builtin = BUILTINS.get(task)
+    if builtin is not None and not builtin.reads_files:
+        err_console.print(f"[bold yellow]note:[/] --data-dir {escape(str(data_dir))} is not "
+                          f"used: task '{escape(task)}' is generated and reads no files.",
+                          highlight=False)
 
 
 @app.command()

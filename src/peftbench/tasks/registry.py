@@ -22,6 +22,7 @@ class BuiltinTask:
     spec: TaskSpec
     source: str
     load: Callable[[Path | None], TaskData]
+    reads_files: bool = True  # False: generated, a data folder is never looked at
 
 
 def _ignore_dir(load: Callable[[], TaskData]) -> Callable[[Path | None], TaskData]:
@@ -65,10 +66,12 @@ BUILTINS: dict[str, BuiltinTask] = {
             archive_sources.load_news_headlines,
         ),
         BuiltinTask(
-            toy.TOY_CLS, "generated (no files)", _ignore_dir(partial(toy.load_toy, "toy_cls"))
+            toy.TOY_CLS, "generated (no files)", _ignore_dir(partial(toy.load_toy, "toy_cls")),
+            reads_files=False,
         ),
         BuiltinTask(
-            toy.TOY_GEN, "generated (no files)", _ignore_dir(partial(toy.load_toy, "toy_gen"))
+            toy.TOY_GEN, "generated (no files)", _ignore_dir(partial(toy.load_toy, "toy_gen")),
+            reads_files=False,
         ),
     )
 }
