@@ -135,3 +135,13 @@ def test_claim_supported_not_supported_and_insufficient_data():
     assert verdicts[1000].verdict == "not supported" and verdicts[1000].scale == "medium"
     assert verdicts[5000].verdict == "insufficient data"
     assert "no full fine-tuning baseline" in verdicts[5000].reason
+
+
+def test_a_seed_where_full_fine_tuning_never_converged_is_counted_apart():
+    from peftbench.analysis.convergence import VersusFull
+
+    vs = VersusFull(peft=None, full=None, threshold=0.95, samples_ratios=[0.0, 2.0, math.inf],
+                    seconds_ratios=[0.0, 3.0, math.inf], paired=True, undetermined=0,
+                    score_ratio=None, score_diff=None)
+    assert (vs.samples_ratio.mean, vs.full_never, vs.never_ratios) == (2.0, 1, 1)
+    assert vs.seconds_ratio.mean == 3.0  # not (0 + 3) / 2

@@ -192,8 +192,10 @@ def test_a_ratio_against_a_full_run_that_never_converged_is_not_printed_as_0x():
     from peftbench.analysis.records import Stat
     from peftbench.report.tables import _median, ratio
 
-    assert ratio(Stat.of([0.0])) == "0 (full never)" == _median(0.0)
+    assert ratio(Stat.of([]), full_never=1) == "0 (full never)" == _median(0.0)
     assert ratio(Stat.of([0.5, 1.5])) == "1.00x ± 0.71" and _median(float("inf")) == "never"
+    assert ratio(Stat.of([2.0]), full_never=1) == "2.00x (+1 full never)"  # was 1.00x ± 1.41
+    assert ratio(Stat.of([]), never=1, full_never=1) == "(+1 never) (+1 full never)"
 
 
 def test_failures_are_told_apart_by_configuration():

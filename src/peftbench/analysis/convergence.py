@@ -177,11 +177,18 @@ class VersusFull:
 
     @property
     def samples_ratio(self) -> Stat:
-        return Stat.of(self.samples_ratios)
+        """Over the seeds where both converged (a 0, full never converged, and an ``inf``,
+        PEFT never did, are counted apart: :attr:`full_never`, :attr:`never_ratios`)."""
+        return Stat.of(r for r in self.samples_ratios if r != 0)
 
     @property
     def seconds_ratio(self) -> Stat:
-        return Stat.of(self.seconds_ratios)
+        return Stat.of(r for r in self.seconds_ratios if r != 0)
+
+    @property
+    def full_never(self) -> int:
+        """Seeds where PEFT converged while full fine-tuning never did."""
+        return sum(1 for r in self.samples_ratios if r == 0)
 
     @property
     def never_ratios(self) -> int:

@@ -57,15 +57,19 @@ def count(value: float | None) -> str:
     return f"{value:,.0f}"
 
 
-def ratio(s: Stat, never: int = 0) -> str:
+def ratio(s: Stat, never: int = 0, full_never: int = 0) -> str:
+    """A mean ratio over the seeds where both converged, with the seeds where PEFT
+    (``never``) or full fine-tuning (``full_never``) never did."""
+    extra = (f" (+{never} never)" if never else "") + (
+        f" (+{full_never} full never)" if full_never else "")
     if s.mean is None:
-        return "never" if never else "-"
-    if s.mean == 0:  # every seed: PEFT got there, full fine-tuning never did
-        return "0 (full never)" + (f" (+{never} never)" if never else "")
+        if never and not full_never:
+            return "never"
+        return "0 (full never)" if full_never and not never else (extra.strip() or "-")
     text = f"{s.mean:.2f}x"
     if s.std is not None:
         text += f" ± {s.std:.2f}"
-    return text + (f" (+{never} never)" if never else "")
+    return text + extra
 
 
 def pct(fraction: float) -> str:
@@ -165,8 +169,9 @@ def convergence(analysis: Analysis) -> Table:
             versus = ["no full baseline", "", ""]
         else:
             undetermined = f" ({vs.undetermined} undetermined)" if vs.undetermined else ""
-            versus = [ratio(vs.samples_ratio, vs.never_ratios) + undetermined,
-                      ratio(vs.seconds_ratio), num(vs.score_ratio, 2)]
+            versus = [ratio(vs.samples_ratio, vs.never_ratios, vs.full_never) + undetermined,
+                      ratio(vs.seconds_ratio, vs.never_ratios, vs.full_never),
+                      num(vs.score_ratio, 2)]
         rows.append([
             _case(analysis, c.key.model, c.key.task), f"{c.key.train_size:,}", c.key.method,
             reach, ratio_free(conv.seconds_to[CONVERGED], conv.never[CONVERGED], 1),
