@@ -193,9 +193,10 @@ def convergence(analysis: Analysis) -> Table:
         "best from the start, 0 = never improved). AUC score: the time-averaged validation "
         "score (metric units). final-best gap: best - final validation score.",
         f"ratios vs full: PEFT / full per seed, samples (or seconds) to {pct(CONVERGED)} of "
-        "each run's own best, mean ± seed std (> 1: PEFT slower; 0: full fine-tuning never "
-        "got there; undetermined: seeds where neither got there, or both were still "
-        "improving at the end). score ratio: mean test score PEFT / full."], group=2)
+        "each run's own best, mean ± seed std over the seeds where both got there (> 1: PEFT "
+        "slower; +N never / +N full never: seeds where PEFT / full fine-tuning never got "
+        "there; undetermined: seeds where neither got there, or both were still improving "
+        "at the end). score ratio: mean test score PEFT / full."], group=2)
 
 
 def reached(s: Stat, never: int) -> str:
