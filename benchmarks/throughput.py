@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="peftbench variant: torch.compile the training forward (`--compile` "
                         "of peftbench train); compilation happens in the warm-up steps")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where every variant trains and the matmul peak is measured")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per timed repetition")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
@@ -86,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also compare step 1's gradient (same weights and batch, dropout off) "
                         "of (c) with (a), and of (a') where peftbench computes in bf16")
     p.add_argument("--gradient-rtol", type=float, default=0.03)
-    p.add_argument("--peak-n", type=int, default=2048, help="matrix size of the peak matmuls")
+    p.add_argument("--peak-n", type=int, default=None,
+                   help="matrix size of the peak matmuls (default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--peak-reps", type=int, default=5)
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
     p.add_argument("--log-dir", default=None, help="keep each worker's output here")
@@ -107,7 +110,7 @@ def usable_cores() -> int:
 
 def worker_config(args: argparse.Namespace, method: str, variant: str) -> WorkerConfig:
     return WorkerConfig(
-        model=args.model, task=args.task, method=method, variant=variant,
+        model=args.model, task=args.task, method=method, variant=variant, device=args.device,
         data_dir=str(Path(args.data_dir).expanduser().resolve()) if args.data_dir else None,
         train_size=args.train_size, batch_size=args.batch_size,
         warmup=args.warmup, reps=args.reps, steps=args.steps, seed=args.seed,
@@ -192,6 +195,8 @@ def machine_info(threads: int) -> dict[str, Any]:
         "src_dirty": dirty,
         "mkldnn_bf16_supported": bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported",
                                               lambda: None)()),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
     }
 
 
@@ -263,21 +268,27 @@ def worker_main(config_path: str, out_path: str) -> None:
 # --------------------------------------------------------------------------- report
 
 
-def compute_precision(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, int]]]:
-    """peftbench's resolved precision (what its variant computes in, so what MFU is measured
-    against) and the size of each peak measurement. A bf16 peak on a CPU that only emulates
-    bf16 (about 1 GFLOP/s on an AVX2 CPU) is measured small: at 2048 it would take minutes."""
-    import torch
+def compute_precision(args: argparse.Namespace) -> tuple[str, dict[str, dict[str, Any]]]:
+    """peftbench's resolved precision on ``--device`` (what its variant computes in, so what
+    MFU is measured against) and the size of each peak measurement. A bf16 peak on a CPU
+    that only emulates bf16 (about 1 GFLOP/s on an AVX2 CPU) is measured small: at 2048 it
+    would take minutes. A GPU's peak needs larger matrices to fill it (8192)."""
 
     from peftbench.config import RunSpec
-    from peftbench.training.device import has_fast_bf16, resolve_precision
+    from peftbench.errors import UsageError
+    from peftbench.training.device import has_fast_bf16, resolve_device, resolve_precision
 
-    cpu = torch.device("cpu")
+    try:
+        device = resolve_device(args.device)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     precision = resolve_precision(args.precision or RunSpec.model_fields["precision"].default,
-                                  cpu)
-    full = {"n": args.peak_n, "reps": args.peak_reps}
-    small = {"n": min(args.peak_n, 256), "reps": 2, "inner": 2}
-    return precision, {"fp32": full, "bf16": full if has_fast_bf16(cpu) else small}
+                                  device)
+    n = args.peak_n or (8192 if device.type == "cuda" else 2048)
+    full = {"n": n, "reps": args.peak_reps, "device": device.type}
+    small = {"n": min(n, 256), "reps": 2, "inner": 2, "device": device.type}
+    return precision, {"fp32": full, "bf16": full if has_fast_bf16(device) else small}
 
 
 def summarise(method: str, runs: dict[str, dict[str, Any]], peak: float,
@@ -297,6 +308,7 @@ def summarise(method: str, runs: dict[str, dict[str, Any]], peak: float,
                             for v in runs},
         "rep_spread": {v: stats[v]["spread"] if v in stats else None for v in runs},
         "peak_rss_mb": {v: r.get("peak_rss_mb") for v, r in runs.items()},
+        "peak_device_mb": {v: r.get("peak_device_mb") for v, r in runs.items()},
         "train_peak_rss_mb": {v: r.get("train_peak_rss_mb") for v, r in runs.items()},
         "params": next((r["params"] for r in runs.values() if "params" in r), None),
         "lr": next((r["lr"] for r in runs.values() if "lr" in r), None),
@@ -337,6 +349,11 @@ def targets(methods: dict[str, Any]) -> dict[str, Any]:
         a, b = lora["peak_rss_mb"].get("peftbench"), full["peak_rss_mb"].get("peftbench")
         value = ratio(a, b)
         out["lora_rss_le_0.6x_full"] = {"value": value, "met": value is not None and value <= 0.6}
+        a, b = lora["peak_device_mb"].get("peftbench"), full["peak_device_mb"].get("peftbench")
+        if a is not None and b is not None:  # on a GPU: the memory that limits the batch
+            value = ratio(a, b)
+            out["lora_gpu_memory_le_0.6x_full"] = {"value": value,
+                                                   "met": value is not None and value <= 0.6}
     return out
 
 
@@ -371,22 +388,32 @@ def print_report(report: dict[str, Any]) -> None:
                   f"peftbench computes in {against}: MFU is against the {against} peak, the "
                   f"higher of before/after the runs ({ref.get('gflops_best_before', 0):.0f} / "
                   f"{ref.get('gflops_best_after', 0):.0f})")
-    console.print(f"[bold]setup[/]: {settings['model']} on {settings['task']}, batch "
+    where = settings.get("device", "cpu")
+    if where != "cpu":
+        where = f"{where} ({report['machine'].get('gpu')})"
+    console.print(f"[bold]setup[/]: {settings['model']} on {settings['task']}, {where}, batch "
                   f"{settings['batch_size']}, {settings['warmup']} warm-up + "
                   f"{settings['reps']} x {settings['steps']} timed steps, load average "
                   f"{report['load_average']['before'][0]:.2f} -> "
                   f"{report['load_average']['after'][0]:.2f} on "
                   f"{report['machine']['usable_cores']} cores")
 
-    table = Table(title="Training throughput (median of repetitions)")
-    for column in ("method", "variant", "tokens/s", "x (a)", "x (b)", "MFU", "MFU strict",
-                   "peak RSS MB", "train RSS MB", "rep spread"):
+    on_gpu = settings.get("device", "cpu") != "cpu"
+    table = Table(title="Training throughput (median of repetitions)"
+                  + (f" on {report['machine'].get('gpu')}" if on_gpu else ""))
+    columns = ["method", "variant", "tokens/s", "x (a)", "x (b)", "MFU", "MFU strict",
+               "peak RSS MB", "train RSS MB", "rep spread"]
+    if on_gpu:
+        columns.insert(7, "GPU MB")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("method", "variant") else "right")
     for method, m in report["methods"].items():
         for variant in m["tokens_per_s"]:
             if variant in m["errors"]:
-                table.add_row(method, SHORT[variant], "[red]failed[/]", *["-"] * 7)
+                table.add_row(method, SHORT[variant], "[red]failed[/]",
+                              *["-"] * (len(columns) - 3))
                 continue
+            gpu = [fmt(m["peak_device_mb"].get(variant), ".0f")] if on_gpu else []
             table.add_row(
                 method, SHORT[variant],
                 fmt(m["tokens_per_s"][variant], ".0f"),
@@ -395,6 +422,7 @@ def print_report(report: dict[str, Any]) -> None:
                 fmt(None if m["mfu"][variant] is None else 100 * m["mfu"][variant], ".1f", "%"),
                 fmt(None if m["mfu_strict"][variant] is None
                     else 100 * m["mfu_strict"][variant], ".1f", "%"),
+                *gpu,
                 fmt(m["peak_rss_mb"][variant], ".0f"),
                 fmt(m["train_peak_rss_mb"][variant], ".0f"),
                 fmt(m["rep_spread"][variant], ".2f"),
@@ -512,8 +540,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     machine = machine_info(threads)
     precision, peak_sizes = compute_precision(args)
-    console.print(f"peftbench computes in {precision}; measuring matmul peak "
-                  f"({args.peak_n}x{args.peak_n}, {threads} threads)...")
+    size = peak_sizes[precision]["n"]
+    console.print(f"peftbench computes in {precision} on {args.device}; measuring matmul peak "
+                  f"({size}x{size}, {threads} threads)...")
     if args.bf16_reference and precision != "bf16":
         console.print("(a') bf16 loss reference skipped: it calibrates bf16 deviations and "
                       "peftbench computes in fp32 here")
@@ -584,6 +613,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "peaks": peaks,
         "settings": {
             "model": args.model, "task": args.task, "data_dir": args.data_dir,
+            "device": args.device,
             "train_size": args.train_size, "batch_size": args.batch_size, "steps": args.steps,
             "reps": args.reps, "warmup": args.warmup, "seq_len": args.seq_len,
             "max_target_length": args.max_target_length, "seed": args.seed,

@@ -15,28 +15,37 @@ from typing import Any
 
 
 def matmul_peak_gflops(dtype_name: str, n: int = 2048, inner: int = 10, reps: int = 5,
-                       threads: int | None = None) -> dict[str, Any]:
-    """Best-of-``reps`` GFLOP/s of ``inner`` back-to-back n x n matmuls (2 n^3 FLOPs each)."""
+                       threads: int | None = None, device: str = "cpu") -> dict[str, Any]:
+    """Best-of-``reps`` GFLOP/s of ``inner`` back-to-back n x n matmuls (2 n^3 FLOPs each),
+    on ``device`` (``cuda``: timed between device synchronisations)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
-    for _ in range(3):  # warm-up: thread pool, oneDNN kernel selection, caches
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+
+    def sync() -> None:
+        if device != "cpu":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):  # warm-up: thread pool, oneDNN/cuBLAS kernel selection, caches, clocks
         torch.mm(a, b, out=out)
+    sync()
     times = []
     for _ in range(reps):
         tick = time.perf_counter()
         for _ in range(inner):
             torch.mm(a, b, out=out)
+        sync()
         times.append(time.perf_counter() - tick)
     flops = 2.0 * n**3 * inner
     return {
         "dtype": dtype_name,
+        "device": device,
         "n": n,
         "matmuls_per_rep": inner,
         "reps": reps,
@@ -66,9 +75,9 @@ FLOPS_FORMULA = {
               "2*N_trainable*P. The same formula for every variant, so a trainer that skips "
               "the prompt-position logits gets no credit for skipping them.",
     "mfu": "achieved FLOP/s (FLOPs of a repetition / its wall seconds) divided by the measured "
-           "matmul peak (2048x2048 unless --peak-n) in the precision peftbench computes in "
-           "(peaks.mfu_against: "
-           "bf16 where the CPU has bf16 units, else fp32), for every variant; median over "
+           "matmul peak (2048x2048 on CPU, 8192x8192 on CUDA, unless --peak-n) on the "
+           "benchmark's device in the precision peftbench computes in (peaks.mfu_against: "
+           "bf16 where the device has bf16 units, else fp32), for every variant; median over "
            "repetitions",
 }
 

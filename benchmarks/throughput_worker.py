@@ -47,6 +47,7 @@ class WorkerConfig:
     task: str
     method: str
     variant: str
+    device: str = "cpu"  # cpu | cuda: where every variant trains
     data_dir: str | None = None
     train_size: int = 512
     batch_size: int = 16
@@ -103,6 +104,15 @@ class RssSampler(threading.Thread):
         self.join()
 
 
+def peak_device_mb(device: str) -> float | None:
+    """Peak memory torch allocated on a CUDA device (None on CPU, where RSS says it)."""
+    if device == "cpu":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
 def lifetime_peak_rss_mb() -> float:
     """The process's lifetime peak RSS (ru_maxrss, KiB on Linux), in MiB."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -139,15 +149,26 @@ class StepClock:
         if self.cfg.profile_steps and self.cfg.warmup == 0:
             self._start_profiler()
 
-    def add_batch(self, batch: dict[str, Any]) -> None:
+    def counts(self, batch: dict[str, Any]) -> tuple[int, int, int]:
+        """(tokens, predicted targets, positions) of a collated batch held on the CPU."""
         mask, labels = batch["attention_mask"], batch["labels"]
         tokens = int(mask.sum())
         predicted = labels if self.encoder_decoder else labels[:, 1:]
-        self._pending[0] += tokens
-        self._pending[1] += int((predicted != -100).sum())
-        self._pending[2] += tokens + self.virtual_tokens * mask.shape[0]
+        return (tokens, int((predicted != -100).sum()),
+                tokens + self.virtual_tokens * mask.shape[0])
+
+    def add_batch(self, batch: dict[str, Any]) -> None:
+        self.add_counts(self.counts(batch))
+
+    def add_counts(self, counts: tuple[int, int, int]) -> None:
+        for i, value in enumerate(counts):
+            self._pending[i] += value
 
     def step_end(self) -> None:
+        if self.cfg.device != "cpu" and self._at_boundary(len(self.ends) + 1):
+            import torch
+
+            torch.cuda.synchronize()  # the queued work of the steps timed so far is done
         self.ends.append(time.perf_counter())
         self.tokens.append(self._pending[0])
         self.targets.append(self._pending[1])
@@ -159,6 +180,16 @@ class StepClock:
                 self._start_profiler()
             elif done == self.cfg.warmup + self.cfg.profile_steps:
                 self._stop_profiler()
+
+    def _at_boundary(self, done: int) -> bool:
+        """True after the warm-up and after each timed repetition (or profiled block): on a
+        GPU the clock waits for the device there, and only there, so a trainer that never
+        synchronises within a repetition keeps its overlap of host and device."""
+        cfg = self.cfg
+        if done <= cfg.warmup:
+            return done == cfg.warmup
+        block = cfg.profile_steps or cfg.steps
+        return (done - cfg.warmup) % block == 0
 
     def end(self) -> None:
         if self.rss is not None:
@@ -250,7 +281,7 @@ def build(cfg: WorkerConfig) -> Setup:
 
     overrides: dict[str, Any] = {"batch_size": cfg.batch_size, "seed": cfg.seed,
                                  "max_steps": cfg.total_steps, "data_dir": cfg.data_dir,
-                                 "train_size": cfg.train_size, "device": "cpu",
+                                 "train_size": cfg.train_size, "device": cfg.device,
                                  "method_args": cfg.method_args, "compile": cfg.compile}
     if cfg.precision:
         overrides["precision"] = cfg.precision
@@ -398,7 +429,7 @@ def probe_gradient(cfg: WorkerConfig, setup: Setup) -> dict[str, Any]:
     import torch
 
     from peftbench.training.batches import endless_batches
-    from peftbench.training.encoding import collate
+    from peftbench.training.encoding import collate, to_device
     from peftbench.training.objective import mean_loss
 
     spec, model, encoder = setup.spec, setup.model, setup.encoder
@@ -407,12 +438,16 @@ def probe_gradient(cfg: WorkerConfig, setup: Setup) -> dict[str, Any]:
     encoder_decoder = setup.loaded.is_encoder_decoder
     precision = "bf16 autocast (fp32 weights)" if cfg.variant == REFERENCE else "fp32"
     if cfg.variant == "peftbench":
-        _, precision, autocast, _, gather = prepare_peftbench(setup)
+        device, precision, autocast, _, gather = prepare_peftbench(setup)
+        batch = to_device(batch, device)
 
         def loss_of() -> Any:
             return mean_loss(model, batch, encoder_decoder, gather)
     else:
-        autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+        device = torch.device(cfg.device)
+        model.to(device)  # where the Trainer would put it
+        batch = to_device(batch, device)
+        autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16))
                     if cfg.variant == REFERENCE else contextlib.nullcontext)
 
         def loss_of() -> Any:
@@ -477,7 +512,7 @@ def dataloader_workers(threads: int) -> int:
     return 0 if threads <= 4 else 2
 
 
-def tuned_uses_bf16() -> bool:
+def tuned_uses_bf16(device: str = "cpu") -> bool:
     """The tuned Trainer turns bf16 on where the hardware computes it natively, the rule of
     peftbench's ``precision: auto``: nobody tuning for speed enables bf16 on a CPU that
     emulates it (about 100x slower than fp32 there)."""
@@ -485,7 +520,7 @@ def tuned_uses_bf16() -> bool:
 
     from peftbench.training.device import has_fast_bf16
 
-    return has_fast_bf16(torch.device("cpu"))
+    return has_fast_bf16(torch.device(device))
 
 
 def trainer_arguments(cfg: WorkerConfig, setup: Setup, out_dir: str, tuned: bool,
@@ -507,7 +542,7 @@ def trainer_arguments(cfg: WorkerConfig, setup: Setup, out_dir: str, tuned: bool
         "save_strategy": "no",
         "report_to": "none",
         "seed": spec.seed,
-        "use_cpu": True,  # the benchmark is a CPU benchmark: same device as peftbench
+        "use_cpu": cfg.device == "cpu",  # the same device as peftbench
         # the dataset is already in peftbench's batch order: do not reshuffle it
         "train_sampling_strategy": "sequential",
     }
@@ -518,11 +553,11 @@ def trainer_arguments(cfg: WorkerConfig, setup: Setup, out_dir: str, tuned: bool
     if tuned:
         workers = dataloader_workers(cfg.threads)
         kwargs.update(
-            bf16=tuned_uses_bf16(),
+            bf16=tuned_uses_bf16(cfg.device),
             train_sampling_strategy="group_by_length",
             dataloader_num_workers=workers,
             dataloader_persistent_workers=workers > 0,
-            dataloader_pin_memory=False,  # CPU training: nothing to pin for
+            dataloader_pin_memory=cfg.device != "cpu",  # nothing to pin for on CPU
             logging_steps=spec.max_steps,
             disable_tqdm=True,
         )
@@ -560,11 +595,20 @@ def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
                 control.should_training_stop = True
 
     class CountingTrainer(Trainer):
-        """Trainer that only reads each batch's token counts before training on it."""
+        """Trainer that only takes each batch's token counts (read by the collator, on the
+        CPU) out of the batch before training on it."""
 
         def training_step(self, model, inputs, *args, **kwargs):
-            clock.add_batch(inputs)
+            clock.add_counts(inputs.pop(COUNTS))
             return super().training_step(model, inputs, *args, **kwargs)
+
+    def counting_collator(features: list[dict[str, Any]]) -> dict[str, Any]:
+        """The Trainer's collator, plus the batch's token counts as plain ints: read here,
+        before the Trainer moves the batch to its device, where reading them would wait for
+        the device (and in the dataloader's worker processes, where they are made)."""
+        batch = collator(features)
+        batch[COUNTS] = clock.counts(batch)
+        return batch
 
     model, tokenizer = setup.model, setup.loaded.tokenizer
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, padding=True,
@@ -573,7 +617,7 @@ def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
     with tempfile.TemporaryDirectory(prefix="throughput-trainer-") as out_dir:
         args = trainer_arguments(cfg, setup, out_dir, tuned, bf16)
         trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
-                                  data_collator=collator, processing_class=tokenizer,
+                                  data_collator=counting_collator, processing_class=tokenizer,
                                   callbacks=[Observe()] + ([StopAfterLossSteps()] if bf16 else []))
         trainer.train()
     clock.end()
@@ -581,12 +625,14 @@ def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
                      else trainer.optimizer).__name__
     return {"losses": losses,
             "precision": "bf16 autocast (fp32 weights)"
-            if bf16 or (tuned and tuned_uses_bf16()) else "fp32",
+            if bf16 or (tuned and tuned_uses_bf16(cfg.device)) else "fp32",
             "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})",
             "warmup_steps": warmup_steps(setup.spec),
             "training_arguments": {k: str(v) for k, v in args.to_dict().items()
                                    if k in TRAINER_ARGS_SHOWN}}
 
+
+COUNTS = "_throughput_counts"  # batch key of the collator's token counts (see run_trainer)
 
 TRAINER_ARGS_SHOWN = {
     "per_device_train_batch_size", "max_steps", "learning_rate", "warmup_steps",
@@ -643,6 +689,7 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         "setup_seconds": setup_seconds,
         "train_wall_seconds": train_seconds,
         "peak_rss_mb": lifetime_peak_rss_mb(),
+        "peak_device_mb": peak_device_mb(cfg.device),
         "train_peak_rss_mb": round(rss.train_peak / 2**20, 1),
         **({} if cfg.gradient_out else clock.summary()),
         **details,

@@ -65,7 +65,8 @@ def train_step(model: nn.Module, batches: Iterator[Sequence[Encoded]], pad_id: i
                phase: Callable[[str], AbstractContextManager] = _no_phase) -> StepResult:
     """``grad_accum`` micro-batches forward and backward, clip, AdamW step, schedule.
 
-    ``on_batch`` sees each collated micro-batch (the benchmark counts its tokens);
+    ``on_batch`` sees each collated micro-batch, still on the CPU (the benchmark counts its
+    tokens; counting on a GPU would wait for the device);
     ``phase(name)`` wraps the data / forward / backward / optimizer parts (profiler labels).
     The loss is returned as is: the caller decides what a non-finite loss means.
     """
@@ -73,16 +74,17 @@ def train_step(model: nn.Module, batches: Iterator[Sequence[Encoded]], pad_id: i
     for _ in range(spec.grad_accum):
         with phase("data"):
             micro = next(batches)
-            batch = to_device(collate(micro, pad_id), device)
+            collated = collate(micro, pad_id)
+            batch = to_device(collated, device)
         with phase("forward"), autocast():
             loss = mean_loss(model, batch, encoder_decoder, gather) / spec.grad_accum
         with phase("backward"):
             loss.backward()
         loss_sum += loss.item()
         samples += len(micro)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(collated["attention_mask"].sum())
         if on_batch is not None:
-            on_batch(batch)
+            on_batch(collated)
     if math.isfinite(loss_sum):
         with phase("optimizer"):
             torch.nn.utils.clip_grad_norm_(opt.params, spec.max_grad_norm)
