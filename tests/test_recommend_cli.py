@@ -98,6 +98,46 @@ def test_reference_build_without_a_suite_and_to_an_unwritable_place(capsys, monk
     assert code == 2 and "cannot write the reference file" in err
 
 
+def test_reference_build_never_overwrites_its_input_or_an_existing_file(capsys, monkeypatch,
+                                                                         db, tmp_path):
+    copy = tmp_path / "results.sqlite"
+    copy.write_bytes(db.read_bytes())
+    code, _, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(copy), "--suite",
+                       "fake", "--out", str(copy), "--overwrite")
+    assert code == 2 and "is the --db file itself" in err
+    assert copy.read_bytes() == db.read_bytes()  # the database is untouched
+    records = tmp_path / "records.json"
+    code, out, _ = cli(capsys, monkeypatch, "results", "--db", str(db), "--format", "json")
+    records.write_text(out)
+    before = records.read_text()
+    code, _, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(records),
+                       "--out", str(records), "--overwrite")
+    assert code == 2 and "is the --db file itself" in err and records.read_text() == before
+    target = tmp_path / "ref.json"
+    target.write_text("keep me")
+    code, _, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(copy), "--suite",
+                       "fake", "--out", str(target))
+    assert code == 2 and "exists" in err and "--overwrite" in err
+    assert target.read_text() == "keep me"
+    code, _, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(copy), "--suite",
+                       "fake", "--out", str(target), "--overwrite")
+    assert code == 0, err
+    assert json.loads(target.read_text())["suite"] == "fake"
+    code, _, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(copy), "--suite",
+                       "fake", "--out", str(tmp_path))
+    assert code == 2 and "is a folder" in err
+
+
+def test_reference_build_from_json_refuses_a_suite(capsys, monkeypatch, db, tmp_path):
+    records = tmp_path / "records.json"
+    code, out, _ = cli(capsys, monkeypatch, "results", "--db", str(db), "--format", "json")
+    records.write_text(out)
+    code, _, err = cli(capsys, monkeypatch, "reference", "build", "--db", str(records),
+                       "--suite", "nosuch", "--out", str(tmp_path / "ref.json"))
+    assert code == 2 and "have no suites" in err
+    assert not (tmp_path / "ref.json").exists()
+
+
 def test_missing_reference_is_a_clear_usage_error(capsys, monkeypatch):
     monkeypatch.setattr(reference, "shipped", lambda: [])
     code, out, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",

@@ -367,28 +367,45 @@ def reference_build(
     out: Annotated[Path | None, typer.Option(
         help="file to write (default: the peftbench/reference/ folder, <suite>.json)")] = None,
     description: Annotated[str, typer.Option(help="one line about these results")] = "",
+    overwrite: Annotated[bool, typer.Option(
+        help="replace an existing --out file (never the --db file itself)")] = False,
 ) -> None:
     """Build a reference file from stored results.
 
     peftbench run quickstart --db reference.sqlite;
     peftbench reference build --db reference.sqlite --suite quickstart
-    --out src/peftbench/reference/quickstart.json
+    --out src/peftbench/reference/quickstart.json --overwrite
     """
     from peftbench import reference as ref
+    from peftbench.files import write_json_atomic
 
-    source = load_records(db, None, suite if db.suffix.lower() != ".json" else None)
-    data = ref.build(source.records, suite or source.meta.get("suite"), description)
     if out is None:
         out = Path(ref.__file__).parent / f"{suite or 'reference'}.json"
+    _check_reference_out(db, out, overwrite)
+    source = load_records(db, None, suite)
+    data = ref.build(source.records, suite or source.meta.get("suite"), description)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+        write_json_atomic(out, data)  # a failed write leaves any earlier file as it was
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write the reference file "
                          f"({exc.strerror or exc}); give a writable path") from None
     console.print(f"reference: {escape(str(out))} ({counted(len(data['runs']), 'run')}, suite "
                   f"{escape(str(data['suite'] or '(none)'))}, model "
                   f"{escape(str(data['model']))}, {data['date']})", highlight=False)
+
+
+def _check_reference_out(db: Path, out: Path, overwrite: bool) -> None:
+    """Refuse to write the reference over its own input, or over any existing file unless
+    ``--overwrite`` (the default --out is a file shipped with peftbench)."""
+    if out.exists() and db.exists() and out.resolve() == db.resolve():
+        raise UsageError(f"--out {out} is the --db file itself: writing the reference there "
+                         "would replace the results it is built from; give another --out.")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as "
+                         f"{out / 'reference.json'}.")
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out} exists; give another file, or --overwrite to replace "
+                         "it.")
 
 
 @reference_app.command("show")

@@ -37,7 +37,7 @@ FORMAT_VERSION = 1
 DEFAULT_NAME = "quickstart"
 REGENERATE = ("peftbench run quickstart --db reference.sqlite && peftbench reference build "
               "--db reference.sqlite --suite quickstart "
-              "--out src/peftbench/reference/quickstart.json")
+              "--out src/peftbench/reference/quickstart.json --overwrite")
 
 
 @dataclass
