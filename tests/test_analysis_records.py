@@ -136,3 +136,24 @@ def test_the_selective_study_leaves_set_aside_runs_out():
     assert {c.key.method: (c.score.n, len(c.set_aside)) for c in analysis.cells} == {
         "full": (2, 2), "partial": (2, 2)}
     assert analysis.selective and all(v.stats["score"].n == 2 for v in analysis.selective)
+
+
+def test_a_failure_of_another_setup_is_set_aside_not_counted_against_the_cell():
+    """A run that diverged under an older budget kept saying '1 failed/diverged' next to
+    the new setup's scores, forever."""
+    old_failure = _ran(make_record(method="lora", seed=3, status="diverged",
+                                   error="training loss became nan at step 3"),
+                       "2026-05-01T10:00:00", max_steps=20)
+    failure_here = _ran(make_record(method="lora", seed=4, status="failed", error="boom"),
+                        "2026-05-02T11:00:00", max_steps=4)
+    unknown_data = _ran(make_record(method="lora", seed=5, status="failed", error="no data"),
+                        "2026-05-02T12:00:00", max_steps=4)
+    unknown_data["provenance"].pop("data_fingerprint", None)  # failed before loading it
+    elsewhere = _ran(make_record(method="ia3", seed=0, status="failed", error="boom"),
+                     "2026-05-01T10:00:00", max_steps=20)
+    newer = [_ran(make_record(method="lora", seed=s, test=70.0), "2026-05-02T10:00:00",
+                  max_steps=4) for s in (0, 1)]
+    analysis = analyse_records([old_failure, failure_here, unknown_data, elsewhere, *newer])
+    assert analysis.failed == [failure_here, unknown_data, elsewhere]
+    [cell] = analysis.cells
+    assert cell.set_aside == [old_failure] and cell.set_aside_why == "max_steps 4 kept"

@@ -21,7 +21,13 @@ from peftbench.analysis.data_requirement import (
     requirements,
 )
 from peftbench.analysis.decision import Decision, DecisionConfig, decision_table
-from peftbench.analysis.records import Cell, Record, build_cells, split_runs
+from peftbench.analysis.records import (
+    Cell,
+    Record,
+    build_cells,
+    set_aside_failures,
+    split_runs,
+)
 from peftbench.analysis.selective import Finding, Variant, findings, variants
 
 
@@ -56,6 +62,7 @@ def analyse_records(records: Iterable[Record], config: DecisionConfig | None = N
     records = list(records)
     ok, failed = split_runs(records)
     cells = build_cells(ok)
+    failed = set_aside_failures(failed, cells)  # another setup's failures: set aside
     convergence, versus = analyse(cells, thresholds, threshold)
     claims = check_claim(cells, versus, config.scales.of)
     reqs = requirements(cells, versus)

@@ -241,12 +241,39 @@ def one_setup(runs: list[Record]) -> tuple[list[Record], list[Record], str]:
         latest[(config_key(record), seed(record))] = record
     kept = list(latest.values())
     aside = [r for r in runs if all(r is not k for k in kept)]
-    chosen = setup(kept[0])
+    return kept, aside, _why(setup(kept[0]), aside)
+
+
+def _why(chosen: dict[str, Any], aside: list[Record]) -> str:
+    """The settings in which the ``aside`` runs differ from the ``chosen`` setup."""
     differ = sorted({key for r in aside for key, value in setup(r).items()
                      if chosen.get(key) != value})
-    why = ", ".join(f"{key} {chosen.get(key)!r} kept" if key not in ("data", "weights")
-                    else f"other {key}" for key in differ) or "an older run of a seed run again"
-    return kept, aside, why
+    return ", ".join(f"{key} {chosen.get(key)!r} kept" if key not in ("data", "weights")
+                     else f"other {key}" for key in differ) or "an older run of a seed run again"
+
+
+def _other_setup(record: Record, chosen: dict[str, Any]) -> bool:
+    """True when a (failed) run's setup differs from ``chosen``; a fingerprint the run never
+    got to record (it failed before loading the data or model) counts as no difference."""
+    return any(chosen.get(key) != value for key, value in setup(record).items()
+               if value is not None or key not in ("data", "weights"))
+
+
+def set_aside_failures(failed: Iterable[Record], cells: Iterable[Cell]) -> list[Record]:
+    """The failed runs that count against their cell: those of the setup the cell kept, or
+    of a cell with no usable run. A failure of another setup (an older budget, edited data)
+    joins the cell's ``set_aside`` runs instead, as its completed runs would."""
+    by_key = index(cells)
+    counted = []
+    for record in failed:
+        size = train_size(record)
+        cell = by_key.get(CellKey(model_name(record), task_name(record), method(record), size))
+        if cell is None or size is None or not _other_setup(record, setup(cell.runs[0])):
+            counted.append(record)
+            continue
+        cell.set_aside.append(record)
+        cell.set_aside_why = _why(setup(cell.runs[0]), cell.set_aside)
+    return counted
 
 
 STAT_GETTERS: dict[str, Callable[[Record], float | None]] = {
