@@ -139,6 +139,38 @@ def test_bad_suite_is_a_usage_error(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("runs/*/*"))  # nothing ran
 
 
+def test_a_run_folder_holding_other_files_is_a_usage_error_and_kept(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A sweep used to empty ``<out-dir>/<hash>`` whole before each run."""
+    monkeypatch.chdir(tmp_path)
+    suite = tiny_suite(tmp_path, methods="[lora]")
+    [planned] = plan_runs(expand(load_suite(suite)), tmp_path / "runs" / "tiny")
+    planned.out_dir.mkdir(parents=True)
+    (planned.out_dir / "notes.txt").write_text("mine")
+    code, out = cli(capsys, monkeypatch, "run", str(suite), "--db", "r.sqlite", "--quiet")
+    assert code == 2, out
+    assert f"1 run folder to be written holds files peftbench did not write: " \
+           f"{planned.out_dir}: notes.txt" in " ".join(out.split())
+    assert (planned.out_dir / "notes.txt").read_text() == "mine"
+    assert not check_store(tmp_path / "r.sqlite")
+
+
+def test_a_run_clears_only_its_own_earlier_files(tmp_path):
+    from peftbench.sweep.worker import clear_run_folder, foreign_entries
+
+    folder = tmp_path / "run"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / ".adapter.x1").mkdir()
+    for name in ("result.json", "worker.log", ".result.json.abc.tmp", "mine.txt"):
+        (folder / name).write_text("x")
+    assert foreign_entries(folder) == ["mine.txt"]
+    clear_run_folder(folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]
+    (tmp_path / "file").write_text("x")
+    assert foreign_entries(tmp_path / "file") == ["file"]
+    assert foreign_entries(tmp_path / "absent") == []
+
+
 def test_killed_run_process_is_recorded_as_failed(tmp_path):
     spec = expand(load_suite(tiny_suite(tmp_path)))[0]
     started = threading.Event()

@@ -109,6 +109,7 @@ def run(
         todo = runs_to_do(store, runs)
         if todo:
             check(todo)
+            check_run_folders(todo)
         store.add_to_suite(name, [run.run_hash for run in runs])
         failed: list[tuple[PlannedRun, dict]] = []
         progress = SweepProgress(console, f"suite {name}" + (f" on {model}" if model else ""),
@@ -144,6 +145,24 @@ def run(
         # SystemExit, not typer.Exit: in non-standalone mode (cli.main) click returns the
         # code of a typer.Exit instead of exiting with it
         sys.exit(code)
+
+
+def check_run_folders(todo: list[PlannedRun]) -> None:
+    """A usage error when a run's folder holds files no peftbench run wrote: the run would
+    mix its results in with them (its own earlier attempt's files it replaces)."""
+    from peftbench.sweep.worker import foreign_entries
+
+    crowded = [(run, found) for run in todo if (found := foreign_entries(run.out_dir))]
+    if not crowded:
+        return
+    shown = "; ".join(f"{run.out_dir}: {', '.join(found[:3])}" + (" ..." if len(found) > 3
+                                                                  else "")
+                      for run, found in crowded[:3])
+    more = f" (and {len(crowded) - 3} more run folders)" if len(crowded) > 3 else ""
+    verb = "holds" if len(crowded) == 1 else "hold"
+    raise UsageError(f"--out-dir: {count(len(crowded), 'run folder')} to be written {verb} "
+                     f"files peftbench did not write: {shown}{more}. Move them away, or give "
+                     "another --out-dir.")
 
 
 def _print_plan(statuses: dict[str, str], runs: list[PlannedRun]) -> None:

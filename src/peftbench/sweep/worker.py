@@ -156,10 +156,38 @@ def _death(exitcode: int | None, out_dir: Path) -> str:
     return what + (". Last lines of worker.log:\n" + "\n".join(tail) if tail else "")
 
 
+# what a run writes into its folder (plus the temporaries of an interrupted write)
+RUN_ENTRIES = frozenset({"result.json", "worker.log", "adapter"})
+RUN_TEMPORARIES = (".adapter.", ".adapter-old.", ".result.json.")
+
+
+def foreign_entries(out_dir: Path) -> list[str]:
+    """What a run folder holds that no peftbench run wrote (the folder itself, when it is a
+    file): a run clears its folder of its own entries only, and these would be mixed in."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return [out_dir.name] if out_dir.exists() or out_dir.is_symlink() else []
+    return sorted(entry.name for entry in out_dir.iterdir()
+                  if entry.name not in RUN_ENTRIES and not entry.name.startswith(RUN_TEMPORARIES))
+
+
+def clear_run_folder(out_dir: Path) -> None:
+    """Remove an earlier attempt's entries (``RUN_ENTRIES`` and temporaries), nothing else."""
+    if not out_dir.is_dir():
+        return
+    for entry in out_dir.iterdir():
+        if entry.name in RUN_ENTRIES or entry.name.startswith(RUN_TEMPORARIES):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
 def run_isolated(spec: RunSpec, out_dir: Path, on_event: EventSink | None = None,
                  threads: int | None = None,
                  stop: threading.Event | None = None) -> dict[str, Any] | None:
-    """Run ``spec`` in its own process into ``out_dir`` (emptied first); return its record.
+    """Run ``spec`` in its own process into ``out_dir`` (an earlier attempt's files removed
+    first, see :func:`clear_run_folder`); return its record.
 
     ``threads``: torch threads of the run. Returns ``None`` once ``stop`` is set (the sweep
     is aborting, see :func:`kill_all`): an interrupted run has no result and is redone.
@@ -174,8 +202,8 @@ def run_isolated(spec: RunSpec, out_dir: Path, on_event: EventSink | None = None
                 on_event(event)
 
     out_dir = Path(out_dir).resolve()
-    shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of an interrupted attempt
-    out_dir.mkdir(parents=True)
+    clear_run_folder(out_dir)  # leftovers of an interrupted attempt; nothing of anyone else
+    out_dir.mkdir(parents=True, exist_ok=True)
     started = _now()
     context = _fork_context()
     reader, writer = context.Pipe(duplex=False)
