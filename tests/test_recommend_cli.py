@@ -315,3 +315,18 @@ def test_a_suite_not_run_to_its_end_says_how_many_runs_are_missing(capsys, monke
         store.add_to_suite("grid", [done["run"]["hash"]])
     code, out, _ = cli(capsys, monkeypatch, "analyze", "--db", str(path), "--suite", "grid")
     assert code == 0 and "planned runs" not in out
+
+
+def test_results_reads_json_run_records_too(capsys, monkeypatch, db, tmp_path):
+    records = tmp_path / "records.json"
+    code, out, _ = cli(capsys, monkeypatch, "results", "--db", str(db), "--format", "json")
+    records.write_text(out)
+    code, out, err = cli(capsys, monkeypatch, "results", "--db", str(records), "--format",
+                         "csv")
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1 + len(json.loads(records.read_text()))
+    code, _, err = cli(capsys, monkeypatch, "results", "--db", str(records), "--suite", "fake")
+    assert code == 2 and "JSON results have no suites" in err
+    code, _, err = cli(capsys, monkeypatch, "recommend", "--task-type", "classification",
+                       "--train-size", "100", "--reference", str(records))
+    assert code == 2 and "read with --db FILE.json" in err

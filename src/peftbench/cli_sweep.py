@@ -174,18 +174,31 @@ def _print_plan(statuses: dict[str, str], runs: list[PlannedRun]) -> None:
 
 
 def results(
-    db: Annotated[Path, typer.Option(help="results database (SQLite)")] = Path(DEFAULT_DB),
+    db: Annotated[Path, typer.Option(
+        help="results database (SQLite), or a JSON file of run records")] = Path(DEFAULT_DB),
     format: Annotated[str, typer.Option("--format", help="table | csv | json")] = "table",
     suite: Annotated[str | None, typer.Option(help="only the runs of this suite")] = None,
 ) -> None:
     """Export stored results: a table, CSV (one line per run) or JSON (full run records)."""
     if format not in FORMATS:
         raise UsageError(f"--format {format!r}: choose one of {', '.join(FORMATS)}.")
+    if db.suffix.lower() == ".json":  # `results --format json` output, or a reference file
+        from peftbench import reference
+
+        if suite is not None:
+            raise UsageError("--suite selects runs in a results database (--db *.sqlite); "
+                             "JSON results have no suites.")
+        _export(reference.read(db).runs, format)
+        return
     with ResultStore(db, must_exist=True) as store:
         if suite is not None and suite not in store.suites():
             known = ", ".join(store.suites()) or "none yet"
             raise UsageError(f"--suite {suite!r}: no such suite in {db} (suites: {known}).")
         records = store.records(suite)
+    _export(records, format)
+
+
+def _export(records: list[dict], format: str) -> None:
     if format == "json":
         write_json(records, sys.stdout)
     elif format == "csv":

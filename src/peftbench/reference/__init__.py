@@ -143,8 +143,10 @@ def load(name: str | None = None) -> Reference:
     if name is None:
         name = DEFAULT_NAME if DEFAULT_NAME in files else sorted(files)[0]
     if name not in files:
+        own = (" A reference file of your own is read with --db FILE.json."
+               if name.endswith(".json") or "/" in name else "")
         raise UsageError(f"--reference {name!r}: no such reference (shipped: "
-                         f"{', '.join(sorted(files))}).")
+                         f"{', '.join(sorted(files))}).{own}")
     return read(files[name])
 
 
