@@ -99,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--profile-rows", type=int, default=30)
     p.add_argument("--profile-trace", default=None, help="also write a Chrome trace here")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="with --profile: count the ATen operators a step dispatches (about "
+                        "one kernel launch each on a GPU) instead of timing them")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -510,7 +513,17 @@ def run_profile(args: argparse.Namespace) -> None:
     cfg.profile_steps = args.profile_steps
     cfg.profile_rows = args.profile_rows
     cfg.profile_trace = args.profile_trace
+    cfg.count_ops = args.profile_ops
     result = run_worker(cfg)
+    if args.profile_ops:
+        counts = result["op_counts"]
+        print(f"{args.profile} / {args.profile_variant}: {counts['ops_per_step']:.0f} ATen "
+              f"operators per step, not counting {counts['views_per_step']:.0f} views (mean of "
+              f"{counts['steps']} steps after {cfg.warmup} warm-up; precision: "
+              f"{result['precision']})")
+        for name, per_step in counts["top"]:
+            print(f"  {per_step:8.1f}  {name}")
+        return
     steps = result["step_seconds"]
     profiled = steps[cfg.warmup:]
     print(f"{args.profile} / {args.profile_variant}: {cfg.warmup} warm-up steps, "

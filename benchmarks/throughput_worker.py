@@ -65,6 +65,7 @@ class WorkerConfig:
     profile_steps: int = 0  # > 0: profile this many steps after warm-up instead of timing reps
     profile_rows: int = 30
     profile_trace: str | None = None
+    count_ops: bool = False  # with profile_steps: count dispatched operators, not time them
     gradient_out: str | None = None  # set: only compute step 1's gradient and save it here
     # with gradient_out: {variant: gradient file} to compare this gradient with, in this process
     gradient_compare: dict[str, str] = field(default_factory=dict)
@@ -118,6 +119,43 @@ def lifetime_peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+class OpCounter:
+    """Counts the ATen operators dispatched while entered (forward, backward, optimizer):
+    on a GPU each is about one kernel launch, so this is the step's launch count, which is
+    what a host-bound GPU step costs. A ``TorchDispatchMode``; entered like the profiler."""
+
+    def __init__(self) -> None:
+        from collections import Counter
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts: Counter[str] = Counter()
+        views: Counter[str] = Counter()
+        self.counts, self.views = counts, views
+
+        class Count(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                # views (view, t, slice, ...) only make tensor metadata: no kernel
+                (views if getattr(func, "is_view", False) else counts)[
+                    str(func.overloadpacket)] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Count()
+
+    def __enter__(self) -> OpCounter:
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+
+    def summary(self, steps: int, rows: int) -> dict[str, Any]:
+        per = max(steps, 1)
+        return {"steps": steps, "ops_per_step": sum(self.counts.values()) / per,
+                "views_per_step": sum(self.views.values()) / per,
+                "top": [(name, n / per) for name, n in self.counts.most_common(rows)]}
+
+
 class StepClock:
     """Step-end timestamps plus tokens/targets/positions of each step's batches.
 
@@ -140,6 +178,7 @@ class StepClock:
         self._pending = [0, 0, 0]
         self.profiler = None
         self.profile_table: str | None = None
+        self.op_counts: dict[str, Any] | None = None
         self.profile_by_shape: str | None = None
 
     def begin(self) -> None:
@@ -200,7 +239,8 @@ class StepClock:
     def _start_profiler(self) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        self.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+        self.profiler = (OpCounter() if self.cfg.count_ops else
+                         profile(activities=[ProfilerActivity.CPU], record_shapes=True))
         self.profiler.__enter__()
 
     def _stop_profiler(self) -> None:
@@ -208,6 +248,9 @@ class StepClock:
         if prof is None:
             return
         prof.__exit__(None, None, None)
+        if isinstance(prof, OpCounter):
+            self.op_counts = prof.summary(self.cfg.profile_steps, self.cfg.profile_rows)
+            return
         averages = prof.key_averages()
         self.profile_table = averages.table(sort_by="self_cpu_time_total",
                                             row_limit=self.cfg.profile_rows)
@@ -695,6 +738,8 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         **details,
     }
     result["losses"] = result.get("losses", [])[: max(cfg.loss_steps, 0)]
+    if clock.op_counts is not None:
+        result["op_counts"] = clock.op_counts
     if clock.profile_table is not None:
         result["profile_table"] = clock.profile_table
         result["profile_by_shape"] = clock.profile_by_shape
