@@ -105,15 +105,6 @@ class RssSampler(threading.Thread):
         self.join()
 
 
-def peak_device_mb(device: str) -> float | None:
-    """Peak memory torch allocated on a CUDA device (None on CPU, where RSS says it)."""
-    if device == "cpu":
-        return None
-    import torch
-
-    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-
-
 def lifetime_peak_rss_mb() -> float:
     """The process's lifetime peak RSS (ru_maxrss, KiB on Linux), in MiB."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -698,6 +689,9 @@ def use_threads(cfg: WorkerConfig) -> None:
 
 def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
     """Build, train and measure one configuration; the result is JSON-ready."""
+    import torch
+
+    from peftbench.training.memory import PeakMemory
 
     if cfg.variant not in ALL_VARIANTS:
         raise SystemExit(f"unknown variant {cfg.variant!r}: one of {', '.join(ALL_VARIANTS)}")
@@ -732,7 +726,8 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         "setup_seconds": setup_seconds,
         "train_wall_seconds": train_seconds,
         "peak_rss_mb": lifetime_peak_rss_mb(),
-        "peak_device_mb": peak_device_mb(cfg.device),
+        # on a GPU, what peftbench's runs record as peak_gpu_mb; None on CPU (RSS says it)
+        "peak_device_mb": PeakMemory.peak_gpu_mb(torch.device(cfg.device)),
         "train_peak_rss_mb": round(rss.train_peak / 2**20, 1),
         **({} if cfg.gradient_out else clock.summary()),
         **details,
