@@ -391,9 +391,9 @@ def print_report(report: dict[str, Any]) -> None:
                   f"peftbench computes in {against}: MFU is against the {against} peak, the "
                   f"higher of before/after the runs ({ref.get('gflops_best_before', 0):.0f} / "
                   f"{ref.get('gflops_best_after', 0):.0f})")
-    where = settings.get("device", "cpu")
-    if where != "cpu":
-        where = f"{where} ({report['machine'].get('gpu')})"
+    device = settings.get("device", "cpu")
+    on_gpu = device != "cpu"
+    where = f"{device} ({report['machine'].get('gpu')})" if on_gpu else device
     console.print(f"[bold]setup[/]: {settings['model']} on {settings['task']}, {where}, batch "
                   f"{settings['batch_size']}, {settings['warmup']} warm-up + "
                   f"{settings['reps']} x {settings['steps']} timed steps, load average "
@@ -401,7 +401,6 @@ def print_report(report: dict[str, Any]) -> None:
                   f"{report['load_average']['after'][0]:.2f} on "
                   f"{report['machine']['usable_cores']} cores")
 
-    on_gpu = settings.get("device", "cpu") != "cpu"
     table = Table(title="Training throughput (median of repetitions)"
                   + (f" on {report['machine'].get('gpu')}" if on_gpu else ""))
     columns = ["method", "variant", "tokens/s", "x (a)", "x (b)", "MFU", "MFU strict",

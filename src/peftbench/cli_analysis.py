@@ -397,7 +397,7 @@ def reference_build(
 def _check_reference_out(db: Path, out: Path, overwrite: bool) -> None:
     """Refuse to write the reference over its own input, or over any existing file unless
     ``--overwrite`` (the default --out is a file shipped with peftbench)."""
-    if out.exists() and db.exists() and out.resolve() == db.resolve():
+    if out.exists() and db.exists() and out.samefile(db):  # links and spellings too
         raise UsageError(f"--out {out} is the --db file itself: writing the reference there "
                          "would replace the results it is built from; give another --out.")
     if out.is_dir():

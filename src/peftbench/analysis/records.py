@@ -264,14 +264,17 @@ def set_aside_failures(failed: Iterable[Record], cells: Iterable[Cell]) -> list[
     of a cell with no usable run. A failure of another setup (an older budget, edited data)
     joins the cell's ``set_aside`` runs instead, as its completed runs would."""
     by_key = index(cells)
-    counted = []
+    counted, touched = [], set()
     for record in failed:
-        size = train_size(record)
-        cell = by_key.get(CellKey(model_name(record), task_name(record), method(record), size))
-        if cell is None or size is None or not _other_setup(record, setup(cell.runs[0])):
+        key = CellKey(model_name(record), task_name(record), method(record), train_size(record))
+        cell = by_key.get(key)
+        if cell is None or not _other_setup(record, setup(cell.runs[0])):
             counted.append(record)
             continue
         cell.set_aside.append(record)
+        touched.add(key)
+    for key in touched:
+        cell = by_key[key]
         cell.set_aside_why = _why(setup(cell.runs[0]), cell.set_aside)
     return counted
 

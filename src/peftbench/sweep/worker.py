@@ -161,14 +161,21 @@ RUN_ENTRIES = frozenset({"result.json", "worker.log", "adapter"})
 RUN_TEMPORARIES = (".adapter.", ".adapter-old.", ".result.json.")
 
 
+def _written_by_a_run(name: str) -> bool:
+    return name in RUN_ENTRIES or name.startswith(RUN_TEMPORARIES)
+
+
 def foreign_entries(out_dir: Path) -> list[str]:
     """What a run folder holds that no peftbench run wrote (the folder itself, when it is a
-    file): a run clears its folder of its own entries only, and these would be mixed in."""
+    file or cannot be listed): a run clears its folder of its own entries only, and these
+    would be mixed in."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return [out_dir.name] if out_dir.exists() or out_dir.is_symlink() else []
-    return sorted(entry.name for entry in out_dir.iterdir()
-                  if entry.name not in RUN_ENTRIES and not entry.name.startswith(RUN_TEMPORARIES))
+    try:
+        return sorted(e.name for e in out_dir.iterdir() if not _written_by_a_run(e.name))
+    except OSError as exc:
+        return [f"{out_dir.name} (cannot be listed: {exc.strerror or exc})"]
 
 
 def clear_run_folder(out_dir: Path) -> None:
@@ -176,11 +183,12 @@ def clear_run_folder(out_dir: Path) -> None:
     if not out_dir.is_dir():
         return
     for entry in out_dir.iterdir():
-        if entry.name in RUN_ENTRIES or entry.name.startswith(RUN_TEMPORARIES):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+        if not _written_by_a_run(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def run_isolated(spec: RunSpec, out_dir: Path, on_event: EventSink | None = None,
