@@ -167,3 +167,53 @@ def test_a_local_model_is_one_run_however_its_path_is_spelled(tmp_path: Path,
     assert builtin.identity()["model"] == "tiny-random-llama"  # names stay as given
     load_model("tiny-random-llama", seed=4).model.save_pretrained(folder)
     assert run_hash("models/mine") not in spelled
+
+
+def _saved_tiny_llama(folder: Path) -> Path:
+    original = load_model("tiny-random-llama", seed=0)
+    original.model.save_pretrained(folder)
+    original.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_routed_forwards_survive_train_and_eval_switches(tmp_path: Path) -> None:
+    """Loaded models are off Hub kernels, so switching modes keeps the fused layers."""
+    from peftbench.methods import get_method
+    from peftbench.training.model_prep import place_for_training
+
+    loaded = load_model(str(_saved_tiny_llama(tmp_path)))
+    assert not getattr(loaded.model, "use_kernels", False)
+    lora = get_method("lora")
+    model = lora.apply(loaded.model, lora.resolve_args({}), encoder_decoder=False)
+    applied = place_for_training(model, "bf16", torch.device("cpu"))
+    norms = [m for m in model.modules() if hasattr(m, "_peftbench_fused_norm_forward")]
+    assert len(norms) == applied["fused_rms_norm"] > 0
+    for switch in (model.eval, model.train, model.eval, model.train):
+        switch()
+        assert all("forward" in vars(norm) for norm in norms)
+
+
+def test_transformers_default_hub_kernels_would_undo_routed_forwards(tmp_path: Path) -> None:
+    """Why loading turns them off: with ``kernels`` installed, transformers 5 loads with Hub
+    kernels on and ``train()`` resets every forward set on a kernel-declared layer."""
+    pytest.importorskip("kernels")
+    from transformers import AutoModelForCausalLM
+
+    from peftbench.models.setup import without_hub_kernels
+    from peftbench.training.fused_rms_norm import fuse_rms_norms
+
+    model = AutoModelForCausalLM.from_pretrained(_saved_tiny_llama(tmp_path))
+    if not getattr(model, "use_kernels", False):
+        pytest.skip("this transformers does not load with Hub kernels on")
+    assert fuse_rms_norms(model) > 0
+    model.eval()
+    model.train()
+    norms = [m for m in model.modules() if hasattr(m, "_peftbench_fused_norm_forward")]
+    assert not any("forward" in vars(norm) for norm in norms)  # the hazard
+    without_hub_kernels(model)
+    for norm in norms:
+        del norm._peftbench_fused_norm_forward
+    fuse_rms_norms(model)
+    model.eval()
+    model.train()
+    assert all("forward" in vars(norm) for norm in norms)

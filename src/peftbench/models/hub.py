@@ -69,7 +69,7 @@ def _load(source: str, *, local_files_only: bool) -> tuple[Any, Any, Any]:
     quiet = no_weight_progress() if Path(source).is_dir() else nullcontext()
     with quiet:  # a local folder loads in a second; downloads keep their progress bars
         model = auto.from_pretrained(source, config=config, dtype=torch.float32,
-                                     local_files_only=local_files_only)
+                                     local_files_only=local_files_only, use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
     return config, model, tokenizer
 

@@ -168,7 +168,7 @@ def load_smollm2() -> LoadedModel:
     folder, meta = ensure_checkpoint()
     with no_weight_progress():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                     local_files_only=True)
+                                                     local_files_only=True, use_kernels=False)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     prepare(model, tokenizer, NAME)
     return LoadedModel(
