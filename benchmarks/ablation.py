@@ -11,7 +11,9 @@ ratio, and the ratio of median per-token step times.
 
 Parts (those the placement applied; others are skipped): ``fused_lora`` (peft's LoRA
 forward when off), ``fused_rms_norm`` (transformers' RMSNorm forward when off) and
-``recomputed_attention`` (transformers' sdpa when off). Dropout's cheap masks and bf16
+``recomputed_attention`` (transformers' sdpa when off) and ``silu_gate_kernel``
+(transformers' gated MLP forward when off) and ``rms_norm_kernel`` (the fused RMSNorm's
+PyTorch operations when off). Dropout's cheap masks and bf16
 storage are not switchable: the fused layers need the first, the second is the weights.
 """
 
@@ -69,12 +71,30 @@ def attention_switch(implementation: str) -> Callable[[nn.Module, bool], int]:
     return switch
 
 
+def flag_switch(module: Any, flag: str) -> Callable[[nn.Module, bool], int]:
+    """A switch for a part read from the module-level boolean ``flag`` at every call."""
+
+    def switch(model: nn.Module, on: bool) -> int:
+        setattr(module, flag, on)
+        return 1
+
+    return switch
+
+
 def switches() -> dict[str, Callable[[nn.Module, bool], int]]:
     """Every switchable part by its name in the run record's fast path."""
-    from peftbench.training import fused_lora, fused_rms_norm, recomputed_attention
+    from peftbench.training import (
+        cpu_kernels,
+        fused_lora,
+        fused_rms_norm,
+        recomputed_attention,
+        swiglu,
+    )
 
     return {"fused_lora": routed_switch(fused_lora._ORIGINAL_FORWARD),
             "fused_rms_norm": routed_switch(fused_rms_norm._ORIGINAL),
+            "silu_gate_kernel": routed_switch(swiglu._ORIGINAL_FORWARD),
+            "rms_norm_kernel": flag_switch(cpu_kernels, "rms_norm_enabled"),
             "recomputed_attention": attention_switch(recomputed_attention.IMPLEMENTATION)}
 
 
@@ -153,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--method", default="lora")
-    parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention")
+    parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention,"
+                        "silu_gate_kernel")
     parser.add_argument("--steps", type=int, default=24,
                         help="alternating steps per part (half on, half off)")
     parser.add_argument("--warmup", type=int, default=4)

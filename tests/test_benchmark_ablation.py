@@ -19,7 +19,8 @@ from ablation import WorkerConfig, main, run, switches
 
 #: each part's autograd function, as it shows in the graph
 NODES = {"fused_lora": "_LoraLinearBf16Backward", "fused_rms_norm": "_RmsNormBackward",
-         "recomputed_attention": "_AttentionBackward"}
+         "recomputed_attention": "_AttentionBackward",
+         "silu_gate_kernel": "_CompiledSiluGateBackward"}
 
 
 def _nodes(model: torch.nn.Module) -> list[str]:
@@ -31,8 +32,10 @@ def test_each_switch_turns_its_part_off_and_on_again():
     model = tiny_lora_llama()
     applied = place_for_training(model, "bf16", torch.device("cpu"))
     parts = switches()
-    assert set(parts) == set(NODES) and all(applied[part] for part in parts)
+    assert set(parts) == {*NODES, "rms_norm_kernel"} and all(applied[part] for part in parts)
     for part, switch in parts.items():
+        if part not in NODES:
+            continue
         assert NODES[part] in _nodes(model)
         assert switch(model, False) > 0
         names = _nodes(model)
@@ -40,6 +43,26 @@ def test_each_switch_turns_its_part_off_and_on_again():
         assert all(NODES[other] in names for other in NODES if other != part)
         switch(model, True)
         assert NODES[part] in _nodes(model)
+
+
+def _norm_compiled(model: torch.nn.Module) -> bool:
+    norm = next(m for m in model.modules() if hasattr(m, "_peftbench_fused_norm_forward"))
+    x = torch.randn(2, 3, norm.weight.shape[0], requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return norm(x).grad_fn.compiled
+
+
+def test_the_norm_kernel_switch_keeps_the_fused_norm_and_changes_its_arithmetic():
+    model = tiny_lora_llama()
+    place_for_training(model, "bf16", torch.device("cpu"))
+    switch = switches()["rms_norm_kernel"]
+    assert _norm_compiled(model)
+    try:
+        switch(model, False)
+        assert not _norm_compiled(model) and "_RmsNormBackward" in _nodes(model)
+    finally:
+        switch(model, True)
+    assert _norm_compiled(model)
 
 
 def test_a_run_alternates_every_applied_part():

@@ -23,6 +23,11 @@ alternating in one process: 1.5-3 % faster; BitFit 4-5 % (``benchmarks/README.md
 Readers that are not matmuls (Qwen3's per-head q/k norms feed the rotary embedding) see
 the bf16-rounded value that autocast would only have made at the attention's input.
 
+Where the input is the float32 residual stream and the output bf16 (the usual CPU bf16
+case), the forward and the input gradient each run as one compiled pass
+(:mod:`~peftbench.training.cpu_kernels`; the PyTorch operations above otherwise): the same
+formulas, with the row sums in another order and ``weight * g`` not rounded to bf16 first.
+
 Only norm classes whose forward is exactly LlamaRMSNorm's are routed
 (:func:`~peftbench.training.rms_norm.is_llama_rms_norm`); without gradients, and under
 ``torch.compile``, the norm's own forward runs.
@@ -35,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftbench.training import cpu_kernels
 from peftbench.training.forward_routing import route_forwards
 from peftbench.training.rms_norm import is_llama_rms_norm
 
@@ -47,6 +53,12 @@ class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,
                 out_dtype: torch.dtype | None) -> torch.Tensor:
+        ctx.compiled = (out_dtype == torch.bfloat16 and cpu_kernels.norm_accepts(x, weight)
+                        and cpu_kernels.available())
+        if ctx.compiled:
+            out, scale = cpu_kernels.rms_norm(x, weight, eps)
+            ctx.save_for_backward(x, scale, weight)
+            return out
         xf = x.to(torch.float32)
         scale = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         normed = (xf * scale).to(x.dtype)
@@ -68,7 +80,9 @@ class _RmsNorm(torch.autograd.Function):
             rows = tuple(range(grad.dim() - 1))
             grad_weight = (grad * normed).sum(rows).to(weight.dtype)
         grad_x = None
-        if ctx.needs_input_grad[0]:  # the closed form above, in fp32
+        if ctx.needs_input_grad[0] and ctx.compiled and grad.dtype == torch.bfloat16:
+            grad_x = cpu_kernels.rms_norm_backward(grad.contiguous(), x, weight, scale)
+        elif ctx.needs_input_grad[0]:  # the closed form above, in fp32
             grad_normed = (grad * weight).to(torch.float32)
             coef = torch.linalg.vecdot(grad_normed, xf).unsqueeze(-1)
             coef.mul_(scale.square()).div_(x.shape[-1])
@@ -89,3 +103,9 @@ def fuse_rms_norms(model: nn.Module) -> int:
     """Route the Llama-style RMSNorms of ``model`` through :class:`_RmsNorm`; returns how many
     (idempotent). Parameters and state dict are unchanged."""
     return route_forwards(model, is_llama_rms_norm, _forward, _ORIGINAL)
+
+
+def compiled_rms_norms(fused: int) -> int:
+    """How many of ``fused`` routed norms run the compiled kernel (on float32 inputs): all
+    when it is compiled and switched on, else none. For the run record."""
+    return fused if cpu_kernels.rms_norm_enabled and cpu_kernels.available() else 0

@@ -17,7 +17,7 @@ from peftbench.models.base import LoadedModel
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.fused_lora import fuse_lora_layers
-from peftbench.training.fused_rms_norm import fuse_rms_norms
+from peftbench.training.fused_rms_norm import compiled_rms_norms, fuse_rms_norms
 from peftbench.training.heap import steady_heap
 from peftbench.training.lean_attention import use_lean_attention
 from peftbench.training.objective import supports_gathered_logits
@@ -28,7 +28,7 @@ from peftbench.training.precision import (
 )
 from peftbench.training.recomputed_attention import use_recomputed_attention
 from peftbench.training.rms_norm import recompute_norm_outputs
-from peftbench.training.swiglu import fuse_silu_gates
+from peftbench.training.swiglu import compile_silu_gates, fuse_silu_gates
 
 
 def attach_method(spec: RunSpec, loaded: LoadedModel) -> tuple[Method, dict[str, Any], nn.Module]:
@@ -51,8 +51,11 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     (:mod:`~peftbench.training.fused_lora`; under bf16 autocast
     :mod:`~peftbench.training.fused_lora_bf16`); in bf16, Llama-style RMSNorms as one
     autograd function returning bf16 under autocast
-    (:mod:`~peftbench.training.fused_rms_norm`) and attention keeping
-    only its bf16 inputs (:mod:`~peftbench.training.recomputed_attention`); in fp32, the gated
+    (:mod:`~peftbench.training.fused_rms_norm`), attention keeping only its bf16 inputs
+    (:mod:`~peftbench.training.recomputed_attention`) and the gated MLPs' ``silu(gate) *
+    up`` routed through :mod:`~peftbench.training.swiglu`; the norms and the gates run as one
+    compiled pass each way where a C compiler is available
+    (:mod:`~peftbench.training.cpu_kernels`); in fp32, the gated
     MLPs' SiLU and product and the RMSNorms' outputs computed again in the backward
     (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
     attention keeping its keys and values once per group and its mask once per forward
@@ -77,6 +80,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
         if precision == "bf16":
             applied["fused_rms_norm"] = fuse_rms_norms(model)
             applied["recomputed_attention"] = use_recomputed_attention(model)
+            applied["silu_gate_kernel"] = compile_silu_gates(model)
+            applied["rms_norm_kernel"] = compiled_rms_norms(applied["fused_rms_norm"])
         if precision == "fp32":
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)

@@ -1,0 +1,131 @@
+"""Compiled one-pass kernels for the CPU bf16 path (``cpu_kernels.c``), called with ctypes.
+
+Under bf16 autocast on a CPU the element-wise work around the matmuls runs at memory speed:
+a Llama-style MLP's ``act_fn(gate) * up`` is two eager passes forward and four backward, and
+the RMSNorm over the float32 residual stream half a dozen each way. ``cpu_kernels.c`` does
+each in one pass, widening to float32 and rounding once (so its values are as close to the
+exact ones as the output dtype allows; eager rounds intermediate bf16 results too). It is
+compiled at first use (:mod:`~peftbench.training.compiled_c`); :func:`available` is False
+without a compiler, and the callers then keep PyTorch's operations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from peftbench.training.compiled_c import load
+
+_SOURCE = Path(__file__).with_suffix(".c")
+_BF16, _F32 = torch.bfloat16, torch.float32
+
+#: switched off by tests and benchmarks/ablation.py to compare with PyTorch's operations:
+#: the gated MLPs' kernel (read when a model is placed) and the RMSNorm's (read per call)
+silu_gate_enabled = True
+rms_norm_enabled = True
+
+
+def _library() -> ctypes.CDLL | None:
+    library = load(_SOURCE)
+    if library is not None and not getattr(library, "_peftbench_typed", False):
+        p, size, count, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+        library.pb_silu_mul.argtypes = [p, p, p, size, count]
+        library.pb_silu_mul_backward.argtypes = [p, p, p, p, p, size, count]
+        library.pb_rms_norm.argtypes = [p, p, p, p, size, size, real, count]
+        library.pb_rms_norm_backward.argtypes = [p, p, p, p, p, size, size, p, count]
+        library._peftbench_typed = True
+    return library
+
+
+def available() -> bool:
+    """Whether the kernels are compiled (they compile at the first call of this)."""
+    return _library() is not None
+
+
+def _compiled() -> ctypes.CDLL:
+    library = _library()
+    if library is None:
+        raise RuntimeError("peftbench's CPU kernels are not compiled; check available() first")
+    return library
+
+
+def _fits(tensor: torch.Tensor, dtype: torch.dtype, shape: torch.Size) -> bool:
+    return (tensor.dtype == dtype and tensor.device.type == "cpu" and tensor.is_contiguous()
+            and tensor.shape == shape)
+
+
+def _pointers(expected: list[tuple[torch.Tensor, torch.dtype]],
+              shape: torch.Size) -> list[int]:
+    if not all(_fits(t, dtype, shape) for t, dtype in expected):
+        got = ", ".join(f"{t.dtype} {tuple(t.shape)} on {t.device}"
+                        f"{'' if t.is_contiguous() else ' (not contiguous)'}"
+                        for t, _ in expected)
+        want = ", ".join(str(dtype) for _, dtype in expected)
+        raise ValueError(f"expected contiguous CPU tensors of shape {tuple(shape)} and dtypes "
+                         f"{want}; got {got}")
+    return [t.data_ptr() for t, _ in expected]
+
+
+def gate_accepts(*tensors: torch.Tensor) -> bool:
+    """Whether the SiLU gate kernel takes these: contiguous bf16 on the CPU, one shape."""
+    return all(_fits(t, _BF16, tensors[0].shape) for t in tensors)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (bf16) in one pass."""
+    out = torch.empty_like(gate)
+    _compiled().pb_silu_mul(*_pointers([(gate, _BF16), (up, _BF16), (out, _BF16)], gate.shape),
+                            gate.numel(), torch.get_num_threads())
+    return out
+
+
+def silu_mul_backward(grad: torch.Tensor, gate: torch.Tensor,
+                      up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``silu(gate) * up`` with respect to ``gate`` and ``up`` (bf16), given
+    the gradient ``grad`` of the product, in one pass."""
+    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    tensors = [(grad, _BF16), (gate, _BF16), (up, _BF16), (grad_gate, _BF16), (grad_up, _BF16)]
+    _compiled().pb_silu_mul_backward(*_pointers(tensors, gate.shape), gate.numel(),
+                                     torch.get_num_threads())
+    return grad_gate, grad_up
+
+
+def norm_accepts(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the RMSNorm kernel takes these: ``x`` contiguous float32 on the CPU, and a
+    CPU weight (any float dtype) of its last dimension's size."""
+    return (rms_norm_enabled and x.dim() >= 1 and _fits(x, _F32, x.shape)
+            and weight.device.type == "cpu" and weight.shape == x.shape[-1:])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bf16(weight * x / sqrt(mean(x^2, -1) + eps))`` and the per-row scale (float32,
+    shape ``x.shape[:-1] + (1,)``) for ``x`` float32, in one pass."""
+    out = torch.empty(x.shape, dtype=_BF16)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=_F32)
+    weight = weight.detach().to(_F32).contiguous()
+    cols = x.shape[-1]
+    pointers = _pointers([(x, _F32), (out, _BF16)], x.shape)
+    _compiled().pb_rms_norm(pointers[0], weight.data_ptr(), pointers[1], scale.data_ptr(),
+                            x.numel() // max(cols, 1), cols, eps, torch.get_num_threads())
+    return out, scale
+
+
+def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      scale: torch.Tensor) -> torch.Tensor:
+    """The gradient of :func:`rms_norm`'s output with respect to ``x`` (float32), given its
+    gradient ``grad`` (bf16) and the forward's ``scale``, in one pass."""
+    grad_x = torch.empty(x.shape, dtype=_F32)
+    weight = weight.detach().to(_F32).contiguous()
+    cols, threads = x.shape[-1], torch.get_num_threads()
+    rows = x.numel() // max(cols, 1)
+    pointers = _pointers([(grad, _BF16), (x, _F32), (grad_x, _F32)], x.shape)
+    if scale.dtype != _F32 or not scale.is_contiguous() or scale.numel() != rows:
+        raise ValueError(f"scale must be the forward's contiguous float32 row scales ({rows})")
+    work = torch.empty(threads * cols, dtype=_F32)
+    _compiled().pb_rms_norm_backward(pointers[0], pointers[1], weight.data_ptr(),
+                                     scale.data_ptr(), pointers[2], rows, cols,
+                                     work.data_ptr(), threads)
+    return grad_x
