@@ -44,25 +44,30 @@ def _within_one_rounding(got: torch.Tensor, want: torch.Tensor, slack: torch.Ten
 
 
 @needs_kernel
-def test_forward_is_the_exact_product_rounded_once():
+def test_forward_keeps_eagers_values():
+    """``silu(gate)`` rounded to bf16, then the product rounded: eager's two roundings (a
+    product rounded once moved SmolLM2's step-1 prompt-tuning gradient from 2.7 % to 6.2 %
+    off fp32's), so equal to eager's result up to silu's last float32 bit."""
     gate, up, _ = _operands()
-    g, u = gate.double(), up.double()
-    want = F.silu(g) * u
     got = cpu_kernels.silu_mul(gate, up)
+    eager = F.silu(gate) * up
     assert got.dtype == BF16 and got.shape == gate.shape
-    _within_one_rounding(got, want, 1e-6 * want.abs() + 1e-30)
-    eager = F.silu(gate) * up  # rounds silu(gate) first, then the product
-    assert ((got.double() - want).norm() < (eager.double() - want).norm())
+    assert (got == eager).float().mean() >= 0.999
+    silu64 = F.silu(gate.double())
+    _within_one_rounding(got, silu64.to(BF16).double() * up.double(), 1e-6 * silu64.abs() + 1e-30)
 
 
 @needs_kernel
 def test_backward_is_the_exact_gradient_rounded_once():
+    """The gate's gradient rounded once; the up's as the forward multiplied: by silu's bf16
+    value."""
     gate, up, grad = _operands(seed=1)
     g, u, d = gate.double(), up.double(), grad.double()
     s = torch.sigmoid(g)
     grad_gate, grad_up = cpu_kernels.silu_mul_backward(grad, gate, up)
     assert grad_gate.dtype == grad_up.dtype == BF16
-    _within_one_rounding(grad_up, d * g * s, 1e-6 * (d * g * s).abs() + 1e-30)
+    silu_bf16 = (g * s).to(BF16).double()
+    _within_one_rounding(grad_up, d * silu_bf16, 1e-6 * (d * g * s).abs() + 1e-30)
     # silu'(x) = s (1 + x (1 - s)) crosses zero near x = -1.278: float32's cancellation there
     # is bounded by the terms' size, not the result's
     terms = (d * u * s).abs() * (1 + (g * (1 - s)).abs())

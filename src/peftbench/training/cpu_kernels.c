@@ -7,8 +7,8 @@
  *   gradient of its closed-form backward (pow, mean, rsqrt, two products and a cast
  *   forward; a product, a cast, a row dot product and three passes backward).
  *
- * Values are widened to float32, computed in registers and rounded once to bf16 (round to
- * nearest even, as torch). bf16 is passed as its 16 raw bits (uint16_t); arrays are
+ * Values are widened to float32 and computed in registers; results are rounded once to bf16
+ * (round to nearest even, as torch), except where noted to keep eager's forward values. bf16 is passed as its 16 raw bits (uint16_t); arrays are
  * contiguous and row-major. Compiled at first use by peftbench/training/compiled_c.py
  * (plain C, no torch headers); the wrappers are in cpu_kernels.py. */
 #include <math.h>
@@ -59,25 +59,31 @@ static inline float exp_clamped(float x) {
     return p * scale;
 }
 
-/* out = silu(gate) * up */
+/* silu(x) rounded to bf16 and widened again: the value eager bf16 keeps for silu's output */
+static inline float silu_bf16(float x) {
+    return bf16_to_float(float_to_bf16(x / (1.0f + exp_clamped(-x))));
+}
+
+/* out = silu(gate) * up, with silu(gate) rounded to bf16 before the product, as eager bf16
+ * computes it: the forward keeps eager's values (a product rounded once measured a step-1
+ * prompt-tuning gradient 6.2 % from fp32's against eager's 2.7 % on SmolLM2) */
 void pb_silu_mul(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n,
                  int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if (n >= PB_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++) {
-        float x = bf16_to_float(gate[i]);
-        out[i] = float_to_bf16(x / (1.0f + exp_clamped(-x)) * bf16_to_float(up[i]));
-    }
+    for (int64_t i = 0; i < n; i++)
+        out[i] = float_to_bf16(silu_bf16(bf16_to_float(gate[i])) * bf16_to_float(up[i]));
 }
 
-/* grad_gate = grad * up * silu'(gate), grad_up = grad * silu(gate),
- * with silu'(x) = s (1 + x (1 - s)) and s = sigmoid(x), as torch's silu_backward */
+/* grad_gate = grad * up * silu'(gate), grad_up = grad * silu(gate) (silu's bf16 value, the
+ * one the forward multiplied by), with silu'(x) = s (1 + x (1 - s)) and s = sigmoid(x), as
+ * torch's silu_backward; each rounded once */
 void pb_silu_mul_backward(const uint16_t *grad, const uint16_t *gate, const uint16_t *up,
                           uint16_t *grad_gate, uint16_t *grad_up, int64_t n, int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if (n >= PB_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
         float x = bf16_to_float(gate[i]), g = bf16_to_float(grad[i]);
         float s = 1.0f / (1.0f + exp_clamped(-x));
-        grad_up[i] = float_to_bf16(g * x * s);
+        grad_up[i] = float_to_bf16(g * bf16_to_float(float_to_bf16(x * s)));
         grad_gate[i] = float_to_bf16(g * bf16_to_float(up[i]) * s * (1.0f + x * (1.0f - s)));
     }
 }

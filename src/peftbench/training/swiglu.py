@@ -17,7 +17,7 @@ layers.
 Under bf16 on the CPU the same MLPs instead run ``silu(gate) * up`` through the compiled
 kernel of :mod:`~peftbench.training.cpu_kernels` (:func:`compile_silu_gates`): one pass
 each way, keeping ``gate`` and ``up`` for the backward (autograd keeps ``silu``'s output
-too), rounded once to bf16 instead of twice.
+too); the forward's values are eager's, the gradients rounded once instead of twice.
 
 Only MLP classes whose forward is exactly that expression (:data:`GATED_SILU_MLPS`) and whose
 activation is SiLU are changed; anything else keeps its own forward.
