@@ -9,12 +9,12 @@ ratio, and the ratio of median per-token step times.
 
     python benchmarks/ablation.py --model smollm2-135m --method lora --steps 24
 
-Parts (those the placement applied; others are skipped): ``fused_lora`` (peft's LoRA
-forward when off), ``fused_rms_norm`` (transformers' RMSNorm forward when off) and
-``recomputed_attention`` (transformers' sdpa when off) and ``silu_gate_kernel``
-(transformers' gated MLP forward when off) and ``rms_norm_kernel`` (the fused RMSNorm's
-PyTorch operations when off). Dropout's cheap masks and bf16
-storage are not switchable: the fused layers need the first, the second is the weights.
+Parts (those the placement applied; others are skipped), with what runs when off:
+``fused_lora`` (peft's LoRA forward), ``fused_rms_norm`` (transformers' RMSNorm forward),
+``recomputed_attention`` (transformers' sdpa), ``silu_gate_kernel`` (transformers' gated
+MLP forward) and ``rms_norm_kernel`` (the fused RMSNorm's PyTorch operations). Dropout's
+cheap masks and bf16 storage are not switchable: the fused layers need the first, the
+second is the weights.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention,"
-                        "silu_gate_kernel")
+                        "silu_gate_kernel,rms_norm_kernel")
     parser.add_argument("--steps", type=int, default=24,
                         help="alternating steps per part (half on, half off)")
     parser.add_argument("--warmup", type=int, default=4)

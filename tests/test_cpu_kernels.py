@@ -113,9 +113,11 @@ def test_wrong_tensors_are_refused_with_what_was_given(bad):
 
 
 def _fake_compiler(folder: Path, refuse: str) -> str:
-    """A compiler script that fails when its arguments contain ``refuse``, else runs cc."""
+    """A compiler script that fails when its arguments contain ``refuse``, else runs cc;
+    each call with ``-o`` (a compile) is logged to ``folder / "calls"``."""
     script = folder / "cc-wrapper"
-    script.write_text(f'#!/bin/sh\ncase "$*" in *{refuse}*) echo refused >&2; exit 1;; esac\n'
+    script.write_text(f'#!/bin/sh\ncase "$*" in *-o*) echo "$*" >> {folder / "calls"};; esac\n'
+                      f'case "$*" in *{refuse}*) echo refused >&2; exit 1;; esac\n'
                       'exec cc "$@"\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return str(script)
@@ -129,15 +131,26 @@ def test_the_build_is_cached_and_falls_back_to_plainer_flags(tmp_path, monkeypat
     assert compiled_c.build_library(source, tmp_path) == first
     assert first.stat().st_mtime_ns == stamp and os.listdir(tmp_path) == [first.name]
     monkeypatch.setenv("CC", _fake_compiler(tmp_path, "-fopenmp"))
-    (tmp_path / "other").mkdir()
-    plain = compiled_c.build_library(source, tmp_path / "other")
+    other = tmp_path / "other"
+    other.mkdir()
+    plain = compiled_c.build_library(source, other)
     assert plain.name != first.name and plain.exists()  # without OpenMP: another build
+    assert len((tmp_path / "calls").read_text().splitlines()) == 3  # two refused, one built
+    failed = sorted(other.glob("*.failed"))
+    assert len(failed) == 2 and all("refused" in note.read_text() for note in failed)
+    plain.unlink()
+    assert compiled_c.build_library(source, other) == plain  # the refused sets not retried
+    assert len((tmp_path / "calls").read_text().splitlines()) == 4
+    monkeypatch.setenv("CC", _fake_compiler(tmp_path, "-o"))  # now every compile fails
+    plain.unlink()
+    with pytest.raises(OSError, match=r"no flag set compiles .* messages are in"):
+        compiled_c.build_library(source, other)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.raises(OSError):
         compiled_c.build_library(source, tmp_path)
 
 
-def test_without_a_compiler_the_placement_keeps_transformers_mlp(monkeypatch, caplog):
+def test_without_a_compiler_the_placement_keeps_transformers_mlp(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
     model = tiny_lora_llama()
     applied = place_for_training(model, "bf16", torch.device("cpu"))
@@ -146,6 +159,19 @@ def test_without_a_compiler_the_placement_keeps_transformers_mlp(monkeypatch, ca
     with torch.autocast("cpu", dtype=BF16):
         model(input_ids=IDS, labels=IDS).loss.backward()  # PyTorch's operations throughout
     assert not any(hasattr(m, swiglu._ORIGINAL_FORWARD) for m in model.modules())
+
+
+def test_the_environment_switches_the_kernels_off_for_the_process(monkeypatch):
+    monkeypatch.setenv("PEFTBENCH_CPU_KERNELS", "0")
+    cpu_kernels._library.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+        model = tiny_lora_llama()
+        applied = place_for_training(model, "bf16", torch.device("cpu"))
+        assert applied["silu_gate_kernel"] == applied["rms_norm_kernel"] == 0
+    finally:
+        monkeypatch.delenv("PEFTBENCH_CPU_KERNELS")
+        cpu_kernels._library.cache_clear()
 
 
 def _loss_and_grads(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:

@@ -5,8 +5,9 @@ contiguous buffers passed as pointers. Each source is compiled once per source t
 compiler and CPU into peftbench's cache (``PEFTBENCH_CACHE``) under a temporary name and
 renamed, so concurrent workers never load half a file. The flags are tried from the fastest
 (``-march=native`` and OpenMP, which then shares torch's OpenMP runtime: same soname) to
-plain C99; without a working compiler :func:`load` returns None and the caller keeps its
-PyTorch path.
+plain C99; a flag set that failed is noted in the cache and skipped from then on (delete
+the cache's ``kernels`` folder to try again, e.g. after installing OpenMP). Without a
+working compiler :func:`load` returns None and the caller keeps its PyTorch path.
 """
 
 from __future__ import annotations
@@ -51,19 +52,23 @@ def _machine_identity() -> str:
 
 def build_library(source: Path, folder: Path | None = None) -> Path:
     """Compile ``source`` into ``folder`` (default: the cache) unless a build of this source
-    by this compiler for this machine is there; returns the shared library's path. Raises
-    ``OSError`` / ``subprocess.SubprocessError`` when no flag set compiles."""
+    by this compiler for this machine is there; returns the shared library's path. A flag
+    set that failed leaves a ``.failed`` note (the compiler's message) and is not tried
+    again, so each new worker process does not pay for it. Raises ``OSError`` /
+    ``subprocess.SubprocessError`` when no flag set compiles."""
     compiler = _compiler()
     identity = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                               timeout=60, check=True).stdout
     folder = folder or cache_dir("kernels")
-    error: subprocess.SubprocessError | None = None
+    common = [source.read_bytes(), identity.encode(), _machine_identity().encode()]
     for flags in FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(flags).encode(),
-                                         identity.encode(), _machine_identity().encode()]))
-        library = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
+        key = hashlib.sha256(b"\0".join([*common, " ".join(flags).encode()])).hexdigest()[:16]
+        library = folder / f"{source.stem}-{key}.so"
         if library.exists():
             return library
+        failed = library.with_suffix(".failed")
+        if failed.exists():
+            continue
         handle, partial = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(handle)
         try:
@@ -71,13 +76,13 @@ def build_library(source: Path, folder: Path | None = None) -> Path:
                            capture_output=True, text=True, timeout=300, check=True)
             os.replace(partial, library)
             return library
-        except subprocess.CalledProcessError as failed:
-            error = failed
+        except subprocess.CalledProcessError as error:
+            failed.write_text(f"{' '.join(error.cmd)}\n{error.stderr}")
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
-    assert error is not None
-    raise error
+    raise OSError(f"{source.name}: no flag set compiles with {' '.join(compiler)} (the "
+                  f"compiler's messages are in {folder}/{source.stem}-*.failed)")
 
 
 @functools.cache

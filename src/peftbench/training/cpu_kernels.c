@@ -59,9 +59,10 @@ static inline float exp_clamped(float x) {
     return p * scale;
 }
 
-/* silu(x) rounded to bf16 and widened again: the value eager bf16 keeps for silu's output */
-static inline float silu_bf16(float x) {
-    return bf16_to_float(float_to_bf16(x / (1.0f + exp_clamped(-x))));
+/* silu(x) = x / (1 + e) with e = exp(-x), rounded to bf16 and widened again: the value
+ * eager bf16 keeps for silu's output, and the one both directions below multiply by */
+static inline float silu_rounded(float x, float e) {
+    return bf16_to_float(float_to_bf16(x / (1.0f + e)));
 }
 
 /* out = silu(gate) * up, with silu(gate) rounded to bf16 before the product, as eager bf16
@@ -70,8 +71,10 @@ static inline float silu_bf16(float x) {
 void pb_silu_mul(const uint16_t *gate, const uint16_t *up, uint16_t *out, int64_t n,
                  int threads) {
     #pragma omp parallel for schedule(static) num_threads(threads) if (n >= PB_PARALLEL_MIN)
-    for (int64_t i = 0; i < n; i++)
-        out[i] = float_to_bf16(silu_bf16(bf16_to_float(gate[i])) * bf16_to_float(up[i]));
+    for (int64_t i = 0; i < n; i++) {
+        float x = bf16_to_float(gate[i]);
+        out[i] = float_to_bf16(silu_rounded(x, exp_clamped(-x)) * bf16_to_float(up[i]));
+    }
 }
 
 /* grad_gate = grad * up * silu'(gate), grad_up = grad * silu(gate) (silu's bf16 value, the
@@ -82,8 +85,8 @@ void pb_silu_mul_backward(const uint16_t *grad, const uint16_t *gate, const uint
     #pragma omp parallel for schedule(static) num_threads(threads) if (n >= PB_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
         float x = bf16_to_float(gate[i]), g = bf16_to_float(grad[i]);
-        float s = 1.0f / (1.0f + exp_clamped(-x));
-        grad_up[i] = float_to_bf16(g * bf16_to_float(float_to_bf16(x * s)));
+        float e = exp_clamped(-x), s = 1.0f / (1.0f + e);
+        grad_up[i] = float_to_bf16(g * silu_rounded(x, e));
         grad_gate[i] = float_to_bf16(g * bf16_to_float(up[i]) * s * (1.0f + x * (1.0f - s)));
     }
 }

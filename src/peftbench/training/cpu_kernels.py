@@ -15,6 +15,7 @@ callers then keep PyTorch's operations.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 
@@ -25,28 +26,31 @@ from peftbench.training.compiled_c import load
 _SOURCE = Path(__file__).with_suffix(".c")
 _BF16, _F32 = torch.bfloat16, torch.float32
 
-#: switched off by tests and benchmarks/ablation.py to compare with PyTorch's operations:
-#: the gated MLPs' kernel (read when a model is placed) and the RMSNorm's (read per call)
-silu_gate_enabled = True
+#: switched off by tests and benchmarks/ablation.py (``rms_norm_kernel``) to compare the
+#: RMSNorm with PyTorch's operations; read at every call
 rms_norm_enabled = True
 
 
+@functools.cache
 def _library() -> ctypes.CDLL | None:
+    """The compiled kernels with their signatures, or None (no compiler, or switched off
+    with ``PEFTBENCH_CPU_KERNELS=0``); decided once per process."""
+    if os.environ.get("PEFTBENCH_CPU_KERNELS", "1") == "0":
+        return None
     library = load(_SOURCE)
-    if library is not None and not getattr(library, "_peftbench_typed", False):
+    if library is not None:
         p, size, count, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
         library.pb_silu_mul.argtypes = [p, p, p, size, count]
         library.pb_silu_mul_backward.argtypes = [p, p, p, p, p, size, count]
         library.pb_rms_norm.argtypes = [p, p, p, p, size, size, real, count]
         library.pb_rms_norm_backward.argtypes = [p, p, p, p, p, size, size, p, count]
-        library._peftbench_typed = True
     return library
 
 
 def available() -> bool:
     """Whether the kernels are compiled (they compile at the first call of this) and not
     switched off with ``PEFTBENCH_CPU_KERNELS=0``."""
-    return os.environ.get("PEFTBENCH_CPU_KERNELS", "1") != "0" and _library() is not None
+    return _library() is not None
 
 
 def _compiled() -> ctypes.CDLL:

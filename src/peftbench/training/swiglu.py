@@ -116,8 +116,8 @@ def _compiled_gated_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def compile_silu_gates(model: nn.Module) -> int:
     """Route every gated SiLU MLP of ``model`` through the compiled kernel (used where
     ``gate`` and ``up`` arrive as contiguous CPU bf16); returns how many, 0 when the kernel
-    is not available or switched off (idempotent). Parameters and state dict are unchanged."""
-    if not (cpu_kernels.silu_gate_enabled and cpu_kernels.available()):
+    is not available (idempotent). Parameters and state dict are unchanged."""
+    if not cpu_kernels.available():
         return 0
     return route_forwards(model, _fusable, _compiled_gated_forward, _ORIGINAL_FORWARD)
 
