@@ -18,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from ablation import WorkerConfig, main, run, switches
 
-#: each part's autograd function, as it shows in the graph
-NODES = {"fused_lora": "_LoraLinearBf16Backward", "fused_rms_norm": "_RmsNormBackward",
+#: each part's autograd function, as it shows in the graph (the fused LoRA layer's is the
+#: compiled one where a C compiler is available)
+NODES = {"fused_lora": "_LoraLinearKernelBackward" if cpu_kernels.available()
+         else "_LoraLinearBf16Backward", "fused_rms_norm": "_RmsNormBackward",
          "recomputed_attention": "_AttentionBackward",
          "silu_gate_kernel": "_CompiledSiluGateBackward"}
 
@@ -34,7 +36,7 @@ def test_each_switch_turns_its_part_off_and_on_again():
     applied = place_for_training(model, "bf16", torch.device("cpu"))
     parts = switches()
     compiled = cpu_kernels.available()  # without a C compiler the kernel parts are not applied
-    assert set(parts) == {*NODES, "rms_norm_kernel"}
+    assert set(parts) == {*NODES, "rms_norm_kernel", "lora_kernel"}
     assert all(bool(applied[part]) == (compiled or "kernel" not in part) for part in parts)
     for part, switch in parts.items():
         if part not in NODES or not applied[part]:
@@ -88,3 +90,21 @@ def test_an_unknown_part_is_a_usage_error(capsys):
         main(["--parts", "fused_lora,fused_norm"])
     assert exit_info.value.code == 2
     assert "unknown fused_norm; choose from fused_lora" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="no C compiler: no kernel to switch")
+def test_the_lora_kernel_switch_keeps_the_fused_layer_with_pytorchs_operations():
+    model = tiny_lora_llama()
+    applied = place_for_training(model, "bf16", torch.device("cpu"))
+    assert applied["lora_kernel"] == applied["fused_lora"] > 0
+    switch = switches()["lora_kernel"]
+    layers = _nodes(model).count("_LoraLinearKernelBackward")
+    assert layers == applied["fused_lora"]
+    try:
+        switch(model, False)
+        names = _nodes(model)
+        assert "_LoraLinearKernelBackward" not in names
+        assert names.count("_LoraLinearBf16Backward") == layers
+    finally:
+        switch(model, True)
+    assert _nodes(model).count("_LoraLinearKernelBackward") == layers

@@ -1,6 +1,8 @@
 """Fused bf16 LoRA layers (CPU autocast): the adapter's function with its dropout mask
 applied consistently in forward and backward, as close to fp32 as peft under autocast, one
-shared bf16 copy of a shared input (the dropout masks themselves: ``test_dropout.py``)."""
+shared bf16 copy of a shared input (the dropout masks themselves: ``test_dropout.py``). These
+pin the PyTorch layer, so the compiled kernels are switched off here; they have
+``test_lora_kernel.py``."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from lora_models import graph_nodes, tiny_lora_llama
+from peftbench.training import lora_kernel
 from peftbench.training.dropout import drop_positions, use_fast_dropout
 from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.fused_lora_bf16 import lora_linear_bf16, shared_bf16_copy
@@ -15,6 +18,11 @@ from peftbench.training.precision import lora_inputs_uncast, store_frozen_in_bf1
 
 CPU = torch.device("cpu")
 IDS = torch.tensor([[5, 17, 9, 33, 41, 8, 12], [7, 3, 60, 2, 19, 25, 4]])
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_layers(monkeypatch):
+    monkeypatch.setattr(lora_kernel, "enabled", False)
 
 
 def test_a_shared_input_is_copied_to_bf16_once_until_it_changes():

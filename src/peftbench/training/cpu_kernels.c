@@ -149,3 +149,407 @@ void pb_rms_norm_backward(const uint16_t *grad, const float *x, const float *wei
         }
     }
 }
+
+/* ---- LoRA: the adapter's rank-r products around the frozen base matmul ----
+ *
+ * x (m x k, bf16) is the layer input, a (r x k) and bt (r x n) the adapter's A and
+ * scale * B^T (float32); the base product x W^T (m x n, bf16) comes from torch. Dropout over
+ * the adapter's input is drawn here: element (i, c) is kept when a hash of its flat index
+ * i * k + c and the call's seed is at least threshold = p * 2^32, so the backward draws the
+ * same mask again instead of keeping it. Sums over the rank are float32.
+ *
+ * The loops run over 16 columns at a time in GCC/Clang vector extensions (16 floats; the
+ * compiler splits them where registers are narrower) and over P rows at a time, so that each
+ * vector of A, B^T or of a partial sum that is loaded serves P rows, with r P independent
+ * sums in registers. They are instantiated for r = 4, 8 and 16 (everything unrolled) and
+ * once for any other r. Columns past the last multiple of 16 are done one at a time. */
+
+typedef float pb_vf __attribute__((vector_size(64)));
+typedef float pb_vf_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint32_t pb_vu __attribute__((vector_size(64)));
+typedef uint16_t pb_vh __attribute__((vector_size(32)));
+typedef uint16_t pb_vh_u __attribute__((vector_size(32), aligned(2), may_alias));
+#define PB_LANES 16
+#define PB_INLINE static inline __attribute__((always_inline))
+
+PB_INLINE pb_vf load16(const float *p) { return *(const pb_vf_u *)p; }
+PB_INLINE void store16(float *p, pb_vf v) { *(pb_vf_u *)p = v; }
+PB_INLINE pb_vf widen16(const uint16_t *p) {
+    return (pb_vf)(__builtin_convertvector(*(const pb_vh_u *)p, pb_vu) << 16);
+}
+/* as float_to_bf16, 16 at a time */
+PB_INLINE void narrow16(uint16_t *p, pb_vf f) {
+    pb_vu u = (pb_vu)f;
+    pb_vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    pb_vu nan = (pb_vu)((u & 0x7fffffffu) > 0x7f800000u);
+    pb_vu bits = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
+    *(pb_vh_u *)p = __builtin_convertvector(bits, pb_vh);
+}
+PB_INLINE float sum16(pb_vf v) {
+    float s = 0.0f;
+    for (int l = 0; l < PB_LANES; l++)
+        s += v[l];
+    return s;
+}
+
+/* lowbias32 (C. Wellons): a bijective 32-bit mixer with full avalanche */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+PB_INLINE pb_vu mix32v(pb_vu x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* whether the dropout keeps element index of a call: mix32 of the index offset by the
+ * seed's low word, mixed with its high word, at least the threshold */
+static inline int pb_keep(uint32_t index, uint64_t seed, uint32_t threshold) {
+    return threshold == 0 ||
+           mix32(mix32(index + (uint32_t)seed) ^ (uint32_t)(seed >> 32)) >= threshold;
+}
+/* the keep mask (all bits set where kept) of indices first .. first + 15 */
+PB_INLINE pb_vu keep16(uint32_t first, uint64_t seed, uint32_t threshold) {
+    const pb_vu lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    pb_vu h = mix32v(mix32v(first + lanes + (uint32_t)seed) ^ (uint32_t)(seed >> 32));
+    return (pb_vu)(h >= threshold);
+}
+/* 16 elements of x from flat index first, dropped ones 0; keep receives the mask */
+PB_INLINE pb_vf dropped16(const uint16_t *x, uint32_t first, uint64_t seed,
+                          uint32_t threshold, int drop, pb_vu *keep) {
+    pb_vf v = widen16(x);
+    if (!drop) {
+        *keep = ~(pb_vu){0};
+        return v;
+    }
+    *keep = keep16(first, seed, threshold);
+    return (pb_vf)((pb_vu)v & *keep);
+}
+static inline float dropped1(const uint16_t *x, int64_t index, uint64_t seed,
+                             uint32_t threshold) {
+    return pb_keep((uint32_t)index, seed, threshold) ? bf16_to_float(*x) : 0.0f;
+}
+
+static inline int thread_number(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static inline int thread_count(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* rows per block: 4 for r = 4, 2 for r = 8, else 1 (r P sums stay in registers) */
+static inline int per_block(int64_t r) { return r == 4 ? 4 : r == 8 ? 2 : 1; }
+
+/* CALL(r, P) with r and P constants for r = 4, 8 and 16 (the rows functions are inlined
+ * into the OpenMP region and unrolled), and with r itself otherwise */
+#define PB_BY_RANK(r, CALL)                                                                  \
+    do {                                                                                     \
+        if ((r) == 4)                                                                        \
+            CALL(4, 4);                                                                      \
+        else if ((r) == 8)                                                                   \
+            CALL(8, 2);                                                                      \
+        else if ((r) == 16)                                                                  \
+            CALL(16, 1);                                                                     \
+        else                                                                                 \
+            CALL(r, 1);                                                                      \
+    } while (0)
+
+/* out = the sum of parts arrays of size floats, part t at partials + t * stride, added
+ * in thread order */
+static void sum_partials(const float *partials, int64_t stride, float *out, int64_t size,
+                         int parts) {
+    for (int64_t e = 0; e < size; e++) {
+        float s = 0.0f;
+        for (int t = 0; t < parts; t++)
+            s += partials[(int64_t)t * stride + e];
+        out[e] = s;
+    }
+}
+
+/* the dropout mask of a call (1 kept, 0 dropped), for tests and references */
+void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t threshold) {
+    for (int64_t e = 0; e < m * k; e++)
+        keep[e] = (uint8_t)pb_keep((uint32_t)e, seed, threshold);
+}
+
+/* hidden[i0 .. i0 + P) = dropout(x) a^T for P rows */
+PB_INLINE void down_rows(const uint16_t *restrict x, const float *restrict a,
+                         float *restrict hidden, int64_t i0, int64_t k, const int64_t r,
+                         const int P, uint64_t seed, uint32_t threshold, int drop) {
+    pb_vf s[P][r];
+    for (int q = 0; q < P; q++)
+        for (int64_t j = 0; j < r; j++)
+            s[q][j] = (pb_vf){0};
+    int64_t c = 0;
+    for (; c + PB_LANES <= k; c += PB_LANES) {
+        pb_vf v[P];
+        pb_vu keep;
+        for (int q = 0; q < P; q++)
+            v[q] = dropped16(x + (i0 + q) * k + c, (uint32_t)((i0 + q) * k + c), seed,
+                             threshold, drop, &keep);
+        for (int64_t j = 0; j < r; j++) {
+            pb_vf w = load16(a + j * k + c);
+            for (int q = 0; q < P; q++)
+                s[q][j] += v[q] * w;
+        }
+    }
+    for (int q = 0; q < P; q++)
+        for (int64_t j = 0; j < r; j++) {
+            float t = sum16(s[q][j]);
+            for (int64_t e = c; e < k; e++)
+                t += dropped1(x + (i0 + q) * k + e, (i0 + q) * k + e, seed, threshold) *
+                     a[j * k + e];
+            hidden[(i0 + q) * r + j] = t;
+        }
+}
+
+/* hidden = dropout(x) a^T (float32, m x r) */
+void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
+                  int64_t r, uint64_t seed, uint32_t threshold, int threads) {
+    int64_t blocks = m / per_block(r);
+    int drop = threshold != 0;
+    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
+    {
+#define PB_DOWN(R, P) down_rows(x, a, hidden, b * (P), k, R, P, seed, threshold, drop)
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+            PB_BY_RANK(r, PB_DOWN);
+#undef PB_DOWN
+        #pragma omp for schedule(static)
+        for (int64_t i = blocks * per_block(r); i < m; i++)
+            down_rows(x, a, hidden, i, k, r, 1, seed, threshold, drop);
+    }
+}
+
+/* out[i0 .. i0 + P) += hidden bt, rounded once */
+PB_INLINE void up_rows(uint16_t *restrict out, const float *restrict hidden,
+                       const float *restrict bt, int64_t i0, int64_t n, const int64_t r,
+                       const int P) {
+    const float *h = hidden + i0 * r;
+    int64_t c = 0;
+    for (; c + PB_LANES <= n; c += PB_LANES) {
+        pb_vf v[P];
+        for (int q = 0; q < P; q++)
+            v[q] = widen16(out + (i0 + q) * n + c);
+        for (int64_t j = 0; j < r; j++) {
+            pb_vf w = load16(bt + j * n + c);
+            for (int q = 0; q < P; q++)
+                v[q] += h[q * r + j] * w;
+        }
+        for (int q = 0; q < P; q++)
+            narrow16(out + (i0 + q) * n + c, v[q]);
+    }
+    for (; c < n; c++)
+        for (int q = 0; q < P; q++) {
+            float t = bf16_to_float(out[(i0 + q) * n + c]);
+            for (int64_t j = 0; j < r; j++)
+                t += h[q * r + j] * bt[j * n + c];
+            out[(i0 + q) * n + c] = float_to_bf16(t);
+        }
+}
+
+/* out += hidden bt, in place over the base product (bf16, m x n), rounded once */
+void pb_lora_up_add(uint16_t *out, const float *hidden, const float *bt, int64_t m,
+                    int64_t n, int64_t r, int threads) {
+    int64_t blocks = m / per_block(r);
+    #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
+    {
+#define PB_UP(R, P) up_rows(out, hidden, bt, b * (P), n, R, P)
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+            PB_BY_RANK(r, PB_UP);
+#undef PB_UP
+        #pragma omp for schedule(static)
+        for (int64_t i = blocks * per_block(r); i < m; i++)
+            up_rows(out, hidden, bt, i, n, r, 1);
+    }
+}
+
+/* 16 elements of row i of g (float32 if g_f32, else bf16) from column c, also written to
+ * g_bf16 when g is float32 */
+PB_INLINE pb_vf grad16(const void *g, int g_f32, uint16_t *g_bf16, int64_t index) {
+    if (!g_f32)
+        return widen16((const uint16_t *)g + index);
+    pb_vf v = load16((const float *)g + index);
+    narrow16(g_bf16 + index, v);
+    return v;
+}
+static inline float grad1(const void *g, int g_f32, uint16_t *g_bf16, int64_t index) {
+    if (!g_f32)
+        return bf16_to_float(((const uint16_t *)g)[index]);
+    float v = ((const float *)g)[index];
+    g_bf16[index] = float_to_bf16(v);
+    return v;
+}
+
+/* for P rows: grad_hidden = g bt^T, and partial (r x n) += hidden^T g */
+PB_INLINE void grad_hidden_rows(const void *g, int g_f32, const float *restrict bt,
+                                const float *restrict hidden, float *restrict grad_hidden,
+                                float *restrict partial, uint16_t *restrict g_bf16,
+                                int64_t i0, int64_t n, const int64_t r, const int P) {
+    const float *h = hidden + i0 * r;
+    pb_vf s[P][r];
+    for (int q = 0; q < P; q++)
+        for (int64_t j = 0; j < r; j++)
+            s[q][j] = (pb_vf){0};
+    int64_t c = 0;
+    for (; c + PB_LANES <= n; c += PB_LANES) {
+        pb_vf v[P];
+        for (int q = 0; q < P; q++)
+            v[q] = grad16(g, g_f32, g_bf16, (i0 + q) * n + c);
+        for (int64_t j = 0; j < r; j++) {
+            pb_vf w = load16(bt + j * n + c), acc = load16(partial + j * n + c);
+            for (int q = 0; q < P; q++) {
+                s[q][j] += v[q] * w;
+                acc += h[q * r + j] * v[q];
+            }
+            store16(partial + j * n + c, acc);
+        }
+    }
+    float tail[P][r];
+    for (int q = 0; q < P; q++)
+        for (int64_t j = 0; j < r; j++)
+            tail[q][j] = sum16(s[q][j]);
+    for (; c < n; c++)
+        for (int q = 0; q < P; q++) {
+            float v = grad1(g, g_f32, g_bf16, (i0 + q) * n + c);
+            for (int64_t j = 0; j < r; j++) {
+                tail[q][j] += v * bt[j * n + c];
+                partial[j * n + c] += h[q * r + j] * v;
+            }
+        }
+    for (int q = 0; q < P; q++)
+        for (int64_t j = 0; j < r; j++)
+            grad_hidden[(i0 + q) * r + j] = tail[q][j];
+}
+
+/* From the output gradient g (m x n, float32 if g_f32 else bf16): grad_hidden = g bt^T
+ * (float32, m x r), grad_bt = hidden^T g (float32, r x n), and g_bf16 = bf16(g) when g is
+ * float32 (for the base matmul). work: r n floats per thread. */
+void pb_lora_grad_hidden(const void *g, int g_f32, const float *bt, const float *hidden,
+                         float *grad_hidden, float *grad_bt, uint16_t *g_bf16, int64_t m,
+                         int64_t n, int64_t r, float *work, int threads) {
+    int64_t blocks = m / per_block(r);
+    int parts = 1;
+    #pragma omp parallel num_threads(threads) if (m * n * r >= PB_PARALLEL_MIN * 8)
+    {
+        #pragma omp single
+        parts = thread_count();
+        float *partial = work + (int64_t)thread_number() * r * n;
+        memset(partial, 0, sizeof(float) * (size_t)(r * n));
+#define PB_GRAD_HIDDEN(R, P)                                                                 \
+    grad_hidden_rows(g, g_f32, bt, hidden, grad_hidden, partial, g_bf16, b * (P), n, R, P)
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+            PB_BY_RANK(r, PB_GRAD_HIDDEN);
+#undef PB_GRAD_HIDDEN
+        #pragma omp for schedule(static)
+        for (int64_t i = blocks * per_block(r); i < m; i++)
+            grad_hidden_rows(g, g_f32, bt, hidden, grad_hidden, partial, g_bf16, i, n, r, 1);
+    }
+    sum_partials(work, r * n, grad_bt, r * n, parts);
+}
+
+/* for P rows: partial (r x k) += grad_hidden^T dropout(x), and, with gx_base, grad_x =
+ * gx_base + mask * (grad_hidden a) in float32 (x_f32) or bf16 */
+PB_INLINE void grad_input_rows(const uint16_t *gx_base,
+                               const float *restrict grad_hidden, const float *restrict a,
+                               const uint16_t *restrict x, void *grad_x, int x_f32,
+                               float *restrict partial, int64_t i0, int64_t k,
+                               const int64_t r, const int P, uint64_t seed,
+                               uint32_t threshold, int drop) {
+    const float *h = grad_hidden + i0 * r;
+    int64_t c = 0;
+    for (; c + PB_LANES <= k; c += PB_LANES) {
+        pb_vf v[P], lora[P];
+        pb_vu keep[P];
+        for (int q = 0; q < P; q++) {
+            v[q] = dropped16(x + (i0 + q) * k + c, (uint32_t)((i0 + q) * k + c), seed,
+                             threshold, drop, &keep[q]);
+            lora[q] = (pb_vf){0};
+        }
+        for (int64_t j = 0; j < r; j++) {
+            pb_vf w = load16(a + j * k + c), acc = load16(partial + j * k + c);
+            for (int q = 0; q < P; q++) {
+                acc += h[q * r + j] * v[q];
+                lora[q] += h[q * r + j] * w;
+            }
+            store16(partial + j * k + c, acc);
+        }
+        if (gx_base == NULL)
+            continue;
+        for (int q = 0; q < P; q++) {
+            int64_t index = (i0 + q) * k + c;
+            pb_vf out = widen16(gx_base + index) + (pb_vf)((pb_vu)lora[q] & keep[q]);
+            if (x_f32)
+                store16((float *)grad_x + index, out);
+            else
+                narrow16((uint16_t *)grad_x + index, out);
+        }
+    }
+    for (; c < k; c++)
+        for (int q = 0; q < P; q++) {
+            int64_t index = (i0 + q) * k + c;
+            int kept = pb_keep((uint32_t)index, seed, threshold);
+            float v = kept ? bf16_to_float(x[index]) : 0.0f, lora = 0.0f;
+            for (int64_t j = 0; j < r; j++) {
+                partial[j * k + c] += h[q * r + j] * v;
+                lora += h[q * r + j] * a[j * k + c];
+            }
+            if (gx_base == NULL)
+                continue;
+            float out = bf16_to_float(gx_base[index]) + (kept ? lora : 0.0f);
+            if (x_f32)
+                ((float *)grad_x)[index] = out;
+            else
+                ((uint16_t *)grad_x)[index] = float_to_bf16(out);
+        }
+}
+
+/* From the base input gradient gx_base = g W (bf16, m x k): grad_x = gx_base +
+ * dropout-mask * (grad_hidden a) (float32 if x_f32 else bf16, m x k; it may be gx_base
+ * itself) and grad_a = grad_hidden^T dropout(x) (float32, r x k); with gx_base NULL only
+ * grad_a. work: r k floats per thread. */
+void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const float *a,
+                        const uint16_t *x, void *grad_x, int x_f32, float *grad_a, int64_t m,
+                        int64_t k, int64_t r, uint64_t seed, uint32_t threshold, float *work,
+                        int threads) {
+    int64_t blocks = m / per_block(r);
+    int parts = 1, drop = threshold != 0;
+    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
+    {
+        #pragma omp single
+        parts = thread_count();
+        float *partial = work + (int64_t)thread_number() * r * k;
+        memset(partial, 0, sizeof(float) * (size_t)(r * k));
+#define PB_GRAD_INPUT(R, P)                                                                  \
+    grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, b * (P), k, R, P,   \
+                    seed, threshold, drop)
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++)
+            PB_BY_RANK(r, PB_GRAD_INPUT);
+#undef PB_GRAD_INPUT
+        #pragma omp for schedule(static)
+        for (int64_t i = blocks * per_block(r); i < m; i++)
+            grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, i, k, r, 1,
+                            seed, threshold, drop);
+    }
+    sum_partials(work, r * k, grad_a, r * k, parts);
+}

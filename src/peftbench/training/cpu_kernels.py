@@ -44,6 +44,14 @@ def _library() -> ctypes.CDLL | None:
         library.pb_silu_mul_backward.argtypes = [p, p, p, p, p, size, count]
         library.pb_rms_norm.argtypes = [p, p, p, p, size, size, real, count]
         library.pb_rms_norm_backward.argtypes = [p, p, p, p, p, size, size, p, count]
+        seed, threshold = ctypes.c_uint64, ctypes.c_uint32
+        library.pb_lora_mask.argtypes = [p, size, size, seed, threshold]
+        library.pb_lora_down.argtypes = [p, p, p, size, size, size, seed, threshold, count]
+        library.pb_lora_up_add.argtypes = [p, p, p, size, size, size, count]
+        library.pb_lora_grad_hidden.argtypes = [p, count, p, p, p, p, p, size, size, size, p,
+                                                count]
+        library.pb_lora_grad_input.argtypes = [p, p, p, p, p, count, p, size, size, size, seed,
+                                               threshold, p, count]
     return library
 
 
@@ -53,7 +61,7 @@ def available() -> bool:
     return _library() is not None
 
 
-def _compiled() -> ctypes.CDLL:
+def compiled() -> ctypes.CDLL:
     library = _library()
     if library is None:
         raise RuntimeError("peftbench's CPU kernels are not compiled; check available() first")
@@ -85,7 +93,7 @@ def gate_accepts(*tensors: torch.Tensor) -> bool:
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (bf16) in one pass."""
     out = torch.empty_like(gate)
-    _compiled().pb_silu_mul(*_pointers([(gate, _BF16), (up, _BF16), (out, _BF16)], gate.shape),
+    compiled().pb_silu_mul(*_pointers([(gate, _BF16), (up, _BF16), (out, _BF16)], gate.shape),
                             gate.numel(), torch.get_num_threads())
     return out
 
@@ -96,7 +104,7 @@ def silu_mul_backward(grad: torch.Tensor, gate: torch.Tensor,
     the gradient ``grad`` of the product, in one pass."""
     grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
     tensors = [(grad, _BF16), (gate, _BF16), (up, _BF16), (grad_gate, _BF16), (grad_up, _BF16)]
-    _compiled().pb_silu_mul_backward(*_pointers(tensors, gate.shape), gate.numel(),
+    compiled().pb_silu_mul_backward(*_pointers(tensors, gate.shape), gate.numel(),
                                      torch.get_num_threads())
     return grad_gate, grad_up
 
@@ -117,7 +125,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor,
     weight = weight.detach().to(_F32).contiguous()
     cols = x.shape[-1]
     pointers = _pointers([(x, _F32), (out, _BF16)], x.shape)
-    _compiled().pb_rms_norm(pointers[0], weight.data_ptr(), pointers[1], scale.data_ptr(),
+    compiled().pb_rms_norm(pointers[0], weight.data_ptr(), pointers[1], scale.data_ptr(),
                             x.numel() // max(cols, 1), cols, eps, torch.get_num_threads())
     return out, scale
 
@@ -134,7 +142,7 @@ def rms_norm_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     if scale.dtype != _F32 or not scale.is_contiguous() or scale.numel() != rows:
         raise ValueError(f"scale must be the forward's contiguous float32 row scales ({rows})")
     work = torch.empty(threads * cols, dtype=_F32)
-    _compiled().pb_rms_norm_backward(pointers[0], pointers[1], weight.data_ptr(),
+    compiled().pb_rms_norm_backward(pointers[0], pointers[1], weight.data_ptr(),
                                      scale.data_ptr(), pointers[2], rows, cols,
                                      work.data_ptr(), threads)
     return grad_x

@@ -31,9 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftbench.training import lora_kernel
 from peftbench.training.dropout import FastDropout, Scratch, adapter_dropout, zero_positions
 from peftbench.training.forward_routing import route_forwards
 from peftbench.training.fused_lora_bf16 import base_plus_adapter, lora_linear_bf16
+from peftbench.training.lora_kernel import lora_linear_kernel
 
 _ORIGINAL_FORWARD = "_peftbench_peft_forward"
 
@@ -121,6 +123,8 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     if torch.is_autocast_enabled(x.device.type):
         if _bf16_fusable(x, base.weight, lora_a, lora_b):
+            if lora_kernel.accepts(x, base.weight, p):
+                return lora_linear_kernel(x, base.weight, base.bias, lora_a, lora_b, scaling, p)
             return lora_linear_bf16(x, base.weight, base.bias, lora_a, lora_b, scaling, p)
     elif x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32:
         return _LoraLinear.apply(x, base.weight, base.bias, lora_a, lora_b, scaling, p)

@@ -20,6 +20,7 @@ from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.fused_rms_norm import compiled_rms_norms, fuse_rms_norms
 from peftbench.training.heap import steady_heap
 from peftbench.training.lean_attention import use_lean_attention
+from peftbench.training.lora_kernel import compiled_lora_layers
 from peftbench.training.objective import supports_gathered_logits
 from peftbench.training.precision import (
     copy_out_of_checkpoint,
@@ -55,7 +56,8 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     (:mod:`~peftbench.training.recomputed_attention`) and the gated MLPs' ``silu(gate) *
     up`` routed through :mod:`~peftbench.training.swiglu`; the norms and the gates run as one
     compiled pass each way where a C compiler is available
-    (:mod:`~peftbench.training.cpu_kernels`); in fp32, the gated
+    (:mod:`~peftbench.training.cpu_kernels`), and so do the LoRA layers' adapter products
+    and dropout (:mod:`~peftbench.training.lora_kernel`); in fp32, the gated
     MLPs' SiLU and product and the RMSNorms' outputs computed again in the backward
     (:mod:`~peftbench.training.swiglu`, :mod:`~peftbench.training.rms_norm`) and
     attention keeping its keys and values once per group and its mask once per forward
@@ -82,6 +84,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
             applied["recomputed_attention"] = use_recomputed_attention(model)
             applied["silu_gate_kernel"] = compile_silu_gates(model)
             applied["rms_norm_kernel"] = compiled_rms_norms(applied["fused_rms_norm"])
+            applied["lora_kernel"] = compiled_lora_layers(applied["fused_lora"])
         if precision == "fp32":
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)

@@ -1,0 +1,209 @@
+"""The compiled LoRA layer (CPU bf16): output and gradients against float64 with the
+kernel's own dropout mask, for every rank path (4, 8, 16 and any other), tail rows and
+columns, float32 and bf16 inputs and gradients; the mask's rate and seeding; results that do
+not depend on the thread count; and a model trained through it like through the PyTorch
+layer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lora_models import IDS, graph_nodes, tiny_lora_llama
+from peftbench.training import cpu_kernels, lora_kernel
+from peftbench.training.lora_kernel import draw_seed, dropout_mask, lora_linear_kernel
+from peftbench.training.model_prep import place_for_training
+
+BF16, F32 = torch.bfloat16, torch.float32
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
+                                reason="no C compiler: the PyTorch layer is used")
+
+
+def _layer(m: int, k: int, n: int, r: int, x_dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(x_dtype).requires_grad_()
+    weight = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(BF16)
+    lora_a = (torch.randn(r, k, generator=gen) / math.sqrt(k)).requires_grad_()
+    lora_b = (torch.randn(n, r, generator=gen) / math.sqrt(r)).requires_grad_()
+    grad = torch.randn(m, n, generator=gen)
+    return x, weight, lora_a, lora_b, grad
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("r", [4, 8, 16, 5])
+@pytest.mark.parametrize(("m", "k", "n"), [(37, 48, 80), (9, 21, 35)])
+@pytest.mark.parametrize("x_dtype", [BF16, F32])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_output_and_gradients_are_the_exact_ones_within_bf16(r, m, k, n, x_dtype, p):
+    """Against float64 on the same bf16 operands and the kernel's mask: the output within
+    bf16 roundings, ``A``'s and ``B``'s gradients within float32 sums of the bf16 gradient
+    the layer receives, the input gradient within bf16 (bf16 input) or better."""
+    x, weight, lora_a, lora_b, grad = _layer(m, k, n, r, x_dtype)
+    scaling = 2.0
+    torch.manual_seed(11)
+    out = lora_linear_kernel(x, weight, None, lora_a, lora_b, scaling, p)
+    out.backward(grad)
+    torch.manual_seed(11)
+    seed = draw_seed() if p else 0
+    keep = dropout_mask(m, k, seed, p).double()
+
+    rows = x.detach().to(BF16).double().requires_grad_()
+    a, b = lora_a.detach().double().requires_grad_(), lora_b.detach().double().requires_grad_()
+    want = rows @ weight.double().t() + scaling / (1 - p) * (rows * keep) @ a.t() @ b.t()
+    want.backward(grad.to(BF16).double())  # autograd hands the bf16 output a bf16 gradient
+
+    assert out.dtype == BF16 and out.shape == (m, n)
+    assert _relative(out, want.detach()) <= 2 * 2.0 ** -8
+    assert x.grad.dtype == x_dtype
+    assert _relative(x.grad, rows.grad) <= (2 * 2.0 ** -8 if x_dtype == BF16 else 2.0 ** -8)
+    assert _relative(lora_a.grad, a.grad) <= 1e-5
+    assert _relative(lora_b.grad, b.grad) <= 1e-5
+
+
+def test_the_mask_drops_at_rate_p_independently_of_position_and_seed():
+    m, k, p = 600, 577, 0.05
+    masks = [dropout_mask(m, k, seed, p) for seed in (1, 2, 2**40 + 1)]
+    count = m * k
+    sigma = math.sqrt(count * p * (1 - p))
+    for keep in masks:
+        dropped = count - int(keep.sum())
+        assert abs(dropped - count * p) <= 6 * sigma
+        # columns and rows alike: no stripes from the index arithmetic
+        per_column = (~keep).float().mean(0)
+        assert per_column.std().item() <= 2 * math.sqrt(p * (1 - p) / m)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+    # two seeds agree on about (1-p)^2 + p^2 of the elements, as independent masks do
+    agree = (masks[0] == masks[1]).float().mean().item()
+    assert abs(agree - ((1 - p) ** 2 + p ** 2)) <= 0.002
+    assert bool(dropout_mask(4, 5, 123, 0.0).all())
+
+
+def test_the_dropout_seed_comes_from_torchs_generator():
+    x, weight, lora_a, lora_b, _ = _layer(16, 32, 24, 8, BF16)
+
+    def output(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return lora_linear_kernel(x, weight, None, lora_a, lora_b, 1.0, 0.3).detach()
+
+    assert torch.equal(output(3), output(3))
+    assert not torch.equal(output(3), output(4))
+    without = lora_linear_kernel(x, weight, None, lora_a, lora_b, 1.0, 0.0).detach()
+    torch.manual_seed(0)
+    before = torch.rand(1)
+    torch.manual_seed(0)
+    lora_linear_kernel(x, weight, None, lora_a, lora_b, 1.0, 0.0)
+    assert torch.equal(torch.rand(1), before)  # p = 0 draws nothing
+    assert not torch.equal(output(3), without)
+
+
+def test_results_do_not_depend_on_the_thread_count_beyond_float32_sums():
+    x, weight, lora_a, lora_b, grad = _layer(203, 96, 160, 8, BF16, seed=4)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            for t in (x, lora_a, lora_b):
+                t.grad = None
+            torch.manual_seed(2)
+            lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.1).backward(grad)
+            results.append((x.grad.clone(), lora_a.grad.clone(), lora_b.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    for gx, ga, gb in results[1:]:
+        assert torch.equal(gx, results[0][0])  # per row: no sum across threads
+        assert torch.allclose(ga, results[0][1], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(gb, results[0][2], rtol=1e-5, atol=1e-6)
+
+
+def test_without_an_input_gradient_only_the_adapter_gets_gradients():
+    x, weight, lora_a, lora_b, grad = _layer(20, 32, 48, 8, BF16)
+    x.requires_grad_(False)
+    lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.1).backward(grad)
+    assert lora_a.grad is not None and lora_b.grad is not None and x.grad is None
+
+
+def test_a_bias_gets_its_gradient():
+    x, weight, lora_a, lora_b, grad = _layer(20, 32, 48, 8, BF16)
+    bias = torch.randn(48, requires_grad=True)
+    out = lora_linear_kernel(x, weight, bias, lora_a, lora_b, 2.0, 0.0)
+    rows = x.detach().double()
+    want = (rows @ weight.double().t() + bias.detach().double()
+            + 2.0 * rows @ lora_a.detach().double().t() @ lora_b.detach().double().t())
+    assert _relative(out, want) <= 2 * 2.0 ** -8
+    out.backward(grad)
+    assert torch.allclose(bias.grad, grad.to(BF16).float().sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_accepts_only_what_the_kernels_compute():
+    x = torch.randn(4, 8)
+    weight = torch.randn(6, 8).to(BF16)
+    assert lora_kernel.accepts(x, weight, 0.1) and lora_kernel.accepts(x.to(BF16), weight, 0.0)
+    assert not lora_kernel.accepts(x, weight, 1.0)  # everything dropped: the PyTorch layer
+    assert not lora_kernel.accepts(x.double(), weight, 0.1)
+    assert not lora_kernel.accepts(x, weight.float(), 0.1)
+
+
+def _loss_and_grads(model: torch.nn.Module, seed: int = 7):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=BF16):
+        loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method_args", [{}, {"target_modules": ["q_proj", "v_proj"]}])
+def test_a_model_trains_through_it_as_near_fp32_as_through_the_pytorch_layer(method_args,
+                                                                             monkeypatch):
+    """Without dropout both layers compute the same function: the loss within 1 % of fp32's
+    and every adapter gradient at most twice as far from fp32's as the PyTorch bf16 layer's
+    (or 3 %); the kernel keeps A, B and the rank-r sums in float32 where autocast rounds."""
+    args = {**method_args, "dropout": 0.0}
+    reference = tiny_lora_llama(args)  # fp32, peft's own layers, no autocast
+    reference.zero_grad()
+    loss32 = reference(input_ids=IDS, labels=IDS).loss
+    loss32.backward()
+    grads32 = {n: p.grad.double() for n, p in reference.named_parameters() if p.grad is not None}
+
+    model = tiny_lora_llama(args)
+    applied = place_for_training(model, "bf16", torch.device("cpu"))
+    assert applied["lora_kernel"] == applied["fused_lora"] > 0
+    loss, grads = _loss_and_grads(model)
+    assert graph_nodes(loss).count("_LoraLinearKernelBackward") == applied["fused_lora"]
+    monkeypatch.setattr(lora_kernel, "enabled", False)
+    plain_loss, plain_grads = _loss_and_grads(model)
+    assert "_LoraLinearKernelBackward" not in graph_nodes(plain_loss)
+    assert abs(loss.item() - loss32.item()) <= 1e-2 * abs(loss32.item())
+    assert grads.keys() == plain_grads.keys() == grads32.keys() and grads
+    for name, want in grads32.items():
+        kernel, plain = _relative(grads[name], want), _relative(plain_grads[name], want)
+        assert kernel <= max(2 * plain, 3e-2), (name, kernel, plain)
+
+
+def test_dropout_in_a_model_is_seeded_and_off_in_eval():
+    model = tiny_lora_llama({"dropout": 0.3})
+    place_for_training(model, "bf16", torch.device("cpu"))
+    first, again, other = (_loss_and_grads(model, seed)[0].item() for seed in (5, 5, 6))
+    assert first == again != other
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        torch.manual_seed(5)
+        a = model(input_ids=IDS, labels=IDS).loss.item()
+        torch.manual_seed(6)
+        assert model(input_ids=IDS, labels=IDS).loss.item() == a
+
+
+def test_without_the_kernels_the_placement_records_none(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: None)
+    model = tiny_lora_llama()
+    applied = place_for_training(model, "bf16", torch.device("cpu"))
+    assert applied["lora_kernel"] == 0 and applied["fused_lora"] > 0
+    loss, _ = _loss_and_grads(model)
+    assert "_LoraLinearBf16Backward" in graph_nodes(loss)
