@@ -152,8 +152,10 @@ void pb_rms_norm_backward(const uint16_t *grad, const float *x, const float *wei
 
 /* ---- LoRA: the adapter's rank-r products around the frozen base matmul ----
  *
- * x (m x k, bf16) is the layer input, a (r x k) and bt (r x n) the adapter's A and
- * scale * B^T (float32); the base product x W^T (m x n, bf16) comes from torch. Dropout over
+ * x (m x k, bf16) is the layer input, a (r x k) and b (n x r) the adapter's A and B as
+ * stored (float32), scale the factor of B (LoRA's scaling over the dropout's 1 - p); the
+ * base product x W^T (m x n, bf16) comes from torch. The kernels multiply by
+ * bt = scale * B^T (r x n), which they lay out in their work buffer. Dropout over
  * the adapter's input is drawn here: element (i, c) is kept when a hash of its flat index
  * i * k + c and the call's seed is at least threshold = p * 2^32, so the backward draws the
  * same mask again instead of keeping it. Sums over the rank are float32.
@@ -283,6 +285,13 @@ static void sum_partials(const float *partials, int64_t stride, float *out, int6
     }
 }
 
+/* bt = scale * b^T (r x n) from b (n x r) */
+static void scaled_transpose(const float *b, float scale, int64_t n, int64_t r, float *bt) {
+    for (int64_t c = 0; c < n; c++)
+        for (int64_t j = 0; j < r; j++)
+            bt[j * n + c] = scale * b[c * r + j];
+}
+
 /* the dropout mask of a call (1 kept, 0 dropped), for tests and references */
 void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t threshold) {
     for (int64_t e = 0; e < m * k; e++)
@@ -365,10 +374,13 @@ PB_INLINE void up_rows(uint16_t *restrict out, const float *restrict hidden,
         }
 }
 
-/* out += hidden bt, in place over the base product (bf16, m x n), rounded once */
-void pb_lora_up_add(uint16_t *out, const float *hidden, const float *bt, int64_t m,
-                    int64_t n, int64_t r, int threads) {
+/* out += hidden (scale b^T), in place over the base product (bf16, m x n), rounded once;
+ * work: r n floats */
+void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
+                    int64_t m, int64_t n, int64_t r, float *work, int threads) {
     int64_t blocks = m / per_block(r);
+    const float *bt = work;
+    scaled_transpose(b, scale, n, r, work);
     #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
     {
 #define PB_UP(R, P) up_rows(out, hidden, bt, b * (P), n, R, P)
@@ -441,13 +453,18 @@ PB_INLINE void grad_hidden_rows(const void *g, int g_f32, const float *restrict 
 }
 
 /* From the output gradient g (m x n, float32 if g_f32 else bf16): grad_hidden = g bt^T
- * (float32, m x r), grad_bt = hidden^T g (float32, r x n), and g_bf16 = bf16(g) when g is
- * float32 (for the base matmul). work: r n floats per thread. */
-void pb_lora_grad_hidden(const void *g, int g_f32, const float *bt, const float *hidden,
-                         float *grad_hidden, float *grad_bt, uint16_t *g_bf16, int64_t m,
-                         int64_t n, int64_t r, float *work, int threads) {
+ * (float32, m x r), B's gradient grad_b = scale (hidden^T g)^T (float32, n x r), and
+ * g_bf16 = bf16(g) when g is float32 (for the base matmul). work: r n floats, and r n
+ * more per thread. */
+void pb_lora_grad_hidden(const void *g, int g_f32, const float *b, float scale,
+                         const float *hidden, float *grad_hidden, float *grad_b,
+                         uint16_t *g_bf16, int64_t m, int64_t n, int64_t r, float *work,
+                         int threads) {
     int64_t blocks = m / per_block(r);
     int parts = 1;
+    const float *bt = work;
+    scaled_transpose(b, scale, n, r, work);
+    work += r * n;
     #pragma omp parallel num_threads(threads) if (m * n * r >= PB_PARALLEL_MIN * 8)
     {
         #pragma omp single
@@ -464,7 +481,13 @@ void pb_lora_grad_hidden(const void *g, int g_f32, const float *bt, const float 
         for (int64_t i = blocks * per_block(r); i < m; i++)
             grad_hidden_rows(g, g_f32, bt, hidden, grad_hidden, partial, g_bf16, i, n, r, 1);
     }
-    sum_partials(work, r * n, grad_bt, r * n, parts);
+    for (int64_t j = 0; j < r; j++)
+        for (int64_t c = 0; c < n; c++) {
+            float sum = 0.0f;
+            for (int t = 0; t < parts; t++)
+                sum += work[(int64_t)t * r * n + j * n + c];
+            grad_b[c * r + j] = scale * sum;
+        }
 }
 
 /* for P rows: partial (r x k) += grad_hidden^T dropout(x), and, with gx_base, grad_x =

@@ -73,10 +73,6 @@ def draw_seed() -> int:
     return int(torch.randint(2**62, (), dtype=torch.int64))
 
 
-def _work(floats: int) -> torch.Tensor:
-    return torch.empty(floats * torch.get_num_threads(), dtype=_F32)
-
-
 class _LoraLinearKernel(torch.autograd.Function):
     """``x W^T (+ bias) + scaling * dropout(x) A^T B^T``, bf16 output; only A and B are
     trained (and the bias, if it requires a gradient)."""
@@ -91,16 +87,16 @@ class _LoraLinearKernel(torch.autograd.Function):
         threshold = dropout_threshold(p)
         seed = draw_seed() if threshold else 0
         scale = scaling / (1.0 - p)
-        a = lora_a.detach().to(_F32).contiguous()
-        bt = (lora_b.detach().to(_F32) * scale).t().contiguous()
+        a, b = _float32(lora_a), _float32(lora_b)
         hidden = torch.empty(m, r, dtype=_F32)
         library.pb_lora_down(rows.data_ptr(), a.data_ptr(), hidden.data_ptr(), m, k, r, seed,
                              threshold, threads)
         out = (rows @ weight.t() if bias is None
                else torch.addmm(bias.detach().to(_BF16), rows, weight.t()))
-        library.pb_lora_up_add(out.data_ptr(), hidden.data_ptr(), bt.data_ptr(), m, n, r,
-                               threads)
-        ctx.save_for_backward(rows, weight, a, bt, hidden)
+        work = torch.empty(r * n, dtype=_F32)  # held here: the kernel writes into it
+        library.pb_lora_up_add(out.data_ptr(), hidden.data_ptr(), b.data_ptr(), scale, m, n, r,
+                               work.data_ptr(), threads)
+        ctx.save_for_backward(rows, weight, a, b, hidden)
         ctx.seed, ctx.threshold, ctx.scale = seed, threshold, scale
         ctx.x_dtype, ctx.bias_dtype = x.dtype, getattr(bias, "dtype", None)
         return out.view(*x.shape[:-1], n)
@@ -108,7 +104,7 @@ class _LoraLinearKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         library, threads = cpu_kernels.compiled(), torch.get_num_threads()
-        rows, weight, a, bt, hidden = ctx.saved_tensors
+        rows, weight, a, b, hidden = ctx.saved_tensors
         (m, k), n, r = rows.shape, weight.shape[0], a.shape[0]
         g = grad.reshape(m, n)
         if g.dtype not in (_F32, _BF16):
@@ -117,14 +113,14 @@ class _LoraLinearKernel(torch.autograd.Function):
         g_f32 = g.dtype == _F32
         g_bf16 = torch.empty(m, n, dtype=_BF16) if g_f32 else g
         grad_hidden = torch.empty(m, r, dtype=_F32)
-        grad_bt = torch.empty(r, n, dtype=_F32)
-        work = _work(r * max(n, k))  # held here: the kernels write into it
-        library.pb_lora_grad_hidden(g.data_ptr(), int(g_f32), bt.data_ptr(), hidden.data_ptr(),
-                                    grad_hidden.data_ptr(), grad_bt.data_ptr(),
-                                    g_bf16.data_ptr(), m, n, r, work.data_ptr(),
-                                    threads)
-        grad_x = None
-        gx_base = None
+        grad_b = torch.empty(n, r, dtype=_F32)
+        # held here: the kernels write into it
+        work = torch.empty(r * max(n * (1 + threads), k * threads), dtype=_F32)
+        library.pb_lora_grad_hidden(g.data_ptr(), int(g_f32), b.data_ptr(), ctx.scale,
+                                    hidden.data_ptr(), grad_hidden.data_ptr(),
+                                    grad_b.data_ptr(), g_bf16.data_ptr(), m, n, r,
+                                    work.data_ptr(), threads)
+        grad_x = gx_base = None
         if ctx.needs_input_grad[0]:
             gx_base = g_bf16 @ weight
             grad_x = gx_base if ctx.x_dtype == _BF16 else torch.empty(m, k, dtype=_F32)
@@ -133,15 +129,18 @@ class _LoraLinearKernel(torch.autograd.Function):
                                    grad_hidden.data_ptr(), a.data_ptr(), rows.data_ptr(),
                                    None if grad_x is None else grad_x.data_ptr(),
                                    int(ctx.x_dtype == _F32), grad_a.data_ptr(), m, k, r,
-                                   ctx.seed, ctx.threshold, work.data_ptr(),
-                                   threads)
+                                   ctx.seed, ctx.threshold, work.data_ptr(), threads)
         if grad_x is not None:
             grad_x = grad_x.view(*grad.shape[:-1], k)
-        grad_b = grad_bt.t().mul(ctx.scale).contiguous() if ctx.needs_input_grad[4] else None
         grad_bias = (g.sum(0, dtype=_F32).to(ctx.bias_dtype) if ctx.needs_input_grad[2]
                      else None)
-        return (grad_x, None, grad_bias, grad_a if ctx.needs_input_grad[3] else None, grad_b,
-                None, None)
+        return (grad_x, None, grad_bias, grad_a if ctx.needs_input_grad[3] else None,
+                grad_b if ctx.needs_input_grad[4] else None, None, None)
+
+
+def _float32(parameter: torch.Tensor) -> torch.Tensor:
+    """A LoRA matrix as the kernels read it: float32, contiguous (itself when it is)."""
+    return parameter.detach().to(_F32).contiguous()
 
 
 def lora_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
