@@ -207,3 +207,13 @@ def test_without_the_kernels_the_placement_records_none(monkeypatch):
     assert applied["lora_kernel"] == 0 and applied["fused_lora"] > 0
     loss, _ = _loss_and_grads(model)
     assert "_LoraLinearBf16Backward" in graph_nodes(loss)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_fp32_placements_do_not_use_it(exact):
+    model = tiny_lora_llama()
+    applied = place_for_training(model, "fp32", torch.device("cpu"), exact=exact)
+    assert applied.get("lora_kernel", 0) == 0
+    model.zero_grad()
+    loss = model(input_ids=IDS, labels=IDS).loss
+    assert "_LoraLinearKernelBackward" not in graph_nodes(loss)

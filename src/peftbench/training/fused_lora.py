@@ -20,8 +20,9 @@ own backward. :class:`_LoraLinear` does the same arithmetic with fewer passes ov
 
 Only plain LoRA on a frozen ``nn.Linear`` with one active adapter is fused (no DoRA, no
 LoRA bias, no ``fan_in_fan_out``): outside autocast in fp32 here, under CPU bf16 autocast
-over bf16-stored weights by :mod:`~peftbench.training.fused_lora_bf16`; anything else, and
-anything under ``torch.compile``, runs peft's forward.
+over bf16-stored weights by the compiled :mod:`~peftbench.training.lora_kernel` where a C
+compiler is available, else by :mod:`~peftbench.training.fused_lora_bf16`; anything else,
+and anything under ``torch.compile``, runs peft's forward.
 """
 
 from __future__ import annotations

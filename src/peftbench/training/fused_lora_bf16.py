@@ -20,7 +20,9 @@ step from 446 to 607 tokens/s; these layers took it to 557-602 with dropout on
 The matmuls run in bf16 and gradients reach the fp32 input in fp32, as under autocast;
 rounding differs from peft's order by bf16 rounding only (tested). Dropout masks are
 other draws than ``nn.Dropout``'s (same distribution, ``p`` exact to the float32 resolution
-of the uniform draws, 2^-24), so exact fp32 runs do not use this.
+of the uniform draws, 2^-24), so exact fp32 runs do not use this. Where a C compiler is
+available, :mod:`~peftbench.training.lora_kernel` computes these layers instead (with its
+own masks); this module is the fallback and the reference its tests compare with.
 """
 
 from __future__ import annotations
