@@ -1,8 +1,8 @@
 """The compiled LoRA layer (CPU bf16): output and gradients against float64 with the
 kernel's own dropout mask, for every rank path (4, 8, 16 and any other), tail rows and
-columns, float32 and bf16 inputs and gradients; the mask's rate and seeding; results that do
-not depend on the thread count; and a model trained through it like through the PyTorch
-layer."""
+columns, float32 and bf16 inputs, sizes that run on one thread and on several; the mask's
+rate and seeding; results that do not depend on the thread count; and a model trained
+through it like through the PyTorch layer."""
 
 from __future__ import annotations
 
@@ -36,8 +36,12 @@ def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
+#: above every kernel's threshold for starting threads (cpu_kernels.c: PB_PARALLEL_MIN)
+PARALLEL_SHAPE = (517, 200, 300)
+
+
 @pytest.mark.parametrize("r", [4, 8, 16, 5])
-@pytest.mark.parametrize(("m", "k", "n"), [(37, 48, 80), (9, 21, 35)])
+@pytest.mark.parametrize(("m", "k", "n"), [(37, 48, 80), (9, 21, 35), PARALLEL_SHAPE])
 @pytest.mark.parametrize("x_dtype", [BF16, F32])
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_output_and_gradients_are_the_exact_ones_within_bf16(r, m, k, n, x_dtype, p):
@@ -103,7 +107,9 @@ def test_the_dropout_seed_comes_from_torchs_generator():
 
 
 def test_results_do_not_depend_on_the_thread_count_beyond_float32_sums():
-    x, weight, lora_a, lora_b, grad = _layer(203, 96, 160, 8, BF16, seed=4)
+    """At a size where every kernel starts threads: per-thread partial sums of A's and B's
+    gradients are all added (a kernel that kept one thread's would be far off)."""
+    x, weight, lora_a, lora_b, grad = _layer(*PARALLEL_SHAPE, 8, BF16, seed=4)
     results = []
     threads = torch.get_num_threads()
     try:
@@ -118,15 +124,29 @@ def test_results_do_not_depend_on_the_thread_count_beyond_float32_sums():
         torch.set_num_threads(threads)
     for gx, ga, gb in results[1:]:
         assert torch.equal(gx, results[0][0])  # per row: no sum across threads
-        assert torch.allclose(ga, results[0][1], rtol=1e-5, atol=1e-6)
-        assert torch.allclose(gb, results[0][2], rtol=1e-5, atol=1e-6)
+        assert _relative(ga, results[0][1].double()) <= 1e-5
+        assert _relative(gb, results[0][2].double()) <= 1e-5
 
 
-def test_without_an_input_gradient_only_the_adapter_gets_gradients():
+def test_without_an_input_gradient_the_adapter_gets_the_same_gradients():
     x, weight, lora_a, lora_b, grad = _layer(20, 32, 48, 8, BF16)
-    x.requires_grad_(False)
+    torch.manual_seed(3)
     lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.1).backward(grad)
-    assert lora_a.grad is not None and lora_b.grad is not None and x.grad is None
+    with_input = lora_a.grad.clone(), lora_b.grad.clone()
+    lora_a.grad = lora_b.grad = x.grad = None
+    x.requires_grad_(False)
+    torch.manual_seed(3)
+    lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.1).backward(grad)
+    assert x.grad is None
+    assert torch.equal(lora_a.grad, with_input[0]) and torch.equal(lora_b.grad, with_input[1])
+
+
+def test_the_backward_is_not_differentiable_again():
+    x, weight, lora_a, lora_b, _ = _layer(20, 32, 48, 8, BF16)
+    out = lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.0)
+    (grad_x,) = torch.autograd.grad(out.float().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"does not require grad|once_differentiable"):
+        grad_x.float().sum().backward()
 
 
 def test_a_bias_gets_its_gradient():

@@ -176,6 +176,7 @@ typedef uint16_t pb_vh_u __attribute__((vector_size(32), aligned(2), may_alias))
 
 PB_INLINE pb_vf load16(const float *p) { return *(const pb_vf_u *)p; }
 PB_INLINE void store16(float *p, pb_vf v) { *(pb_vf_u *)p = v; }
+#if (defined(__clang__) || __GNUC__ >= 9) && !defined(PB_NO_CONVERTVECTOR)
 PB_INLINE pb_vf widen16(const uint16_t *p) {
     return (pb_vf)(__builtin_convertvector(*(const pb_vh_u *)p, pb_vu) << 16);
 }
@@ -187,6 +188,18 @@ PB_INLINE void narrow16(uint16_t *p, pb_vf f) {
     pb_vu bits = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
     *(pb_vh_u *)p = __builtin_convertvector(bits, pb_vh);
 }
+#else /* compilers without __builtin_convertvector (GCC before 9): lane by lane */
+PB_INLINE pb_vf widen16(const uint16_t *p) {
+    pb_vf v;
+    for (int l = 0; l < 16; l++)
+        v[l] = bf16_to_float(p[l]);
+    return v;
+}
+PB_INLINE void narrow16(uint16_t *p, pb_vf f) {
+    for (int l = 0; l < 16; l++)
+        p[l] = float_to_bf16(f[l]);
+}
+#endif
 PB_INLINE float sum16(pb_vf v) {
     float s = 0.0f;
     for (int l = 0; l < PB_LANES; l++)
@@ -336,9 +349,9 @@ void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, i
     int drop = threshold != 0;
     #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
     {
-#define PB_DOWN(R, P) down_rows(x, a, hidden, b * (P), k, R, P, seed, threshold, drop)
+#define PB_DOWN(R, P) down_rows(x, a, hidden, blk * (P), k, R, P, seed, threshold, drop)
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++)
+        for (int64_t blk = 0; blk < blocks; blk++)
             PB_BY_RANK(r, PB_DOWN);
 #undef PB_DOWN
         #pragma omp for schedule(static)
@@ -383,9 +396,9 @@ void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float sc
     scaled_transpose(b, scale, n, r, work);
     #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
     {
-#define PB_UP(R, P) up_rows(out, hidden, bt, b * (P), n, R, P)
+#define PB_UP(R, P) up_rows(out, hidden, bt, blk * (P), n, R, P)
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++)
+        for (int64_t blk = 0; blk < blocks; blk++)
             PB_BY_RANK(r, PB_UP);
 #undef PB_UP
         #pragma omp for schedule(static)
@@ -394,28 +407,11 @@ void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float sc
     }
 }
 
-/* 16 elements of row i of g (float32 if g_f32, else bf16) from column c, also written to
- * g_bf16 when g is float32 */
-PB_INLINE pb_vf grad16(const void *g, int g_f32, uint16_t *g_bf16, int64_t index) {
-    if (!g_f32)
-        return widen16((const uint16_t *)g + index);
-    pb_vf v = load16((const float *)g + index);
-    narrow16(g_bf16 + index, v);
-    return v;
-}
-static inline float grad1(const void *g, int g_f32, uint16_t *g_bf16, int64_t index) {
-    if (!g_f32)
-        return bf16_to_float(((const uint16_t *)g)[index]);
-    float v = ((const float *)g)[index];
-    g_bf16[index] = float_to_bf16(v);
-    return v;
-}
-
 /* for P rows: grad_hidden = g bt^T, and partial (r x n) += hidden^T g */
-PB_INLINE void grad_hidden_rows(const void *g, int g_f32, const float *restrict bt,
+PB_INLINE void grad_hidden_rows(const uint16_t *restrict g, const float *restrict bt,
                                 const float *restrict hidden, float *restrict grad_hidden,
-                                float *restrict partial, uint16_t *restrict g_bf16,
-                                int64_t i0, int64_t n, const int64_t r, const int P) {
+                                float *restrict partial, int64_t i0, int64_t n,
+                                const int64_t r, const int P) {
     const float *h = hidden + i0 * r;
     pb_vf s[P][r];
     for (int q = 0; q < P; q++)
@@ -425,7 +421,7 @@ PB_INLINE void grad_hidden_rows(const void *g, int g_f32, const float *restrict 
     for (; c + PB_LANES <= n; c += PB_LANES) {
         pb_vf v[P];
         for (int q = 0; q < P; q++)
-            v[q] = grad16(g, g_f32, g_bf16, (i0 + q) * n + c);
+            v[q] = widen16(g + (i0 + q) * n + c);
         for (int64_t j = 0; j < r; j++) {
             pb_vf w = load16(bt + j * n + c), acc = load16(partial + j * n + c);
             for (int q = 0; q < P; q++) {
@@ -441,7 +437,7 @@ PB_INLINE void grad_hidden_rows(const void *g, int g_f32, const float *restrict 
             tail[q][j] = sum16(s[q][j]);
     for (; c < n; c++)
         for (int q = 0; q < P; q++) {
-            float v = grad1(g, g_f32, g_bf16, (i0 + q) * n + c);
+            float v = bf16_to_float(g[(i0 + q) * n + c]);
             for (int64_t j = 0; j < r; j++) {
                 tail[q][j] += v * bt[j * n + c];
                 partial[j * n + c] += h[q * r + j] * v;
@@ -452,14 +448,12 @@ PB_INLINE void grad_hidden_rows(const void *g, int g_f32, const float *restrict 
             grad_hidden[(i0 + q) * r + j] = tail[q][j];
 }
 
-/* From the output gradient g (m x n, float32 if g_f32 else bf16): grad_hidden = g bt^T
- * (float32, m x r), B's gradient grad_b = scale (hidden^T g)^T (float32, n x r), and
- * g_bf16 = bf16(g) when g is float32 (for the base matmul). work: r n floats, and r n
- * more per thread. */
-void pb_lora_grad_hidden(const void *g, int g_f32, const float *b, float scale,
-                         const float *hidden, float *grad_hidden, float *grad_b,
-                         uint16_t *g_bf16, int64_t m, int64_t n, int64_t r, float *work,
-                         int threads) {
+/* From the output gradient g (m x n, bf16): grad_hidden = g bt^T (float32, m x r) and B's
+ * gradient grad_b = scale (hidden^T g)^T (float32, n x r). work: r n floats, and r n more
+ * per thread. */
+void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
+                         float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
+                         float *work, int threads) {
     int64_t blocks = m / per_block(r);
     int parts = 1;
     const float *bt = work;
@@ -472,14 +466,14 @@ void pb_lora_grad_hidden(const void *g, int g_f32, const float *b, float scale,
         float *partial = work + (int64_t)thread_number() * r * n;
         memset(partial, 0, sizeof(float) * (size_t)(r * n));
 #define PB_GRAD_HIDDEN(R, P)                                                                 \
-    grad_hidden_rows(g, g_f32, bt, hidden, grad_hidden, partial, g_bf16, b * (P), n, R, P)
+    grad_hidden_rows(g, bt, hidden, grad_hidden, partial, blk * (P), n, R, P)
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++)
+        for (int64_t blk = 0; blk < blocks; blk++)
             PB_BY_RANK(r, PB_GRAD_HIDDEN);
 #undef PB_GRAD_HIDDEN
         #pragma omp for schedule(static)
         for (int64_t i = blocks * per_block(r); i < m; i++)
-            grad_hidden_rows(g, g_f32, bt, hidden, grad_hidden, partial, g_bf16, i, n, r, 1);
+            grad_hidden_rows(g, bt, hidden, grad_hidden, partial, i, n, r, 1);
     }
     for (int64_t j = 0; j < r; j++)
         for (int64_t c = 0; c < n; c++) {
@@ -563,10 +557,10 @@ void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const
         float *partial = work + (int64_t)thread_number() * r * k;
         memset(partial, 0, sizeof(float) * (size_t)(r * k));
 #define PB_GRAD_INPUT(R, P)                                                                  \
-    grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, b * (P), k, R, P,   \
+    grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, blk * (P), k, R, P, \
                     seed, threshold, drop)
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++)
+        for (int64_t blk = 0; blk < blocks; blk++)
             PB_BY_RANK(r, PB_GRAD_INPUT);
 #undef PB_GRAD_INPUT
         #pragma omp for schedule(static)

@@ -48,8 +48,7 @@ def _library() -> ctypes.CDLL | None:
         library.pb_lora_mask.argtypes = [p, size, size, seed, threshold]
         library.pb_lora_down.argtypes = [p, p, p, size, size, size, seed, threshold, count]
         library.pb_lora_up_add.argtypes = [p, p, p, real, size, size, size, p, count]
-        library.pb_lora_grad_hidden.argtypes = [p, count, p, real, p, p, p, p, size, size, size,
-                                                p, count]
+        library.pb_lora_grad_hidden.argtypes = [p, p, real, p, p, p, size, size, size, p, count]
         library.pb_lora_grad_input.argtypes = [p, p, p, p, p, count, p, size, size, size, seed,
                                                threshold, p, count]
     return library

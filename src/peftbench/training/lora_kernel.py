@@ -10,8 +10,8 @@ to torch and everything else in four passes over memory:
 
 - forward: ``hidden = dropout(x) A^T`` from the bf16 input, then the adapter's output
   ``hidden (scale B)^T`` added into the base product in place;
-- backward: one pass over the output gradient gives ``grad_hidden``, ``B``'s gradient
-  and the gradient's bf16 copy for the base matmul; one pass over the input gives ``A``'s
+- backward: one pass over the output gradient gives ``grad_hidden`` and ``B``'s gradient;
+  one pass over the input gives ``A``'s
   gradient and adds the adapter's part to the base input gradient.
 
 Dropout is drawn inside the kernels from a hash of each element's index and a seed taken
@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from peftbench.training import cpu_kernels
 from peftbench.training.fused_lora_bf16 import shared_bf16_copy
@@ -102,27 +103,23 @@ class _LoraLinearKernel(torch.autograd.Function):
         return out.view(*x.shape[:-1], n)
 
     @staticmethod
+    @once_differentiable  # the kernels write outside autograd: no graph of the backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         library, threads = cpu_kernels.compiled(), torch.get_num_threads()
         rows, weight, a, b, hidden = ctx.saved_tensors
         (m, k), n, r = rows.shape, weight.shape[0], a.shape[0]
-        g = grad.reshape(m, n)
-        if g.dtype not in (_F32, _BF16):
-            g = g.to(_F32)
-        g = g.contiguous()
-        g_f32 = g.dtype == _F32
-        g_bf16 = torch.empty(m, n, dtype=_BF16) if g_f32 else g
+        # autograd hands a bf16 output a bf16 gradient; anything else is rounded to it
+        g = grad.reshape(m, n).to(_BF16).contiguous()
         grad_hidden = torch.empty(m, r, dtype=_F32)
         grad_b = torch.empty(n, r, dtype=_F32)
         # held here: the kernels write into it
         work = torch.empty(r * max(n * (1 + threads), k * threads), dtype=_F32)
-        library.pb_lora_grad_hidden(g.data_ptr(), int(g_f32), b.data_ptr(), ctx.scale,
-                                    hidden.data_ptr(), grad_hidden.data_ptr(),
-                                    grad_b.data_ptr(), g_bf16.data_ptr(), m, n, r,
+        library.pb_lora_grad_hidden(g.data_ptr(), b.data_ptr(), ctx.scale, hidden.data_ptr(),
+                                    grad_hidden.data_ptr(), grad_b.data_ptr(), m, n, r,
                                     work.data_ptr(), threads)
         grad_x = gx_base = None
         if ctx.needs_input_grad[0]:
-            gx_base = g_bf16 @ weight
+            gx_base = g @ weight
             grad_x = gx_base if ctx.x_dtype == _BF16 else torch.empty(m, k, dtype=_F32)
         grad_a = torch.empty(r, k, dtype=_F32)
         library.pb_lora_grad_input(None if gx_base is None else gx_base.data_ptr(),
