@@ -207,21 +207,22 @@ PB_INLINE float sum16(pb_vf v) {
     return s;
 }
 
-/* lowbias32 (C. Wellons): a bijective 32-bit mixer with full avalanche */
+/* lowbias32 (C. Wellons): a bijective 32-bit mixer with full avalanche; one definition
+ * for a scalar and for 16 lanes, so the vector loops and the tail columns draw one mask */
+#define PB_LOWBIAS32(x)                                                                      \
+    do {                                                                                     \
+        (x) ^= (x) >> 16;                                                                    \
+        (x) *= 0x7feb352du;                                                                  \
+        (x) ^= (x) >> 15;                                                                    \
+        (x) *= 0x846ca68bu;                                                                  \
+        (x) ^= (x) >> 16;                                                                    \
+    } while (0)
 static inline uint32_t mix32(uint32_t x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
+    PB_LOWBIAS32(x);
     return x;
 }
 PB_INLINE pb_vu mix32v(pb_vu x) {
-    x ^= x >> 16;
-    x *= 0x7feb352du;
-    x ^= x >> 15;
-    x *= 0x846ca68bu;
-    x ^= x >> 16;
+    PB_LOWBIAS32(x);
     return x;
 }
 
@@ -269,21 +270,37 @@ static inline int thread_count(void) {
 #endif
 }
 
+/* this thread's zeroed share (size floats) of a work buffer of per-thread partial sums */
+static inline float *thread_partial(float *work, int64_t size) {
+    float *partial = work + (int64_t)thread_number() * size;
+    memset(partial, 0, sizeof(float) * (size_t)size);
+    return partial;
+}
+
 /* rows per block: 4 for r = 4, 2 for r = 8, else 1 (r P sums stay in registers) */
 static inline int per_block(int64_t r) { return r == 4 ? 4 : r == 8 ? 2 : 1; }
 
-/* CALL(r, P) with r and P constants for r = 4, 8 and 16 (the rows functions are inlined
- * into the OpenMP region and unrolled), and with r itself otherwise */
-#define PB_BY_RANK(r, CALL)                                                                  \
+/* Inside an OpenMP region: CALL(r, P, i0) for every block of P = per_block(r) rows from
+ * row i0, shared among the threads, with r and P constants for r = 4, 8 and 16 (the rows
+ * functions are inlined into the region and unrolled) and r itself otherwise; then
+ * CALL(r, 1, i) for each row left over. */
+#define PB_FOR_ROWS(m, r, CALL)                                                              \
     do {                                                                                     \
-        if ((r) == 4)                                                                        \
-            CALL(4, 4);                                                                      \
-        else if ((r) == 8)                                                                   \
-            CALL(8, 2);                                                                      \
-        else if ((r) == 16)                                                                  \
-            CALL(16, 1);                                                                     \
-        else                                                                                 \
-            CALL(r, 1);                                                                      \
+        const int64_t pb_blocks = (m) / per_block(r);                                        \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++) {                       \
+            if ((r) == 4)                                                                    \
+                CALL(4, 4, pb_block * 4);                                                    \
+            else if ((r) == 8)                                                               \
+                CALL(8, 2, pb_block * 2);                                                    \
+            else if ((r) == 16)                                                              \
+                CALL(16, 1, pb_block);                                                       \
+            else                                                                             \
+                CALL(r, 1, pb_block);                                                        \
+        }                                                                                    \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t pb_row = pb_blocks * per_block(r); pb_row < (m); pb_row++)              \
+            CALL(r, 1, pb_row);                                                              \
     } while (0)
 
 /* out = the sum of parts arrays of size floats, part t at partials + t * stride, added
@@ -298,11 +315,12 @@ static void sum_partials(const float *partials, int64_t stride, float *out, int6
     }
 }
 
-/* bt = scale * b^T (r x n) from b (n x r) */
-static void scaled_transpose(const float *b, float scale, int64_t n, int64_t r, float *bt) {
-    for (int64_t c = 0; c < n; c++)
-        for (int64_t j = 0; j < r; j++)
-            bt[j * n + c] = scale * b[c * r + j];
+/* dst (cols x rows) = scale * src^T for src (rows x cols) */
+static void scaled_transpose(const float *src, float scale, int64_t rows, int64_t cols,
+                             float *dst) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            dst[j * rows + i] = scale * src[i * cols + j];
 }
 
 /* the dropout mask of a call (1 kept, 0 dropped), for tests and references */
@@ -311,10 +329,14 @@ void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t t
         keep[e] = (uint8_t)pb_keep((uint32_t)e, seed, threshold);
 }
 
-/* hidden[i0 .. i0 + P) = dropout(x) a^T for P rows */
-PB_INLINE void down_rows(const uint16_t *restrict x, const float *restrict a,
-                         float *restrict hidden, int64_t i0, int64_t k, const int64_t r,
-                         const int P, uint64_t seed, uint32_t threshold, int drop) {
+/* For P rows from row i0 of x (m x k, bf16, dropped where drop is set): sums = x' a^T
+ * (r per row). With h (the rows' r factors) and partial (r x k), also partial += h^T x'.
+ * pb_lora_down and pb_lora_grad_hidden pass h and partial as constants (NULL or not), so
+ * the inlined copies keep only their own work. */
+PB_INLINE void rank_sums_rows(const uint16_t *restrict x, const float *restrict a,
+                              float *restrict sums, int64_t i0, int64_t k, const int64_t r,
+                              const int P, uint64_t seed, uint32_t threshold, int drop,
+                              const float *restrict h, float *restrict partial) {
     pb_vf s[P][r];
     for (int q = 0; q < P; q++)
         for (int64_t j = 0; j < r; j++)
@@ -330,33 +352,42 @@ PB_INLINE void down_rows(const uint16_t *restrict x, const float *restrict a,
             pb_vf w = load16(a + j * k + c);
             for (int q = 0; q < P; q++)
                 s[q][j] += v[q] * w;
+            if (partial != NULL) {
+                pb_vf acc = load16(partial + j * k + c);
+                for (int q = 0; q < P; q++)
+                    acc += h[q * r + j] * v[q];
+                store16(partial + j * k + c, acc);
+            }
         }
     }
+    float t[P][r];
     for (int q = 0; q < P; q++)
-        for (int64_t j = 0; j < r; j++) {
-            float t = sum16(s[q][j]);
-            for (int64_t e = c; e < k; e++)
-                t += dropped1(x + (i0 + q) * k + e, (i0 + q) * k + e, seed, threshold) *
-                     a[j * k + e];
-            hidden[(i0 + q) * r + j] = t;
+        for (int64_t j = 0; j < r; j++)
+            t[q][j] = sum16(s[q][j]);
+    for (; c < k; c++)
+        for (int q = 0; q < P; q++) {
+            float v = dropped1(x + (i0 + q) * k + c, (i0 + q) * k + c, seed, threshold);
+            for (int64_t j = 0; j < r; j++) {
+                t[q][j] += v * a[j * k + c];
+                if (partial != NULL)
+                    partial[j * k + c] += h[q * r + j] * v;
+            }
         }
+    for (int q = 0; q < P; q++)
+        for (int64_t j = 0; j < r; j++)
+            sums[(i0 + q) * r + j] = t[q][j];
 }
 
 /* hidden = dropout(x) a^T (float32, m x r) */
 void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
                   int64_t r, uint64_t seed, uint32_t threshold, int threads) {
-    int64_t blocks = m / per_block(r);
     int drop = threshold != 0;
     #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
     {
-#define PB_DOWN(R, P) down_rows(x, a, hidden, blk * (P), k, R, P, seed, threshold, drop)
-        #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++)
-            PB_BY_RANK(r, PB_DOWN);
+#define PB_DOWN(R, P, I0)                                                                    \
+    rank_sums_rows(x, a, hidden, I0, k, R, P, seed, threshold, drop, NULL, NULL)
+        PB_FOR_ROWS(m, r, PB_DOWN);
 #undef PB_DOWN
-        #pragma omp for schedule(static)
-        for (int64_t i = blocks * per_block(r); i < m; i++)
-            down_rows(x, a, hidden, i, k, r, 1, seed, threshold, drop);
     }
 }
 
@@ -391,61 +422,14 @@ PB_INLINE void up_rows(uint16_t *restrict out, const float *restrict hidden,
  * work: r n floats */
 void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
                     int64_t m, int64_t n, int64_t r, float *work, int threads) {
-    int64_t blocks = m / per_block(r);
     const float *bt = work;
     scaled_transpose(b, scale, n, r, work);
     #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
     {
-#define PB_UP(R, P) up_rows(out, hidden, bt, blk * (P), n, R, P)
-        #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++)
-            PB_BY_RANK(r, PB_UP);
+#define PB_UP(R, P, I0) up_rows(out, hidden, bt, I0, n, R, P)
+        PB_FOR_ROWS(m, r, PB_UP);
 #undef PB_UP
-        #pragma omp for schedule(static)
-        for (int64_t i = blocks * per_block(r); i < m; i++)
-            up_rows(out, hidden, bt, i, n, r, 1);
     }
-}
-
-/* for P rows: grad_hidden = g bt^T, and partial (r x n) += hidden^T g */
-PB_INLINE void grad_hidden_rows(const uint16_t *restrict g, const float *restrict bt,
-                                const float *restrict hidden, float *restrict grad_hidden,
-                                float *restrict partial, int64_t i0, int64_t n,
-                                const int64_t r, const int P) {
-    const float *h = hidden + i0 * r;
-    pb_vf s[P][r];
-    for (int q = 0; q < P; q++)
-        for (int64_t j = 0; j < r; j++)
-            s[q][j] = (pb_vf){0};
-    int64_t c = 0;
-    for (; c + PB_LANES <= n; c += PB_LANES) {
-        pb_vf v[P];
-        for (int q = 0; q < P; q++)
-            v[q] = widen16(g + (i0 + q) * n + c);
-        for (int64_t j = 0; j < r; j++) {
-            pb_vf w = load16(bt + j * n + c), acc = load16(partial + j * n + c);
-            for (int q = 0; q < P; q++) {
-                s[q][j] += v[q] * w;
-                acc += h[q * r + j] * v[q];
-            }
-            store16(partial + j * n + c, acc);
-        }
-    }
-    float tail[P][r];
-    for (int q = 0; q < P; q++)
-        for (int64_t j = 0; j < r; j++)
-            tail[q][j] = sum16(s[q][j]);
-    for (; c < n; c++)
-        for (int q = 0; q < P; q++) {
-            float v = bf16_to_float(g[(i0 + q) * n + c]);
-            for (int64_t j = 0; j < r; j++) {
-                tail[q][j] += v * bt[j * n + c];
-                partial[j * n + c] += h[q * r + j] * v;
-            }
-        }
-    for (int q = 0; q < P; q++)
-        for (int64_t j = 0; j < r; j++)
-            grad_hidden[(i0 + q) * r + j] = tail[q][j];
 }
 
 /* From the output gradient g (m x n, bf16): grad_hidden = g bt^T (float32, m x r) and B's
@@ -454,7 +438,6 @@ PB_INLINE void grad_hidden_rows(const uint16_t *restrict g, const float *restric
 void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
                          float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
                          float *work, int threads) {
-    int64_t blocks = m / per_block(r);
     int parts = 1;
     const float *bt = work;
     scaled_transpose(b, scale, n, r, work);
@@ -463,25 +446,14 @@ void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const f
     {
         #pragma omp single
         parts = thread_count();
-        float *partial = work + (int64_t)thread_number() * r * n;
-        memset(partial, 0, sizeof(float) * (size_t)(r * n));
-#define PB_GRAD_HIDDEN(R, P)                                                                 \
-    grad_hidden_rows(g, bt, hidden, grad_hidden, partial, blk * (P), n, R, P)
-        #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++)
-            PB_BY_RANK(r, PB_GRAD_HIDDEN);
+        float *partial = thread_partial(work, r * n);
+#define PB_GRAD_HIDDEN(R, P, I0)                                                             \
+    rank_sums_rows(g, bt, grad_hidden, I0, n, R, P, 0, 0, 0, hidden + (I0) * (R), partial)
+        PB_FOR_ROWS(m, r, PB_GRAD_HIDDEN);
 #undef PB_GRAD_HIDDEN
-        #pragma omp for schedule(static)
-        for (int64_t i = blocks * per_block(r); i < m; i++)
-            grad_hidden_rows(g, bt, hidden, grad_hidden, partial, i, n, r, 1);
     }
-    for (int64_t j = 0; j < r; j++)
-        for (int64_t c = 0; c < n; c++) {
-            float sum = 0.0f;
-            for (int t = 0; t < parts; t++)
-                sum += work[(int64_t)t * r * n + j * n + c];
-            grad_b[c * r + j] = scale * sum;
-        }
+    sum_partials(work, r * n, work, r * n, parts); /* in place: element e read, then set */
+    scaled_transpose(work, scale, r, n, grad_b);
 }
 
 /* for P rows: partial (r x k) += grad_hidden^T dropout(x), and, with gx_base, grad_x =
@@ -548,25 +520,17 @@ void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const
                         const uint16_t *x, void *grad_x, int x_f32, float *grad_a, int64_t m,
                         int64_t k, int64_t r, uint64_t seed, uint32_t threshold, float *work,
                         int threads) {
-    int64_t blocks = m / per_block(r);
     int parts = 1, drop = threshold != 0;
     #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
     {
         #pragma omp single
         parts = thread_count();
-        float *partial = work + (int64_t)thread_number() * r * k;
-        memset(partial, 0, sizeof(float) * (size_t)(r * k));
-#define PB_GRAD_INPUT(R, P)                                                                  \
-    grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, blk * (P), k, R, P, \
-                    seed, threshold, drop)
-        #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++)
-            PB_BY_RANK(r, PB_GRAD_INPUT);
+        float *partial = thread_partial(work, r * k);
+#define PB_GRAD_INPUT(R, P, I0)                                                              \
+    grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, I0, k, R, P, seed,  \
+                    threshold, drop)
+        PB_FOR_ROWS(m, r, PB_GRAD_INPUT);
 #undef PB_GRAD_INPUT
-        #pragma omp for schedule(static)
-        for (int64_t i = blocks * per_block(r); i < m; i++)
-            grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, i, k, r, 1,
-                            seed, threshold, drop);
     }
     sum_partials(work, r * k, grad_a, r * k, parts);
 }
