@@ -13,7 +13,8 @@ Parts (those the placement applied; others are skipped), with what runs when off
 ``fused_lora`` (peft's LoRA forward), ``fused_rms_norm`` (transformers' RMSNorm forward),
 ``recomputed_attention`` (transformers' sdpa), ``silu_gate_kernel`` (transformers' gated
 MLP forward), ``rms_norm_kernel`` (the fused RMSNorm's PyTorch operations) and
-``lora_kernel`` (the fused LoRA layer's PyTorch operations and dropout positions). Dropout's
+``lora_kernel`` (the fused LoRA layer's PyTorch operations and dropout positions) and
+``fused_rotary`` (transformers' rotary embedding). Dropout's
 cheap masks and bf16 storage are not switchable: the fused layers need the first, the
 second is the weights.
 """
@@ -88,6 +89,7 @@ def switches() -> dict[str, Callable[[nn.Module, bool], int]]:
         cpu_kernels,
         fused_lora,
         fused_rms_norm,
+        fused_rotary,
         lora_kernel,
         recomputed_attention,
         swiglu,
@@ -98,6 +100,7 @@ def switches() -> dict[str, Callable[[nn.Module, bool], int]]:
             "silu_gate_kernel": routed_switch(swiglu._ORIGINAL_FORWARD),
             "rms_norm_kernel": flag_switch(cpu_kernels, "rms_norm_enabled"),
             "lora_kernel": flag_switch(lora_kernel, "enabled"),
+            "fused_rotary": routed_switch(fused_rotary._ORIGINAL_FORWARD),
             "recomputed_attention": attention_switch(recomputed_attention.IMPLEMENTATION)}
 
 
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention,"
-                        "silu_gate_kernel,rms_norm_kernel,lora_kernel")
+                        "silu_gate_kernel,rms_norm_kernel,lora_kernel,fused_rotary")
     parser.add_argument("--steps", type=int, default=24,
                         help="alternating steps per part (half on, half off)")
     parser.add_argument("--warmup", type=int, default=4)

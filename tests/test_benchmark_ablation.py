@@ -23,7 +23,7 @@ from ablation import WorkerConfig, main, run, switches
 NODES = {"fused_lora": "_LoraLinearKernelBackward" if cpu_kernels.available()
          else "_LoraLinearBf16Backward", "fused_rms_norm": "_RmsNormBackward",
          "recomputed_attention": "_AttentionBackward",
-         "silu_gate_kernel": "_CompiledSiluGateBackward"}
+         "silu_gate_kernel": "_CompiledSiluGateBackward", "fused_rotary": "_RotaryBackward"}
 
 
 def _nodes(model: torch.nn.Module) -> list[str]:
@@ -37,7 +37,9 @@ def test_each_switch_turns_its_part_off_and_on_again():
     parts = switches()
     compiled = cpu_kernels.available()  # without a C compiler the kernel parts are not applied
     assert set(parts) == {*NODES, "rms_norm_kernel", "lora_kernel"}
-    assert all(bool(applied[part]) == (compiled or "kernel" not in part) for part in parts)
+    needs_compiler = {part for part in parts if "kernel" in part} | {"fused_rotary"}
+    assert all(bool(applied[part]) == (compiled or part not in needs_compiler)
+               for part in parts)
     for part, switch in parts.items():
         if part not in NODES or not applied[part]:
             continue

@@ -534,3 +534,52 @@ void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const
     }
     sum_partials(work, r * k, grad_a, r * k, parts);
 }
+
+/* The rotary position embedding of rows of d values (d even, h = d / 2), one row per (batch
+ * b, head, position t), and its input gradient:
+ *
+ * - forward (backward == 0): out = x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1):
+ *   out[j] = x[j] cos[j] - x[j + h] sin[j] (j < h), x[j] cos[j] + x[j - h] sin[j] (j >= h);
+ * - backward: grad = g cos + rotate_half^T(g sin):
+ *   grad[j] = g[j] cos[j] + g[j + h] sin[j + h] (j < h), g[j] cos[j] - g[j - h] sin[j - h].
+ *
+ * x and out are bf16 rows at b * sb + head * sh + t * st (src) and b * db + head * dh +
+ * t * dt (dst), elements within a row contiguous; cos and sin are float32 rows at b * cb +
+ * t * ct, shared by the heads. The forward keeps eager's float32 arithmetic (each product
+ * and the sum rounded to float32, not fused), then rounds once to bf16, as eager's
+ * bf16 x with float32 cos and sin followed by autocast's cast; the gradient is rounded once
+ * where eager rounds each half. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+void pb_rotary(const uint16_t *src, int64_t sb, int64_t sh, int64_t st, uint16_t *dst,
+               int64_t db, int64_t dh, int64_t dt, const float *cos, const float *sin,
+               int64_t cb, int64_t ct, int64_t batch, int64_t heads, int64_t len, int64_t d,
+               int backward, int threads) {
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#endif
+    const int64_t h = d / 2, rows = batch * heads * len;
+    #pragma omp parallel for schedule(static) num_threads(threads) if (rows * d >= PB_PARALLEL_MIN)
+    for (int64_t row = 0; row < rows; row++) {
+        const int64_t b = row / (heads * len), head = (row / len) % heads, t = row % len;
+        const uint16_t *x = src + b * sb + head * sh + t * st;
+        uint16_t *o = dst + b * db + head * dh + t * dt;
+        const float *c = cos + b * cb + t * ct, *s = sin + b * cb + t * ct;
+        for (int64_t j = 0; j < h; j++) {
+            float lo = bf16_to_float(x[j]), hi = bf16_to_float(x[j + h]);
+            float a = lo * c[j], e = hi * c[j + h], f, g;
+            if (backward) {
+                f = hi * s[j + h];
+                g = lo * s[j];
+                o[j] = float_to_bf16(a + f);
+                o[j + h] = float_to_bf16(e - g);
+            } else {
+                f = hi * s[j];
+                g = lo * s[j + h];
+                o[j] = float_to_bf16(a - f);
+                o[j + h] = float_to_bf16(e + g);
+            }
+        }
+    }
+}

@@ -44,6 +44,8 @@ def _library() -> ctypes.CDLL | None:
         library.pb_silu_mul_backward.argtypes = [p, p, p, p, p, size, count]
         library.pb_rms_norm.argtypes = [p, p, p, p, size, size, real, count]
         library.pb_rms_norm_backward.argtypes = [p, p, p, p, p, size, size, p, count]
+        library.pb_rotary.argtypes = [p, size, size, size, p, size, size, size, p, p, size,
+                                      size, size, size, size, size, count, count]
         seed, threshold = ctypes.c_uint64, ctypes.c_uint32
         library.pb_lora_mask.argtypes = [p, size, size, seed, threshold]
         library.pb_lora_down.argtypes = [p, p, p, size, size, size, seed, threshold, count]

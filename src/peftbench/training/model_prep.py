@@ -18,6 +18,7 @@ from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.fused_lora import fuse_lora_layers
 from peftbench.training.fused_rms_norm import compiled_rms_norms, fuse_rms_norms
+from peftbench.training.fused_rotary import fuse_rotary
 from peftbench.training.heap import steady_heap
 from peftbench.training.lean_attention import use_lean_attention
 from peftbench.training.lora_kernel import compiled_lora_layers
@@ -54,8 +55,9 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     autograd function returning bf16 under autocast
     (:mod:`~peftbench.training.fused_rms_norm`), attention keeping only its bf16 inputs
     (:mod:`~peftbench.training.recomputed_attention`) and the gated MLPs' ``silu(gate) *
-    up`` routed through :mod:`~peftbench.training.swiglu`; the norms and the gates run as one
-    compiled pass each way where a C compiler is available
+    up`` routed through :mod:`~peftbench.training.swiglu`; the norms, the gates and the
+    rotary embedding (:mod:`~peftbench.training.fused_rotary`) run as one compiled pass each
+    way where a C compiler is available
     (:mod:`~peftbench.training.cpu_kernels`), and so do the LoRA layers' adapter products
     and dropout (:mod:`~peftbench.training.lora_kernel`); in fp32, the gated
     MLPs' SiLU and product and the RMSNorms' outputs computed again in the backward
@@ -82,6 +84,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
         if precision == "bf16":
             applied["fused_rms_norm"] = fuse_rms_norms(model)
             applied["recomputed_attention"] = use_recomputed_attention(model)
+            applied["fused_rotary"] = fuse_rotary(model)
             applied["silu_gate_kernel"] = compile_silu_gates(model)
             applied["rms_norm_kernel"] = compiled_rms_norms(applied["fused_rms_norm"])
             applied["lora_kernel"] = compiled_lora_layers(applied["fused_lora"])
