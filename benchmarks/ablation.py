@@ -9,6 +9,11 @@ ratio, and the ratio of median per-token step times.
 
     python benchmarks/ablation.py --model smollm2-135m --method lora --steps 24
 
+Steps of different batches differ in length, and the on and off steps see different
+batches; ``--paired`` instead runs each batch's forward and backward both ways (no optimizer
+step, the order alternating) and reports the median of the per-batch time ratios, which
+that does not confound.
+
 Parts (those the placement applied; others are skipped), with what runs when off:
 ``fused_lora`` (peft's LoRA forward), ``fused_rms_norm`` (transformers' RMSNorm forward),
 ``recomputed_attention`` (transformers' sdpa), ``silu_gate_kernel`` (transformers' gated
@@ -134,10 +139,43 @@ def alternate(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Mod
             "median_time_ratio_off_over_on": median_per_token(False) / median_per_token(True)}
 
 
-def run(cfg: WorkerConfig, parts: list[str], steps: int, warmup: int) -> dict[str, Any]:
-    """Build and place the model once, then alternate each applied part in turn."""
+def paired(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Module,
+           pass_on: Callable[[dict[str, Any]], None], next_batch: Callable[[], dict[str, Any]],
+           batches: int, warmup: int) -> dict[str, Any]:
+    """Each of ``batches`` batches through ``pass_on`` (forward and backward, no optimizer
+    step) with ``part`` on and with it off, the order alternating, after ``warmup`` batches
+    both ways: both states see the same batches, so per-batch ratios are not confounded by
+    batch lengths."""
+    ratios: list[float] = []
+    totals = {True: 0.0, False: 0.0}
+    for k in range(warmup + batches):
+        batch = next_batch()
+        seconds = {}
+        for on in ((True, False) if k % 2 else (False, True)):
+            switch(model, on)
+            start = time.perf_counter()
+            pass_on(batch)
+            seconds[on] = time.perf_counter() - start
+        if k >= warmup:
+            ratios.append(seconds[False] / seconds[True])
+            for on in totals:
+                totals[on] += seconds[on]
+    switch(model, True)
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return {"part": part, "design": "paired", "batches": batches,
+            "median_batch_time_ratio_off_over_on": statistics.median(ratios),
+            "quartiles_batch_time_ratio": [low, high],
+            "total_time_ratio_off_over_on": totals[False] / totals[True]}
+
+
+def run(cfg: WorkerConfig, parts: list[str], steps: int, warmup: int,
+        pairs: bool = False) -> dict[str, Any]:
+    """Build and place the model once, then alternate each applied part in turn: in pairs of
+    training steps, or with ``pairs`` the same batches both ways (forward and backward)."""
 
     from peftbench.training.batches import endless_batches
+    from peftbench.training.encoding import collate, to_device
+    from peftbench.training.objective import mean_loss
     from peftbench.training.step import build_optimization, train_step
 
     use_threads(cfg)
@@ -159,6 +197,16 @@ def run(cfg: WorkerConfig, parts: list[str], steps: int, warmup: int) -> dict[st
                    setup.loaded.is_encoder_decoder, gather, on_batch=count)
         return counted[0]
 
+    def next_batch() -> dict[str, Any]:
+        return to_device(collate(next(batches), setup.encoder.pad_id), device)
+
+    def forward_backward(batch: dict[str, Any]) -> None:
+        reseed(spec.seed, 0)
+        with autocast():
+            loss = mean_loss(model, batch, setup.loaded.is_encoder_decoder, gather)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
     available = switches()
     results, skipped = [], {}
     next_step = 1
@@ -166,12 +214,17 @@ def run(cfg: WorkerConfig, parts: list[str], steps: int, warmup: int) -> dict[st
         if not fast_path.get(part):
             skipped[part] = "not applied by the placement (precision, device or model)"
             continue
+        if pairs:
+            results.append(paired(part, available[part], model, forward_backward, next_batch,
+                                  steps, warmup))
+            continue
         results.append(alternate(part, available[part], model, one_step, steps, warmup,
                                  next_step))
         next_step += warmup + steps
     return {"benchmark": "ablation", "model": cfg.model, "method": cfg.method,
             "precision": precision, "fast_path": fast_path, "parts": results,
-            "skipped": skipped, "steps_each_part": steps, "warmup": warmup}
+            "skipped": skipped, "design": "paired batches" if pairs else "alternating steps",
+            "steps_each_part": steps, "warmup": warmup}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention,"
                         "silu_gate_kernel,rms_norm_kernel,lora_kernel,fused_rotary")
     parser.add_argument("--steps", type=int, default=24,
-                        help="alternating steps per part (half on, half off)")
+                        help="alternating steps per part (half on, half off); with --paired, "
+                             "batches per part (each run both ways)")
+    parser.add_argument("--paired", action="store_true",
+                        help="run each batch's forward and backward both ways (order "
+                             "alternating, no optimizer step) and report the median "
+                             "per-batch time ratio: not confounded by batch lengths")
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--train-size", type=int, default=512)
@@ -201,8 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                        variant="peftbench", warmup=0, reps=1, steps=total,
                        batch_size=args.batch_size, train_size=args.train_size,
                        threads=args.threads)
-    report = run(cfg, parts, args.steps, args.warmup)
+    report = run(cfg, parts, args.steps, args.warmup, pairs=args.paired)
     for row in report["parts"]:
+        if args.paired:
+            low, high = row["quartiles_batch_time_ratio"]
+            print(f"{row['part']:>22}: median per-batch time off/on "
+                  f"{row['median_batch_time_ratio_off_over_on']:.3f} (quartiles {low:.3f} / "
+                  f"{high:.3f}), total x{row['total_time_ratio_off_over_on']:.3f}, "
+                  f"{row['batches']} batches each way")
+            continue
         print(f"{row['part']:>22}: {row['tokens_per_s_on']:7.1f} tokens/s on, "
               f"{row['tokens_per_s_off']:7.1f} off, x{row['speedup']:.3f} "
               f"(median per-token time off/on {row['median_time_ratio_off_over_on']:.3f}, "

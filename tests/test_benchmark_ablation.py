@@ -87,6 +87,38 @@ def test_a_run_alternates_every_applied_part():
     assert report["skipped"] == {}
 
 
+def test_a_paired_run_times_the_same_batches_both_ways(monkeypatch):
+    """Each batch runs with the part on and off (the switch sees both states once per
+    batch), gradients are cleared after each pass, and the ratios come back per part."""
+    import ablation
+
+    states: list[bool] = []
+    real = ablation.switches
+
+    def recording() -> dict:
+        parts = real()
+        rms = parts["fused_rms_norm"]
+
+        def switch(model: torch.nn.Module, on: bool) -> int:
+            states.append(on)
+            return rms(model, on)
+
+        return {**parts, "fused_rms_norm": switch}
+
+    monkeypatch.setattr(ablation, "switches", recording)
+    cfg = WorkerConfig(model="tiny-random-llama", task="rotten_tomatoes", method="lora",
+                       variant="peftbench", warmup=0, reps=1, steps=15, train_size=64,
+                       batch_size=8)
+    report = run(cfg, ["fused_rms_norm"], steps=4, warmup=1, pairs=True)
+    (row,) = report["parts"]
+    assert report["design"] == "paired batches" and row["batches"] == 4
+    assert states[:-1] == [False, True, True, False, False, True, True, False, False, True]
+    assert states[-1] is True  # left on
+    assert row["median_batch_time_ratio_off_over_on"] > 0
+    low, high = row["quartiles_batch_time_ratio"]
+    assert 0 < low <= row["median_batch_time_ratio_off_over_on"] <= high
+
+
 def test_an_unknown_part_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--parts", "fused_lora,fused_norm"])
