@@ -11,8 +11,8 @@ ratio, and the ratio of median per-token step times.
 
 Steps of different batches differ in length, and the on and off steps see different
 batches; ``--paired`` instead runs each batch's forward and backward both ways (no optimizer
-step, the order alternating) and reports the median of the per-batch time ratios, which
-that does not confound.
+step, the order alternating) and reports the median of the per-batch time ratios (over
+pairs of batches run in both orders), which that does not confound.
 
 Parts (those the placement applied; others are skipped), with what runs when off:
 ``fused_lora`` (peft's LoRA forward), ``fused_rms_norm`` (transformers' RMSNorm forward),
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -142,16 +143,18 @@ def alternate(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Mod
 def paired(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Module,
            pass_on: Callable[[dict[str, Any]], None], next_batch: Callable[[], dict[str, Any]],
            batches: int, warmup: int) -> dict[str, Any]:
-    """Each of ``batches`` batches through ``pass_on`` (forward and backward, no optimizer
-    step) with ``part`` on and with it off, the order alternating, after ``warmup`` batches
-    both ways: both states see the same batches, so per-batch ratios are not confounded by
-    batch lengths."""
+    """Each of ``batches`` batches (an even number) through ``pass_on`` (forward and
+    backward, no optimizer step) with ``part`` on and with it off, the order alternating,
+    after ``warmup`` batches both ways: both states see the same batches, so the ratios are
+    not confounded by batch lengths. Whichever state runs second may gain from the first
+    (caches); the geometric mean of two consecutive batches' ratios, one of each order,
+    cancels that, and the median and quartiles are of those pair means."""
     ratios: list[float] = []
     totals = {True: 0.0, False: 0.0}
     for k in range(warmup + batches):
         batch = next_batch()
         seconds = {}
-        for on in ((True, False) if k % 2 else (False, True)):
+        for on in ((True, False) if (k - warmup) % 2 else (False, True)):
             switch(model, on)
             start = time.perf_counter()
             pass_on(batch)
@@ -161,9 +164,10 @@ def paired(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Module
             for on in totals:
                 totals[on] += seconds[on]
     switch(model, True)
-    low, _, high = statistics.quantiles(ratios, n=4)
+    pairs = [math.sqrt(a * b) for a, b in zip(ratios[0::2], ratios[1::2], strict=False)]
+    low, _, high = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else (pairs * 3)
     return {"part": part, "design": "paired", "batches": batches,
-            "median_batch_time_ratio_off_over_on": statistics.median(ratios),
+            "median_batch_time_ratio_off_over_on": statistics.median(pairs),
             "quartiles_batch_time_ratio": [low, high],
             "total_time_ratio_off_over_on": totals[False] / totals[True]}
 

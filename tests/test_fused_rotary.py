@@ -28,8 +28,15 @@ def _cos_sin(batch: int, length: int, d: int, offset: int = 0):
 
 
 def _original():
-    function = modeling_llama.apply_rotary_pos_emb
-    return getattr(function, fused_rotary._REPLACED, function)
+    return fused_rotary.transformers_rotary()
+
+
+def _random_tables(batch: int, length: int, d: int, seed: int = 5):
+    """cos and sin whose halves differ (real rotary tables repeat their first half), so a
+    swapped half index shows."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, length, d, generator=gen),
+            torch.randn(batch, length, d, generator=gen))
 
 
 @pytest.mark.parametrize(("batch", "heads", "length", "d", "per_row"), [
@@ -37,28 +44,42 @@ def _original():
     (2, 4, 7, 6, True),       # small head size, tables per row (padding-aware positions)
     (16, 9, 50, 64, False),   # several threads
 ])
-@pytest.mark.parametrize("layout", ["transformers", "contiguous"])
+@pytest.mark.parametrize("layout", ["transformers", "contiguous", "column slice"])
+@pytest.mark.parametrize("tables", ["rotary", "random"])
 def test_forward_is_eagers_float32_result_cast_to_bf16(batch, heads, length, d, per_row,
-                                                       layout):
+                                                       layout, tables):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, length, heads, d, generator=gen).to(BF16).transpose(1, 2)
     if layout == "contiguous":
         x = x.contiguous()
-    cos, sin = _cos_sin(batch if per_row else 1, length, d, offset=3 if per_row else 0)
+    elif layout == "column slice":  # rows 2 d apart: the output gets its own layout
+        x = torch.randn(batch, heads, length, 2 * d, generator=gen).to(BF16)[..., :d]
+    rows = batch if per_row else 1
+    cos, sin = (_cos_sin(rows, length, d, offset=3 if per_row else 0) if tables == "rotary"
+                else _random_tables(rows, length, d))
     assert fused_rotary.accepts(x, cos, sin)
     want, _ = _original()(x, x, cos, sin)
     got = fused_rotary.rotary(x, cos, sin)
-    assert want.dtype == F32 and got.dtype == BF16 and got.stride() == x.stride()
+    assert want.dtype == F32 and got.dtype == BF16
+    assert got.is_contiguous() if layout == "column slice" else got.stride() == x.stride()
     assert torch.equal(got, want.to(BF16))
 
 
-def test_the_gradient_is_float64s_rounded_once():
+@pytest.mark.parametrize("grad_layout", ["contiguous", "transposed", "broadcast"])
+@pytest.mark.parametrize("tables", ["rotary", "random"])
+def test_the_gradient_is_float64s_rounded_once(grad_layout, tables):
+    """Also for output gradients whose rows are not contiguous (eager attention hands k's
+    gradient transposed) or that are broadcast (a sum's gradient)."""
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, 9, 4, 64, generator=gen).to(BF16).transpose(1, 2)
     k = torch.randn(2, 9, 2, 64, generator=gen).to(BF16).transpose(1, 2)
-    cos, sin = _cos_sin(2, 9, 64, offset=2)
+    cos, sin = _cos_sin(2, 9, 64, offset=2) if tables == "rotary" else _random_tables(2, 9, 64)
     q, k = q.requires_grad_(), k.requires_grad_()
     grads = [torch.randn(t.shape, generator=gen).to(BF16) for t in (q, k)]
+    if grad_layout == "transposed":
+        grads = [g.transpose(-1, -2).contiguous().transpose(-1, -2) for g in grads]
+    elif grad_layout == "broadcast":
+        grads = [torch.randn((), generator=gen).to(BF16).expand(t.shape) for t in (q, k)]
     torch.autograd.backward(fused_rotary._Rotary.apply(q, k, cos, sin), grads)
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
     torch.autograd.backward(_original()(q64, k64, cos.double(), sin.double()),
@@ -78,6 +99,7 @@ def test_refused_inputs():
     assert not fused_rotary.accepts(x, cos.to(BF16), sin.to(BF16))   # bf16 tables
     assert not fused_rotary.accepts(x, cos[:, :4], sin[:, :4])       # other length
     assert not fused_rotary.accepts(x[..., ::2], cos[..., ::2], sin[..., ::2])  # strided rows
+    assert not fused_rotary.accepts(x, cos.requires_grad_(), sin)  # tables wanting a gradient
 
 
 def _loss_and_grads(model: torch.nn.Module):
@@ -107,11 +129,27 @@ def test_a_model_trains_through_it_as_through_transformers_rotary_embedding():
         assert ((grads[name] - want).norm() / want.norm()).item() < 2e-2, name
 
 
-def test_outside_routed_training_the_function_is_transformers_own():
-    """Evaluation, generation and other models in the process get the original results."""
+def test_outside_routed_training_the_function_is_transformers_own(monkeypatch):
+    """Evaluation, generation, torch.compile and other models in the process get the
+    original function; other models still pickle."""
+    import io
+
+    from peftbench.models import load_model
+
+    kind = type(modeling_llama.apply_rotary_pos_emb)
     model = tiny_lora_llama()
     place_for_training(model, "bf16", torch.device("cpu"))
-    assert hasattr(modeling_llama.apply_rotary_pos_emb, fused_rotary._REPLACED)
+    assert type(modeling_llama.apply_rotary_pos_emb) is kind  # hooked, not replaced
+    other = load_model("tiny-random-llama", seed=0).model
+    buffer = io.BytesIO()
+    torch.save(other, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=False)
+    with torch.autocast("cpu", dtype=BF16):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert "_RotaryBackward" not in graph_nodes(model(input_ids=IDS, labels=IDS).loss)
+        monkeypatch.undo()
+        assert "_RotaryBackward" in graph_nodes(model(input_ids=IDS, labels=IDS).loss)
     x = torch.randn(2, 3, 5, 8).to(BF16)
     cos, sin = _cos_sin(1, 5, 8)
     with torch.autocast("cpu", dtype=BF16):
@@ -121,8 +159,9 @@ def test_outside_routed_training_the_function_is_transformers_own():
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         assert "_RotaryBackward" not in graph_nodes(model(input_ids=IDS, labels=IDS).loss)
     assert fused_rotary.fuse_rotary(model) == model.config.num_hidden_layers  # idempotent
-    assert not hasattr(getattr(modeling_llama.apply_rotary_pos_emb, fused_rotary._REPLACED),
-                       fused_rotary._REPLACED)  # wrapped once
+    target = modeling_llama.apply_rotary_pos_emb
+    hook = target.forward if isinstance(target, torch.nn.Module) else target
+    assert not hasattr(getattr(hook, fused_rotary._REPLACED), fused_rotary._REPLACED)  # once
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -5,12 +5,16 @@
  *   backward);
  * - Llama's RMSNorm over the float32 residual stream, returning bf16, and the input
  *   gradient of its closed-form backward (pow, mean, rsqrt, two products and a cast
- *   forward; a product, a cast, a row dot product and three passes backward).
+ *   forward; a product, a cast, a row dot product and three passes backward);
+ * - a LoRA layer's adapter products and dropout (four passes);
+ * - the rotary position embedding and its input gradient.
  *
  * Values are widened to float32 and computed in registers; results are rounded once to bf16
- * (round to nearest even, as torch), except where noted to keep eager's forward values. bf16 is passed as its 16 raw bits (uint16_t); arrays are
- * contiguous and row-major. Compiled at first use by peftbench/training/compiled_c.py
- * (plain C, no torch headers); the wrappers are in cpu_kernels.py. */
+ * (round to nearest even, as torch), except where noted to keep eager's forward values.
+ * bf16 is passed as its 16 raw bits (uint16_t); arrays are row-major and contiguous, except
+ * where a function takes strides (pb_rotary). Compiled at first use by
+ * peftbench/training/compiled_c.py (plain C, no torch headers); the wrappers are in
+ * cpu_kernels.py. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

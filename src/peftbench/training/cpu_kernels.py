@@ -6,7 +6,9 @@ the RMSNorm over the float32 residual stream half a dozen each way. ``cpu_kernel
 each in one pass, widening to float32 and computing in registers. The SiLU gate's forward
 rounds ``silu(gate)`` to bf16 before the product, as eager does (rounding the product only
 once moved SmolLM2's step-1 prompt-tuning gradient from 2.7 % to 6.2 % off fp32's); the
-gradients and the norm are rounded once. It is
+gradients and the norm are rounded once. The LoRA layers' adapter work
+(:mod:`~peftbench.training.lora_kernel`) and the rotary position embedding
+(:mod:`~peftbench.training.fused_rotary`) are compiled passes of the same file. It is
 compiled at first use (:mod:`~peftbench.training.compiled_c`); :func:`available` is False
 without a compiler or with the environment variable ``PEFTBENCH_CPU_KERNELS=0``, and the
 callers then keep PyTorch's operations.

@@ -12,9 +12,12 @@ per tensor, each gradient rounded once where eager rounds its two halves.
 transformers' ``LlamaAttention.forward`` calls its module's ``apply_rotary_pos_emb``.
 :func:`fuse_rotary` routes the forward of each Llama attention of a model (those whose
 forward is ``LlamaAttention``'s own, pinned by a test against the installed transformers)
-so that, while it runs, that module-level function computes through :class:`_Rotary`; the
-function itself is replaced once by a dispatcher that does exactly what it did everywhere
-else (other models, generation, float32 or other inputs).
+so that, while it runs, that module-level function computes through :class:`_Rotary`. The
+function is hooked once by a dispatcher that calls what it replaced everywhere else (other
+models, evaluation and generation, ``torch.compile``, other inputs): where the ``kernels``
+package wraps the function in a module (transformers' hub kernels), the dispatcher becomes
+that module's forward and the module stays the global, so that pickling a model, which
+rebuilds the module from its type, is unchanged.
 """
 
 from __future__ import annotations
@@ -45,8 +48,11 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int]:
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            backward: bool = False) -> torch.Tensor:
     """``x cos + rotate_half(x) sin`` (or, with ``backward``, its input gradient for the
-    output gradient ``x``) in bf16, laid out as ``x``, for bf16 ``x`` of shape (batch, heads,
-    len, d) and float32 ``cos``/``sin`` of shape (batch or 1, len, d); see :func:`accepts`."""
+    output gradient ``x``) in bf16, laid out as ``x`` where ``x`` is dense, for bf16 ``x`` of
+    shape (batch, heads, len, d) and float32 ``cos``/``sin`` of shape (batch or 1, len, d);
+    see :func:`accepts`. Rows of ``x`` that are not contiguous are copied first."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     out = torch.empty_like(x)
     batch, heads, length, d = x.shape
     cos_batch = cos.stride(0) if cos.shape[0] > 1 else 0
@@ -60,9 +66,10 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 def accepts(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether the kernel takes these: ``x`` CPU bf16 (batch, heads, len, d) with ``d`` even
     and contiguous rows; ``cos`` and ``sin`` CPU float32 (1 or batch, len, d), one layout,
-    contiguous rows."""
+    contiguous rows, no gradient wanted (the tables are constants)."""
     return (x.device.type == "cpu" and x.dtype == _BF16 and x.dim() == 4
             and x.shape[-1] % 2 == 0 and x.stride(-1) == 1
+            and not (cos.requires_grad or sin.requires_grad)
             and cos.dtype == sin.dtype == _F32 and cos.device.type == sin.device.type == "cpu"
             and cos.dim() == 3 and cos.shape == sin.shape and cos.stride() == sin.stride()
             and cos.shape[0] in (1, x.shape[0]) and cos.shape[1:] == x.shape[2:]
@@ -95,9 +102,8 @@ def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
     def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                              sin: torch.Tensor, unsqueeze_dim: int = 1,
                              *args: Any, **kwargs: Any) -> Any:
-        if (_ROUTED.get() and unsqueeze_dim == 1 and not args and not kwargs
-                and accepts(q, cos, sin) and accepts(k, cos, sin)
-                and not torch.compiler.is_compiling()):
+        if (not torch.compiler.is_compiling() and _ROUTED.get() and unsqueeze_dim == 1
+                and not args and not kwargs and accepts(q, cos, sin) and accepts(k, cos, sin)):
             return _Rotary.apply(q, k, cos, sin)
         return original(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
 
@@ -108,8 +114,8 @@ def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
 def _routed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The attention's own forward, with the fused rotary embedding for bf16 training."""
     original = getattr(self, _ORIGINAL_FORWARD)
-    if not (torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == _BF16):
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != _BF16):
         return original(*args, **kwargs)
     token = _ROUTED.set(True)
     try:
@@ -124,16 +130,35 @@ def _fusable(module: nn.Module) -> bool:
     return type(module).forward is modeling_llama.LlamaAttention.forward
 
 
+def transformers_rotary() -> Callable[..., Any]:
+    """transformers' Llama ``apply_rotary_pos_emb`` as it was before :func:`fuse_rotary`."""
+    from transformers.models.llama import modeling_llama
+
+    target = modeling_llama.apply_rotary_pos_emb
+    function = target.forward if isinstance(target, nn.Module) else target
+    return getattr(function, _REPLACED, target)
+
+
+def _hook_rotary() -> None:
+    """Put :func:`_dispatcher` in front of transformers' Llama ``apply_rotary_pos_emb``, once:
+    as the forward of the ``kernels`` package's function module, else as the global."""
+    from transformers.models.llama import modeling_llama
+
+    target = modeling_llama.apply_rotary_pos_emb
+    if isinstance(target, nn.Module):
+        if not hasattr(target.forward, _REPLACED):
+            target.forward = _dispatcher(target.forward)
+    elif not hasattr(target, _REPLACED):
+        modeling_llama.apply_rotary_pos_emb = _dispatcher(target)
+
+
 def fuse_rotary(model: nn.Module) -> int:
     """Route every Llama attention of ``model`` through the fused rotary embedding (the
     training forward under CPU bf16 autocast); returns how many, 0 without the compiled
     kernels (idempotent). Parameters and state dict are unchanged."""
     if not cpu_kernels.available():
         return 0
-    from transformers.models.llama import modeling_llama
-
     routed = route_forwards(model, _fusable, _routed_forward, _ORIGINAL_FORWARD)
-    current = modeling_llama.apply_rotary_pos_emb
-    if routed and not hasattr(current, _REPLACED):
-        modeling_llama.apply_rotary_pos_emb = _dispatcher(current)
+    if routed:
+        _hook_rotary()
     return routed
