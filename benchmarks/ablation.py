@@ -12,12 +12,12 @@ ratio, and the ratio of median per-token step times.
 Steps of different batches differ in length, and the on and off steps see different
 batches; ``--paired`` instead runs each batch's forward and backward both ways (no optimizer
 step, the order alternating) and reports the median of the per-batch time ratios (over
-pairs of batches run in both orders), which that does not confound.
+pairs of batches run in both orders), which batch lengths do not confound.
 
 Parts (those the placement applied; others are skipped), with what runs when off:
 ``fused_lora`` (peft's LoRA forward), ``fused_rms_norm`` (transformers' RMSNorm forward),
 ``recomputed_attention`` (transformers' sdpa), ``silu_gate_kernel`` (transformers' gated
-MLP forward), ``rms_norm_kernel`` (the fused RMSNorm's PyTorch operations) and
+MLP forward), ``rms_norm_kernel`` (the fused RMSNorm's PyTorch operations),
 ``lora_kernel`` (the fused LoRA layer's PyTorch operations and dropout positions) and
 ``fused_rotary`` (transformers' rotary embedding). Dropout's
 cheap masks and bf16 storage are not switchable: the fused layers need the first, the

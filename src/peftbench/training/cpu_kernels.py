@@ -64,6 +64,12 @@ def available() -> bool:
     return _library() is not None
 
 
+def running(routed: int, switched_on: bool) -> int:
+    """How many of ``routed`` modules run a compiled kernel: all when the kernels are compiled
+    and its switch is on, else none. For the run record."""
+    return routed if switched_on and available() else 0
+
+
 def compiled() -> ctypes.CDLL:
     library = _library()
     if library is None:

@@ -103,9 +103,3 @@ def fuse_rms_norms(model: nn.Module) -> int:
     """Route the Llama-style RMSNorms of ``model`` through :class:`_RmsNorm`; returns how many
     (idempotent). Parameters and state dict are unchanged."""
     return route_forwards(model, is_llama_rms_norm, _forward, _ORIGINAL)
-
-
-def compiled_rms_norms(fused: int) -> int:
-    """How many of ``fused`` routed norms run the compiled kernel (on float32 inputs): all
-    when it is compiled and switched on, else none. For the run record."""
-    return fused if cpu_kernels.rms_norm_enabled and cpu_kernels.available() else 0

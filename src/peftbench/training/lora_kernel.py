@@ -55,12 +55,6 @@ def accepts(x: torch.Tensor, weight: torch.Tensor, p: float) -> bool:
             and cpu_kernels.available())
 
 
-def compiled_lora_layers(fused: int) -> int:
-    """How many of ``fused`` routed LoRA layers run the kernels under CPU bf16 autocast: all
-    when they are compiled and switched on, else none. For the run record."""
-    return fused if enabled and cpu_kernels.available() else 0
-
-
 def dropout_mask(rows: int, cols: int, seed: int, p: float) -> torch.Tensor:
     """The kernels' dropout mask for a ``rows x cols`` input and ``seed`` (True: kept)."""
     keep = torch.empty(rows, cols, dtype=torch.uint8)

@@ -14,14 +14,14 @@ from peftbench.config import RunSpec
 from peftbench.methods import get_method
 from peftbench.methods.base import Method
 from peftbench.models.base import LoadedModel
+from peftbench.training import cpu_kernels, lora_kernel
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.fused_lora import fuse_lora_layers
-from peftbench.training.fused_rms_norm import compiled_rms_norms, fuse_rms_norms
+from peftbench.training.fused_rms_norm import fuse_rms_norms
 from peftbench.training.fused_rotary import fuse_rotary
 from peftbench.training.heap import steady_heap
 from peftbench.training.lean_attention import use_lean_attention
-from peftbench.training.lora_kernel import compiled_lora_layers
 from peftbench.training.objective import supports_gathered_logits
 from peftbench.training.precision import (
     copy_out_of_checkpoint,
@@ -86,8 +86,10 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
             applied["recomputed_attention"] = use_recomputed_attention(model)
             applied["fused_rotary"] = fuse_rotary(model)
             applied["silu_gate_kernel"] = compile_silu_gates(model)
-            applied["rms_norm_kernel"] = compiled_rms_norms(applied["fused_rms_norm"])
-            applied["lora_kernel"] = compiled_lora_layers(applied["fused_lora"])
+            applied["rms_norm_kernel"] = cpu_kernels.running(applied["fused_rms_norm"],
+                                                             cpu_kernels.rms_norm_enabled)
+            applied["lora_kernel"] = cpu_kernels.running(applied["fused_lora"],
+                                                         lora_kernel.enabled)
         if precision == "fp32":
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)
