@@ -18,8 +18,9 @@ Parts (those the placement applied; others are skipped), with what runs when off
 ``fused_lora`` (peft's LoRA forward), ``fused_rms_norm`` (transformers' RMSNorm forward),
 ``recomputed_attention`` (transformers' sdpa), ``silu_gate_kernel`` (transformers' gated
 MLP forward), ``rms_norm_kernel`` (the fused RMSNorm's PyTorch operations),
-``lora_kernel`` (the fused LoRA layer's PyTorch operations and dropout positions) and
-``fused_rotary`` (transformers' rotary embedding). Dropout's
+``lora_kernel`` (the fused LoRA layer's PyTorch operations and dropout positions),
+``fused_rotary`` (transformers' rotary embedding) and ``attention_kernel`` (the
+recomputed attention's probabilities and their gradient by PyTorch's operations). Dropout's
 cheap masks and bf16 storage are not switchable: the fused layers need the first, the
 second is the weights.
 """
@@ -107,7 +108,8 @@ def switches() -> dict[str, Callable[[nn.Module, bool], int]]:
             "rms_norm_kernel": flag_switch(cpu_kernels, "rms_norm_enabled"),
             "lora_kernel": flag_switch(lora_kernel, "enabled"),
             "fused_rotary": routed_switch(fused_rotary._ORIGINAL_FORWARD),
-            "recomputed_attention": attention_switch(recomputed_attention.IMPLEMENTATION)}
+            "recomputed_attention": attention_switch(recomputed_attention.IMPLEMENTATION),
+            "attention_kernel": flag_switch(recomputed_attention, "kernel_enabled")}
 
 
 def alternate(part: str, switch: Callable[[nn.Module, bool], int], model: nn.Module,

@@ -36,10 +36,11 @@ def test_each_switch_turns_its_part_off_and_on_again():
     applied = place_for_training(model, "bf16", torch.device("cpu"))
     parts = switches()
     compiled = cpu_kernels.available()  # without a C compiler the kernel parts are not applied
-    assert set(parts) == {*NODES, "rms_norm_kernel", "lora_kernel"}
+    assert set(parts) == {*NODES, "rms_norm_kernel", "lora_kernel", "attention_kernel"}
     needs_compiler = {part for part in parts if "kernel" in part} | {"fused_rotary"}
-    assert all(bool(applied[part]) == (compiled or part not in needs_compiler)
-               for part in parts)
+    expected = {part: compiled or part not in needs_compiler for part in parts}
+    expected["attention_kernel"] = cpu_kernels.bf16_dot()  # AVX-512 BF16 only
+    assert all(bool(applied[part]) == expected[part] for part in parts)
     for part, switch in parts.items():
         if part not in NODES or not applied[part]:
             continue

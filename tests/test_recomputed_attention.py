@@ -1,6 +1,6 @@
-"""Attention keeping only its bf16 inputs: the math kernel's forward bit for bit, gradients
-as accurate as the kernel's, less kept for the backward, routed only on the CPU bf16 path
-and only while gradients are recorded."""
+"""Attention keeping only its bf16 inputs, with flash-attention precision: output and
+gradients about as accurate as the fp32 math kernel's, less kept for the backward, routed
+only on the CPU bf16 path and only while gradients are recorded."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lora_models import greedy_generations, grouped_query_llama, padded_batch
 from peftbench.methods import get_method
 from peftbench.models import load_model
+from peftbench.training import cpu_kernels, recomputed_attention
 from peftbench.training.device import autocast_factory
 from peftbench.training.model_prep import place_for_training
 from peftbench.training.recomputed_attention import (
@@ -62,27 +63,39 @@ def _recomputed(q, k, v, grad, mask):
     return out, q.grad, k.grad, v.grad
 
 
+@pytest.fixture(params=[True, False], ids=["compiled", "pytorch"])
+def probabilities_by(request, monkeypatch):
+    """Each test below once with the compiled probabilities (where the kernels are compiled
+    with AVX-512 BF16) and once with PyTorch's operations."""
+    if request.param and not cpu_kernels.bf16_dot():
+        pytest.skip("no AVX-512 BF16 kernels: PyTorch's operations only")
+    monkeypatch.setattr(recomputed_attention, "kernel_enabled", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (6, 6), (6, 1)])
 @pytest.mark.parametrize("dead_row", [False, True])
-def test_forward_is_the_math_kernel_and_gradients_are_as_accurate(heads, kv_heads, dead_row):
+def test_output_and_gradients_are_about_as_accurate_as_the_math_kernels(heads, kv_heads,
+                                                                        dead_row,
+                                                                        probabilities_by):
+    """Against float64: every element within two bf16 roundings of the largest, and the
+    whole tensor within twice the fp32 math kernel's error (measured: up to 1.5 times, from
+    the probabilities and their gradients rounded to bf16)."""
     q, k, v, grad = _inputs(heads, kv_heads)
     mask = _padding_mask(dead_row)
     exact = _kernel(q, k, v, grad, mask, torch.float64)
     kernel = _kernel(q, k, v, grad, mask, torch.bfloat16)
     mine = _recomputed(q, k, v, grad, mask)
     assert mine[0].dtype == torch.bfloat16 and mine[0].is_contiguous()
-    assert torch.equal(mine[0], kernel[0])
-    for ours, theirs, truth in zip(mine[1:], kernel[1:], exact[1:], strict=True):
+    for ours, theirs, truth in zip(mine, kernel, exact, strict=True):
         assert ours.dtype == torch.bfloat16 and ours.shape == truth.shape
-        scale = truth.abs().max()
-        # bf16 rounding of the returned gradients; the kernel's own error is the same size
-        assert (ours.double() - truth).abs().max() <= max(
-            1.01 * (theirs.double() - truth).abs().max(), 2 ** -8 * scale)
+        assert (ours.double() - truth).abs().max() <= 2 ** -7 * truth.abs().max()
+        assert (ours.double() - truth).norm() <= 2 * (theirs.double() - truth).norm()
     if dead_row:  # safe softmax: nothing flows from or to the row with no key
         assert not mine[0][3, 0].any() and not mine[1][3, :, 0].any()
 
 
-def test_backward_is_the_closed_form_not_a_near_miss():
+def test_backward_is_the_closed_form_not_a_near_miss(probabilities_by):
     """Against float64 autograd of plain attention: a missing softmax correction term or a
     scale applied once instead of per side is off by far more than bf16 rounding."""
     q, k, v, grad = _inputs(4, 2, seed=3)
@@ -94,7 +107,7 @@ def test_backward_is_the_closed_form_not_a_near_miss():
         assert error < 5e-3
 
 
-def test_without_a_mask_the_attention_is_causal():
+def test_without_a_mask_the_attention_is_causal(probabilities_by):
     q, k, v, grad = _inputs(4, 2, seed=5)
     causal = torch.ones(LENGTH, LENGTH, dtype=torch.bool).tril()[None, None]
     with_mask = _recomputed(q, k, v, grad, causal)
@@ -107,9 +120,10 @@ def test_without_a_mask_the_attention_is_causal():
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_a_model_under_bf16_autocast_gives_the_same_loss_and_keeps_less(kv_heads):
-    """A whole model, switched, under peftbench's CPU bf16 autocast: the same loss bit for
-    bit, gradients within bf16 rounding, and no fp32 copy of queries, keys, values or
+def test_a_model_under_bf16_autocast_gives_nearly_the_same_loss_and_keeps_less(kv_heads):
+    """A whole model, switched, under peftbench's CPU bf16 autocast: the same loss within
+    bf16 rounding of the attention's probabilities, gradients within bf16 rounding, and no
+    fp32 copy of queries, keys, values or
     probabilities kept for the backward."""
     autocast = autocast_factory(torch.device("cpu"), "bf16")
     batch = padded_batch()
@@ -127,7 +141,7 @@ def test_a_model_under_bf16_autocast_gives_the_same_loss_and_keeps_less(kv_heads
                          and t.shape[0] > 1 and head_dim in t.shape[-2:]]
         results.append((loss.item(), [p.grad for p in model.parameters()], fp32_per_head))
     (loss, grads, fp32), (loss_switched, grads_switched, fp32_switched) = results
-    assert loss_switched == loss
+    assert abs(loss_switched - loss) <= 1e-3 * abs(loss)
     for theirs, ours in zip(grads, grads_switched, strict=True):
         assert (ours - theirs).abs().max() <= 2e-2 * theirs.abs().max() + 1e-6
     assert fp32 and not fp32_switched  # the kernel's fp32 queries, keys and values
@@ -162,6 +176,48 @@ def _saved(run) -> tuple[list[torch.Tensor], object]:
 
 def _storage_bytes(tensors: list[torch.Tensor]) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+@pytest.mark.skipif(not cpu_kernels.bf16_dot(), reason="no AVX-512 BF16 kernels")
+@pytest.mark.parametrize(("batch", "heads", "kv_heads", "length", "dim", "mask_kind"), [
+    (3, 4, 2, 70, 24, "padding"), (2, 3, 3, 17, 7, "causal"), (2, 2, 1, 129, 32, "padding")])
+def test_the_compiled_probabilities_are_pytorchs(batch, heads, kv_heads, length, dim,
+                                                 mask_kind, monkeypatch):
+    """The compiled scores, softmax and softmax gradient against PyTorch's operations on
+    the same bf16 inputs: lengths past one 64-key block and with tails, odd head sizes, a
+    shared causal mask and per-row padding with a query that sees no key. Both round the
+    same float32 values to bf16, up to float32 sums in another order: a few elements one
+    bf16 step apart."""
+    gen = torch.Generator().manual_seed(1)
+    q = (torch.randn(batch, heads, length, dim, generator=gen) * 2).bfloat16()
+    k = (torch.randn(batch, kv_heads, length, dim, generator=gen) * 2).bfloat16()
+    v = torch.randn(batch, kv_heads, length, dim, generator=gen).bfloat16()
+    grad = torch.randn(batch, length, heads, dim, generator=gen).bfloat16()
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    if mask_kind == "causal":
+        mask = None
+    else:
+        lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+        mask = causal & (torch.arange(length)[None, :] < lengths[:, None])[:, None, None]
+        mask[0, :, 0] = False  # a query with no key to attend
+    additive, dead = _prepared_mask(mask, length, q.device)
+    grouped = q.view(batch, kv_heads, heads // kv_heads * length, dim)
+    assert recomputed_attention._kernel_takes(grouped, k, additive)
+    results = []
+    for compiled in (True, False):
+        monkeypatch.setattr(recomputed_attention, "kernel_enabled", compiled)
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = _Attention.apply(*inputs, additive, dead, dim ** -0.5)
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for ours, theirs in zip(*results, strict=True):
+        difference = (ours.double() - theirs.double()).abs()
+        assert difference.max() <= 2 ** -7 * theirs.abs().max()
+        assert difference.norm() <= 1e-3 * theirs.double().norm()
+        assert (difference > 0).double().mean() <= 0.02
+    if mask_kind != "causal":
+        assert not results[0][0][0, 0].any()  # no key: zero output and no gradient
+        assert not results[0][1][0, :, 0].any()
 
 
 def test_evaluation_and_generation_are_transformers_own():

@@ -50,9 +50,11 @@ def _machine_identity() -> str:
     return platform.machine() + "\n".join(dict.fromkeys(lines))
 
 
-def build_library(source: Path, folder: Path | None = None) -> Path:
+def build_library(source: Path, folder: Path | None = None,
+                  defines: tuple[str, ...] = ()) -> Path:
     """Compile ``source`` into ``folder`` (default: the cache) unless a build of this source
-    by this compiler for this machine is there; returns the shared library's path. A flag
+    by this compiler for this machine is there; returns the shared library's path.
+    ``defines`` (``-DNAME`` options) are added to every flag set (tests build variants). A flag
     set that failed leaves a ``.failed`` note (the compiler's message) and is not tried
     again, so each new worker process does not pay for it. Raises ``OSError`` /
     ``subprocess.SubprocessError`` when no flag set compiles."""
@@ -61,7 +63,8 @@ def build_library(source: Path, folder: Path | None = None) -> Path:
                               timeout=60, check=True).stdout
     folder = folder or cache_dir("kernels")
     common = [source.read_bytes(), identity.encode(), _machine_identity().encode()]
-    for flags in FLAG_SETS:
+    for flag_set in FLAG_SETS:
+        flags = (*flag_set, *defines)
         key = hashlib.sha256(b"\0".join([*common, " ".join(flags).encode()])).hexdigest()[:16]
         library = folder / f"{source.stem}-{key}.so"
         if library.exists():

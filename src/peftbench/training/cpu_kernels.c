@@ -170,17 +170,47 @@ void pb_rms_norm_backward(const uint16_t *grad, const float *x, const float *wei
  *
  * x (m x k, bf16) is the layer input, a (r x k) and b (n x r) the adapter's A and B as
  * stored (float32), scale the factor of B (LoRA's scaling over the dropout's 1 - p); the
- * base product x W^T (m x n, bf16) comes from torch. The kernels multiply by
- * bt = scale * B^T (r x n), which they lay out in their work buffer. Dropout over
- * the adapter's input is drawn here: element (i, c) is kept when a hash of its flat index
- * i * k + c and the call's seed is at least threshold = p * 2^32, so the backward draws the
- * same mask again instead of keeping it. Sums over the rank are float32.
+ * base product x W^T (m x n, bf16) comes from torch. Dropout over the adapter's input is
+ * drawn here: element (i, c) is kept when a hash of its flat index i * k + c and the call's
+ * seed is at least threshold = p * 2^32, so the backward draws the same mask again instead
+ * of keeping it.
  *
- * The loops run over 16 columns at a time in GCC/Clang vector extensions (16 floats; the
- * compiler splits them where registers are narrower) and over P rows at a time, so that each
- * vector of A, B^T or of a partial sum that is loaded serves P rows, with r P independent
- * sums in registers. They are instantiated for r = 4, 8 and 16 (everything unrolled) and
- * once for any other r. Columns past the last multiple of 16 are done one at a time. */
+ * The products are bf16 ones, as under autocast (and as the PyTorch fallback in
+ * fused_lora_bf16.py): A and B are rounded to bf16 (into the kernels' work buffers), and so
+ * are the rank-r results hidden = x' A^T and grad_hidden = scale g B (kept as float32
+ * arrays of bf16 values); products are summed in float32, and each bf16 output is rounded
+ * once. Two implementations compute this:
+ *
+ * - with AVX-512 BF16 (PB_DPBF16): vdpbf16ps, 16 float32 sums of two bf16 products each
+ *   per instruction. Sums along x's or g's rows (x' A^T, g B) take 32 columns of a row;
+ *   sums over rows (A's and B's gradients) take two rows, interleaved into pairs; sums over
+ *   the rank (the adapter's output and its input gradient) read B and A laid out as pairs of
+ *   rank entries (bp, ap). Rows go in pairs; columns past the last multiple of 32 (16) are
+ *   masked.
+ * - elsewhere: GCC/Clang vector extensions (16 floats; the compiler splits them where
+ *   registers are narrower), float32 multiply-adds of the same rounded operands, P rows at
+ *   a time so that each vector of A, B^T or of a partial sum that is loaded serves P rows,
+ *   instantiated for r = 4, 8 and 16 (everything unrolled) and once for any other r;
+ *   columns past the last multiple of 16 one at a time.
+ *
+ * Both give the same values up to the order of float32 sums. With dropout, pb_lora_down
+ * stores the mask in bits (a bit per element, rows of (k + 31) / 32 words) where the
+ * backward's pb_lora_grad_input reads it (AVX-512 BF16); the portable kernels leave bits
+ * alone and draw the mask again. Work buffers: r k floats for
+ * pb_lora_down, r n for pb_lora_up_add, r n more per thread for pb_lora_grad_hidden and
+ * r k more per thread for pb_lora_grad_input. */
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VL__) &&             \
+    !defined(PB_NO_DPBF16)
+#define PB_DPBF16 1
+#include <immintrin.h>
+#else
+#define PB_DPBF16 0
+#endif
+
+/* 1 when compiled with AVX-512 BF16 instructions (the LoRA kernels use them, and the
+ * attention kernels exist), else 0 */
+int pb_has_dpbf16(void) { return PB_DPBF16; }
 
 typedef float pb_vf __attribute__((vector_size(64)));
 typedef float pb_vf_u __attribute__((vector_size(64), aligned(4), may_alias));
@@ -193,35 +223,40 @@ typedef uint16_t pb_vh_u __attribute__((vector_size(32), aligned(2), may_alias))
 PB_INLINE pb_vf load16(const float *p) { return *(const pb_vf_u *)p; }
 PB_INLINE void store16(float *p, pb_vf v) { *(pb_vf_u *)p = v; }
 #if (defined(__clang__) || __GNUC__ >= 9) && !defined(PB_NO_CONVERTVECTOR)
-PB_INLINE pb_vf widen16(const uint16_t *p) {
-    return (pb_vf)(__builtin_convertvector(*(const pb_vh_u *)p, pb_vu) << 16);
-}
+PB_INLINE pb_vf widen_bits(pb_vh h) { return (pb_vf)(__builtin_convertvector(h, pb_vu) << 16); }
 /* as float_to_bf16, 16 at a time */
-PB_INLINE void narrow16(uint16_t *p, pb_vf f) {
+PB_INLINE pb_vh narrow_bits(pb_vf f) {
     pb_vu u = (pb_vu)f;
     pb_vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     pb_vu nan = (pb_vu)((u & 0x7fffffffu) > 0x7f800000u);
     pb_vu bits = (rounded & ~nan) | (((u >> 16) | 0x40u) & nan);
-    *(pb_vh_u *)p = __builtin_convertvector(bits, pb_vh);
+    return __builtin_convertvector(bits, pb_vh);
 }
 #else /* compilers without __builtin_convertvector (GCC before 9): lane by lane */
-PB_INLINE pb_vf widen16(const uint16_t *p) {
+PB_INLINE pb_vf widen_bits(pb_vh h) {
     pb_vf v;
     for (int l = 0; l < 16; l++)
-        v[l] = bf16_to_float(p[l]);
+        v[l] = bf16_to_float(h[l]);
     return v;
 }
-PB_INLINE void narrow16(uint16_t *p, pb_vf f) {
+PB_INLINE pb_vh narrow_bits(pb_vf f) {
+    pb_vh h;
     for (int l = 0; l < 16; l++)
-        p[l] = float_to_bf16(f[l]);
+        h[l] = float_to_bf16(f[l]);
+    return h;
 }
 #endif
+PB_INLINE pb_vf widen16(const uint16_t *p) { return widen_bits(*(const pb_vh_u *)p); }
+PB_INLINE void narrow16(uint16_t *p, pb_vf f) { *(pb_vh_u *)p = narrow_bits(f); }
 PB_INLINE float sum16(pb_vf v) {
     float s = 0.0f;
     for (int l = 0; l < PB_LANES; l++)
         s += v[l];
     return s;
 }
+
+/* f rounded to the nearest bf16, as a float */
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 
 /* lowbias32 (C. Wellons): a bijective 32-bit mixer with full avalanche; one definition
  * for a scalar and for 16 lanes, so the vector loops and the tail columns draw one mask */
@@ -254,6 +289,356 @@ PB_INLINE pb_vu keep16(uint32_t first, uint64_t seed, uint32_t threshold) {
     pb_vu h = mix32v(mix32v(first + lanes + (uint32_t)seed) ^ (uint32_t)(seed >> 32));
     return (pb_vu)(h >= threshold);
 }
+
+/* this thread's zeroed share (size floats) of a work buffer of per-thread partial sums */
+static inline float *thread_partial(float *work, int64_t size) {
+    float *partial = work + (int64_t)thread_number() * size;
+    memset(partial, 0, sizeof(float) * (size_t)size);
+    return partial;
+}
+
+/* out = the sum of parts arrays of size floats, part t at partials + t * stride, added
+ * in thread order */
+static void sum_partials(const float *partials, int64_t stride, float *out, int64_t size,
+                         int parts) {
+    for (int64_t e = 0; e < size; e++) {
+        float s = 0.0f;
+        for (int t = 0; t < parts; t++)
+            s += partials[(int64_t)t * stride + e];
+        out[e] = s;
+    }
+}
+
+/* dst (cols x rows) = scale * src^T for src (rows x cols) */
+static void scaled_transpose(const float *src, float scale, int64_t rows, int64_t cols,
+                             float *dst) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            dst[j * rows + i] = scale * src[i * cols + j];
+}
+
+/* the dropout mask of a call (1 kept, 0 dropped), for tests and references */
+void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t threshold) {
+    for (int64_t e = 0; e < m * k; e++)
+        keep[e] = (uint8_t)pb_keep((uint32_t)e, seed, threshold);
+}
+
+#if PB_DPBF16
+/* ---- AVX-512 BF16 ---- */
+
+typedef uint32_t pb_pair; /* two bf16: the first in the low half */
+
+static inline pb_pair bf16_pair(float first, float second) {
+    return (pb_pair)float_to_bf16(first) | (pb_pair)float_to_bf16(second) << 16;
+}
+/* acc + the products of a's and b's bf16 pairs, lane by lane */
+PB_INLINE __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+/* the columns c .. c + 31 (c .. c + 15) that exist among width */
+PB_INLINE __mmask32 valid32(int64_t c, int64_t width) {
+    return width - c >= 32 ? (__mmask32)0xffffffffu : ((__mmask32)1 << (width - c)) - 1;
+}
+PB_INLINE __mmask16 valid16(int64_t c, int64_t width) {
+    return width - c >= 16 ? (__mmask16)0xffffu : (__mmask16)(((uint32_t)1 << (width - c)) - 1);
+}
+/* the dropout's keep mask of flat indices first .. first + 31 */
+PB_INLINE __mmask32 keep32(uint32_t first, uint64_t seed, uint32_t threshold) {
+    __m512i low = (__m512i)keep16(first, seed, threshold);
+    __m512i high = (__m512i)keep16(first + 16, seed, threshold);
+    return (__mmask32)_mm512_test_epi32_mask(low, low) |
+           (__mmask32)_mm512_test_epi32_mask(high, high) << 16;
+}
+PB_INLINE __m512 widen_m256(__m256i h) { return (__m512)widen_bits((pb_vh)h); }
+PB_INLINE __m256i narrow_m512(__m512 f) { return (__m256i)narrow_bits((pb_vf)f); }
+
+/* the pairs (r0[t], r1[t]) of two rows of 32 bf16: t < 16 into low, the rest into high */
+PB_INLINE void interleave(__m512i r0, __m512i r1, __m512i *low, __m512i *high) {
+    static const uint16_t low_index[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                           37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                           11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    static const uint16_t high_index[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                            53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                            27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    *low = _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(low_index), r1);
+    *high = _mm512_permutex2var_epi16(r0, _mm512_loadu_si512(high_index), r1);
+}
+
+/* partial[0 .. 32) (only the valid columns) += the products of the row pairs low / high
+ * (columns 0-15 / 16-31) with the pair of factors f */
+PB_INLINE void add_pair_products(float *partial, __mmask32 valid, __m512i low, __m512i high,
+                                 __m512i f) {
+    __mmask16 first = (__mmask16)valid, second = (__mmask16)(valid >> 16);
+    __m512 p = _mm512_maskz_loadu_ps(first, partial);
+    _mm512_mask_storeu_ps(partial, first, dot_pairs(p, low, f));
+    if (second) {
+        p = _mm512_maskz_loadu_ps(second, partial + 16);
+        _mm512_mask_storeu_ps(partial + 16, second, dot_pairs(p, high, f));
+    }
+}
+
+/* dst (rows x cols) = src rounded to bf16 */
+static void bf16_copy(const float *src, int64_t rows, int64_t cols, uint16_t *dst) {
+    for (int64_t e = 0; e < rows * cols; e++)
+        dst[e] = float_to_bf16(src[e]);
+}
+/* dst (cols x rows) = src^T rounded to bf16 */
+static void bf16_transpose(const float *src, int64_t rows, int64_t cols, uint16_t *dst) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            dst[j * rows + i] = float_to_bf16(src[i * cols + j]);
+}
+/* dst ((r + 1) / 2 x width) = pairs (w(2 jp, c), w(2 jp + 1, c)) of a rank-r matrix w,
+ * element (j, c) at src[j * js + c * cs], rounded to bf16 (the second 0 past r) */
+static void rank_pairs(const float *src, int64_t js, int64_t cs, int64_t r, int64_t width,
+                       pb_pair *dst) {
+    for (int64_t jp = 0; 2 * jp < r; jp++)
+        for (int64_t c = 0; c < width; c++)
+            dst[jp * width + c] =
+                bf16_pair(src[2 * jp * js + c * cs],
+                          2 * jp + 1 < r ? src[(2 * jp + 1) * js + c * cs] : 0.0f);
+}
+
+/* Inside an OpenMP region: CALL(r, 2, i) for the row pairs (i, i + 1), shared among the
+ * threads, with r a constant for r = 4, 8 and 16 and r itself otherwise; then CALL(r, 1,
+ * m - 1) for a last row alone. */
+#define PB_FOR_PAIRS(m, r, CALL)                                                             \
+    do {                                                                                     \
+        const int64_t pb_pairs = (m) / 2;                                                    \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t pb_pair_index = 0; pb_pair_index < pb_pairs; pb_pair_index++) {         \
+            if ((r) == 4)                                                                    \
+                CALL(4, 2, pb_pair_index * 2);                                               \
+            else if ((r) == 8)                                                               \
+                CALL(8, 2, pb_pair_index * 2);                                               \
+            else if ((r) == 16)                                                              \
+                CALL(16, 2, pb_pair_index * 2);                                              \
+            else                                                                             \
+                CALL(r, 2, pb_pair_index * 2);                                               \
+        }                                                                                    \
+        if ((m) % 2) {                                                                       \
+            _Pragma("omp single")                                                            \
+            CALL(r, 1, (m) - 1);                                                             \
+        }                                                                                    \
+    } while (0)
+
+/* 32 bf16 of row i (width columns) from column c: those past width and, with drop, the
+ * dropped ones 0; *keep receives the kept and valid columns. With drop, the mask is read
+ * from bits (when given) if read_bits is set, else drawn and stored there (when given):
+ * a bit per element, rows of (width + 31) / 32 words. */
+PB_INLINE __m512i row32(const uint16_t *x, int64_t i, int64_t c, int64_t width,
+                        uint64_t seed, uint32_t threshold, int drop, uint32_t *bits,
+                        int read_bits, __mmask32 *keep) {
+    __mmask32 valid = valid32(c, width);
+    if (drop) {
+        uint32_t *word = bits == NULL ? NULL : bits + i * ((width + 31) / 32) + c / 32;
+        if (word != NULL && read_bits)
+            valid &= (__mmask32)*word;
+        else {
+            valid &= keep32((uint32_t)(i * width + c), seed, threshold);
+            if (word != NULL)
+                *word = (uint32_t)valid;
+        }
+    }
+    *keep = valid;
+    return _mm512_maskz_loadu_epi16(valid, x + i * width + c);
+}
+
+/* For rows i0 .. i0 + rows (1 or 2) of x (m x k, bf16, dropped where drop is set; the
+ * mask stored in bits when given): sums = round(scale x' w^T), w (r x k, bf16). With h
+ * (m x r, bf16 values) and partial (r x k), also partial += h^T x' (h's rows i0 .. i0 +
+ * rows). */
+PB_INLINE void dot_rows_dp(const uint16_t *restrict x, const uint16_t *restrict w,
+                           float scale, float *restrict sums, int64_t i0, int64_t k,
+                           const int64_t r, const int rows, uint64_t seed,
+                           uint32_t threshold, int drop, uint32_t *restrict bits,
+                           const float *restrict h, float *restrict partial) {
+    __m512 s[2][r];
+    pb_pair hp[r];
+    for (int64_t j = 0; j < r; j++) {
+        s[0][j] = s[1][j] = _mm512_setzero_ps();
+        if (partial != NULL)
+            hp[j] = bf16_pair(h[i0 * r + j], rows == 2 ? h[(i0 + 1) * r + j] : 0.0f);
+    }
+    for (int64_t c = 0; c < k; c += 32) {
+        __mmask32 valid = valid32(c, k), keep;
+        __m512i v[2];
+        v[1] = _mm512_setzero_si512();
+        for (int q = 0; q < rows; q++)
+            v[q] = row32(x, i0 + q, c, k, seed, threshold, drop, bits, 0, &keep);
+        for (int64_t j = 0; j < r; j++) {
+            __m512i wj = _mm512_maskz_loadu_epi16(valid, w + j * k + c);
+            for (int q = 0; q < rows; q++)
+                s[q][j] = dot_pairs(s[q][j], v[q], wj);
+        }
+        if (partial != NULL) {
+            __m512i low, high;
+            interleave(v[0], v[1], &low, &high);
+            for (int64_t j = 0; j < r; j++)
+                add_pair_products(partial + j * k + c, valid, low, high,
+                                  _mm512_set1_epi32((int)hp[j]));
+        }
+    }
+    for (int q = 0; q < rows; q++)
+        for (int64_t j = 0; j < r; j++)
+            sums[(i0 + q) * r + j] = round_bf16(scale * _mm512_reduce_add_ps(s[q][j]));
+}
+
+void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
+                  int64_t r, uint64_t seed, uint32_t threshold, uint32_t *bits, float *work,
+                  int threads) {
+    int drop = threshold != 0;
+    uint16_t *a16 = (uint16_t *)work;
+    bf16_copy(a, r, k, a16);
+    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
+    {
+#define PB_DOWN(R, P, I0)                                                                    \
+    dot_rows_dp(x, a16, 1.0f, hidden, I0, k, R, P, seed, threshold, drop, bits, NULL, NULL)
+        PB_FOR_PAIRS(m, r, PB_DOWN);
+#undef PB_DOWN
+    }
+}
+
+/* out[i0 .. i0 + rows) += scale * h bp (h: hidden's rows, bp: B's rank pairs), rounded once */
+PB_INLINE void up_rows_dp(uint16_t *restrict out, const float *restrict hidden,
+                          const pb_pair *restrict bp, float scale, int64_t i0, int64_t n,
+                          const int64_t r, const int rows) {
+    const int64_t pairs = (r + 1) / 2;
+    pb_pair hp[2][pairs];
+    for (int q = 0; q < rows; q++)
+        for (int64_t jp = 0; jp < pairs; jp++)
+            hp[q][jp] = bf16_pair(hidden[(i0 + q) * r + 2 * jp],
+                                  2 * jp + 1 < r ? hidden[(i0 + q) * r + 2 * jp + 1] : 0.0f);
+    const __m512 factor = _mm512_set1_ps(scale);
+    for (int64_t c = 0; c < n; c += 16) {
+        __mmask16 valid = valid16(c, n);
+        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t jp = 0; jp < pairs; jp++) {
+            __m512i w = _mm512_maskz_loadu_epi32(valid, bp + jp * n + c);
+            for (int q = 0; q < rows; q++)
+                acc[q] = dot_pairs(acc[q], _mm512_set1_epi32((int)hp[q][jp]), w);
+        }
+        for (int q = 0; q < rows; q++) {
+            uint16_t *o = out + (i0 + q) * n + c;
+            __m512 v = widen_m256(_mm256_maskz_loadu_epi16(valid, o));
+            _mm256_mask_storeu_epi16(o, valid, narrow_m512(_mm512_fmadd_ps(factor, acc[q], v)));
+        }
+    }
+}
+
+void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
+                    int64_t m, int64_t n, int64_t r, float *work, int threads) {
+    pb_pair *bp = (pb_pair *)work;
+    rank_pairs(b, 1, r, r, n, bp);
+    #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
+    {
+#define PB_UP(R, P, I0) up_rows_dp(out, hidden, bp, scale, I0, n, R, P)
+        PB_FOR_PAIRS(m, r, PB_UP);
+#undef PB_UP
+    }
+}
+
+void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
+                         float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
+                         float *work, int threads) {
+    int parts = 1;
+    uint16_t *bt = (uint16_t *)work;
+    bf16_transpose(b, n, r, bt);
+    work += r * n;
+    #pragma omp parallel num_threads(threads) if (m * n * r >= PB_PARALLEL_MIN * 8)
+    {
+        #pragma omp single
+        parts = thread_count();
+        float *partial = thread_partial(work, r * n);
+#define PB_GRAD_HIDDEN(R, P, I0)                                                             \
+    dot_rows_dp(g, bt, scale, grad_hidden, I0, n, R, P, 0, 0, 0, NULL, hidden, partial)
+        PB_FOR_PAIRS(m, r, PB_GRAD_HIDDEN);
+#undef PB_GRAD_HIDDEN
+    }
+    sum_partials(work, r * n, work, r * n, parts); /* in place: element e read, then set */
+    scaled_transpose(work, scale, r, n, grad_b);
+}
+
+/* for rows i0 .. i0 + rows: partial (r x k) += grad_hidden^T dropout(x), and, with gx_base,
+ * grad_x = gx_base + mask * (grad_hidden ap) in float32 (x_f32) or bf16 */
+PB_INLINE void grad_input_rows_dp(const uint16_t *gx_base, const float *restrict grad_hidden,
+                                  const pb_pair *restrict ap, const uint16_t *restrict x,
+                                  void *grad_x, int x_f32, float *restrict partial,
+                                  int64_t i0, int64_t k, const int64_t r, const int rows,
+                                  uint64_t seed, uint32_t threshold, int drop,
+                                  uint32_t *restrict bits) {
+    const float *h = grad_hidden + i0 * r;
+    const int64_t pairs = (r + 1) / 2;
+    pb_pair across[r], along[2][pairs]; /* pairs of rows; pairs of rank entries */
+    for (int64_t j = 0; j < r; j++)
+        across[j] = bf16_pair(h[j], rows == 2 ? h[r + j] : 0.0f);
+    for (int q = 0; q < rows; q++)
+        for (int64_t jp = 0; jp < pairs; jp++)
+            along[q][jp] = bf16_pair(h[q * r + 2 * jp],
+                                     2 * jp + 1 < r ? h[q * r + 2 * jp + 1] : 0.0f);
+    for (int64_t c = 0; c < k; c += 32) {
+        __mmask32 valid = valid32(c, k), keep[2] = {0, 0};
+        __m512i v[2], low, high;
+        v[1] = _mm512_setzero_si512();
+        for (int q = 0; q < rows; q++)
+            v[q] = row32(x, i0 + q, c, k, seed, threshold, drop, bits, 1, &keep[q]);
+        interleave(v[0], v[1], &low, &high);
+        for (int64_t j = 0; j < r; j++)
+            add_pair_products(partial + j * k + c, valid, low, high,
+                              _mm512_set1_epi32((int)across[j]));
+        if (gx_base == NULL)
+            continue;
+        for (int half = 0; half < 2; half++) {
+            int64_t col = c + 16 * half;
+            __mmask16 part = (__mmask16)(valid >> (16 * half));
+            if (!part)
+                break;
+            __m512 lora[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t jp = 0; jp < pairs; jp++) {
+                __m512i w = _mm512_maskz_loadu_epi32(part, ap + jp * k + col);
+                for (int q = 0; q < rows; q++)
+                    lora[q] = dot_pairs(lora[q], _mm512_set1_epi32((int)along[q][jp]), w);
+            }
+            for (int q = 0; q < rows; q++) {
+                int64_t index = (i0 + q) * k + col;
+                __mmask16 kept = (__mmask16)(keep[q] >> (16 * half));
+                __m512 base = widen_m256(_mm256_maskz_loadu_epi16(part, gx_base + index));
+                __m512 sum = _mm512_mask_add_ps(base, kept, base, lora[q]);
+                if (x_f32)
+                    _mm512_mask_storeu_ps((float *)grad_x + index, part, sum);
+                else
+                    _mm256_mask_storeu_epi16((uint16_t *)grad_x + index, part,
+                                             narrow_m512(sum));
+            }
+        }
+    }
+}
+
+void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const float *a,
+                        const uint16_t *x, void *grad_x, int x_f32, float *grad_a, int64_t m,
+                        int64_t k, int64_t r, uint64_t seed, uint32_t threshold,
+                        uint32_t *bits, float *work, int threads) {
+    int parts = 1, drop = threshold != 0;
+    pb_pair *ap = (pb_pair *)work;
+    rank_pairs(a, k, 1, r, k, ap);
+    work += r * k;
+    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
+    {
+        #pragma omp single
+        parts = thread_count();
+        float *partial = thread_partial(work, r * k);
+#define PB_GRAD_INPUT(R, P, I0)                                                              \
+    grad_input_rows_dp(gx_base, grad_hidden, ap, x, grad_x, x_f32, partial, I0, k, R, P,    \
+                       seed, threshold, drop, bits)
+        PB_FOR_PAIRS(m, r, PB_GRAD_INPUT);
+#undef PB_GRAD_INPUT
+    }
+    sum_partials(work, r * k, grad_a, r * k, parts);
+}
+
+#else
+/* ---- portable: vector extensions, float32 multiply-adds ---- */
+
 /* 16 elements of x from flat index first, dropped ones 0; keep receives the mask */
 PB_INLINE pb_vf dropped16(const uint16_t *x, uint32_t first, uint64_t seed,
                           uint32_t threshold, int drop, pb_vu *keep) {
@@ -270,11 +655,16 @@ static inline float dropped1(const uint16_t *x, int64_t index, uint64_t seed,
     return pb_keep((uint32_t)index, seed, threshold) ? bf16_to_float(*x) : 0.0f;
 }
 
-/* this thread's zeroed share (size floats) of a work buffer of per-thread partial sums */
-static inline float *thread_partial(float *work, int64_t size) {
-    float *partial = work + (int64_t)thread_number() * size;
-    memset(partial, 0, sizeof(float) * (size_t)size);
-    return partial;
+/* dst = src rounded to bf16 (as floats), size elements */
+static void rounded_copy(const float *src, int64_t size, float *dst) {
+    for (int64_t e = 0; e < size; e++)
+        dst[e] = round_bf16(src[e]);
+}
+/* dst (cols x rows) = src^T rounded to bf16 (as floats) for src (rows x cols) */
+static void rounded_transpose(const float *src, int64_t rows, int64_t cols, float *dst) {
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < cols; j++)
+            dst[j * rows + i] = round_bf16(src[i * cols + j]);
 }
 
 /* rows per block: 4 for r = 4, 2 for r = 8, else 1 (r P sums stay in registers) */
@@ -303,40 +693,15 @@ static inline int per_block(int64_t r) { return r == 4 ? 4 : r == 8 ? 2 : 1; }
             CALL(r, 1, pb_row);                                                              \
     } while (0)
 
-/* out = the sum of parts arrays of size floats, part t at partials + t * stride, added
- * in thread order */
-static void sum_partials(const float *partials, int64_t stride, float *out, int64_t size,
-                         int parts) {
-    for (int64_t e = 0; e < size; e++) {
-        float s = 0.0f;
-        for (int t = 0; t < parts; t++)
-            s += partials[(int64_t)t * stride + e];
-        out[e] = s;
-    }
-}
-
-/* dst (cols x rows) = scale * src^T for src (rows x cols) */
-static void scaled_transpose(const float *src, float scale, int64_t rows, int64_t cols,
-                             float *dst) {
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t j = 0; j < cols; j++)
-            dst[j * rows + i] = scale * src[i * cols + j];
-}
-
-/* the dropout mask of a call (1 kept, 0 dropped), for tests and references */
-void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t threshold) {
-    for (int64_t e = 0; e < m * k; e++)
-        keep[e] = (uint8_t)pb_keep((uint32_t)e, seed, threshold);
-}
-
-/* For P rows from row i0 of x (m x k, bf16, dropped where drop is set): sums = x' a^T
- * (r per row). With h (the rows' r factors) and partial (r x k), also partial += h^T x'.
- * pb_lora_down and pb_lora_grad_hidden pass h and partial as constants (NULL or not), so
- * the inlined copies keep only their own work. */
+/* For P rows from row i0 of x (m x k, bf16, dropped where drop is set): sums =
+ * round(scale x' a^T) (r per row). With h (the rows' r factors) and partial (r x k), also
+ * partial += h^T x'. pb_lora_down and pb_lora_grad_hidden pass h and partial as constants
+ * (NULL or not), so the inlined copies keep only their own work. */
 PB_INLINE void rank_sums_rows(const uint16_t *restrict x, const float *restrict a,
-                              float *restrict sums, int64_t i0, int64_t k, const int64_t r,
-                              const int P, uint64_t seed, uint32_t threshold, int drop,
-                              const float *restrict h, float *restrict partial) {
+                              float scale, float *restrict sums, int64_t i0, int64_t k,
+                              const int64_t r, const int P, uint64_t seed,
+                              uint32_t threshold, int drop, const float *restrict h,
+                              float *restrict partial) {
     pb_vf s[P][r];
     for (int q = 0; q < P; q++)
         for (int64_t j = 0; j < r; j++)
@@ -375,72 +740,71 @@ PB_INLINE void rank_sums_rows(const uint16_t *restrict x, const float *restrict 
         }
     for (int q = 0; q < P; q++)
         for (int64_t j = 0; j < r; j++)
-            sums[(i0 + q) * r + j] = t[q][j];
+            sums[(i0 + q) * r + j] = round_bf16(scale * t[q][j]);
 }
 
-/* hidden = dropout(x) a^T (float32, m x r) */
 void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
-                  int64_t r, uint64_t seed, uint32_t threshold, int threads) {
+                  int64_t r, uint64_t seed, uint32_t threshold, uint32_t *bits, float *work,
+                  int threads) {
+    (void)bits; /* the backward draws the mask again */
     int drop = threshold != 0;
+    const float *ar = work;
+    rounded_copy(a, r * k, work);
     #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
     {
 #define PB_DOWN(R, P, I0)                                                                    \
-    rank_sums_rows(x, a, hidden, I0, k, R, P, seed, threshold, drop, NULL, NULL)
+    rank_sums_rows(x, ar, 1.0f, hidden, I0, k, R, P, seed, threshold, drop, NULL, NULL)
         PB_FOR_ROWS(m, r, PB_DOWN);
 #undef PB_DOWN
     }
 }
 
-/* out[i0 .. i0 + P) += hidden bt, rounded once */
+/* out[i0 .. i0 + P) += scale * hidden bt, rounded once */
 PB_INLINE void up_rows(uint16_t *restrict out, const float *restrict hidden,
-                       const float *restrict bt, int64_t i0, int64_t n, const int64_t r,
-                       const int P) {
+                       const float *restrict bt, float scale, int64_t i0, int64_t n,
+                       const int64_t r, const int P) {
     const float *h = hidden + i0 * r;
     int64_t c = 0;
     for (; c + PB_LANES <= n; c += PB_LANES) {
-        pb_vf v[P];
+        pb_vf acc[P];
         for (int q = 0; q < P; q++)
-            v[q] = widen16(out + (i0 + q) * n + c);
+            acc[q] = (pb_vf){0};
         for (int64_t j = 0; j < r; j++) {
             pb_vf w = load16(bt + j * n + c);
             for (int q = 0; q < P; q++)
-                v[q] += h[q * r + j] * w;
+                acc[q] += h[q * r + j] * w;
         }
         for (int q = 0; q < P; q++)
-            narrow16(out + (i0 + q) * n + c, v[q]);
+            narrow16(out + (i0 + q) * n + c, widen16(out + (i0 + q) * n + c) + scale * acc[q]);
     }
     for (; c < n; c++)
         for (int q = 0; q < P; q++) {
-            float t = bf16_to_float(out[(i0 + q) * n + c]);
+            float t = 0.0f;
             for (int64_t j = 0; j < r; j++)
                 t += h[q * r + j] * bt[j * n + c];
-            out[(i0 + q) * n + c] = float_to_bf16(t);
+            out[(i0 + q) * n + c] = float_to_bf16(bf16_to_float(out[(i0 + q) * n + c]) +
+                                                  scale * t);
         }
 }
 
-/* out += hidden (scale b^T), in place over the base product (bf16, m x n), rounded once;
- * work: r n floats */
 void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
                     int64_t m, int64_t n, int64_t r, float *work, int threads) {
     const float *bt = work;
-    scaled_transpose(b, scale, n, r, work);
+    rounded_transpose(b, n, r, work);
     #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
     {
-#define PB_UP(R, P, I0) up_rows(out, hidden, bt, I0, n, R, P)
+#define PB_UP(R, P, I0) up_rows(out, hidden, bt, scale, I0, n, R, P)
         PB_FOR_ROWS(m, r, PB_UP);
 #undef PB_UP
     }
 }
 
-/* From the output gradient g (m x n, bf16): grad_hidden = g bt^T (float32, m x r) and B's
- * gradient grad_b = scale (hidden^T g)^T (float32, n x r). work: r n floats, and r n more
- * per thread. */
 void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
                          float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
                          float *work, int threads) {
     int parts = 1;
     const float *bt = work;
-    scaled_transpose(b, scale, n, r, work);
+    rounded_transpose(b, n, r, work);
     work += r * n;
     #pragma omp parallel num_threads(threads) if (m * n * r >= PB_PARALLEL_MIN * 8)
     {
@@ -448,7 +812,8 @@ void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const f
         parts = thread_count();
         float *partial = thread_partial(work, r * n);
 #define PB_GRAD_HIDDEN(R, P, I0)                                                             \
-    rank_sums_rows(g, bt, grad_hidden, I0, n, R, P, 0, 0, 0, hidden + (I0) * (R), partial)
+    rank_sums_rows(g, bt, scale, grad_hidden, I0, n, R, P, 0, 0, 0, hidden + (I0) * (R),    \
+                   partial)
         PB_FOR_ROWS(m, r, PB_GRAD_HIDDEN);
 #undef PB_GRAD_HIDDEN
     }
@@ -512,28 +877,207 @@ PB_INLINE void grad_input_rows(const uint16_t *gx_base,
         }
 }
 
-/* From the base input gradient gx_base = g W (bf16, m x k): grad_x = gx_base +
- * dropout-mask * (grad_hidden a) (float32 if x_f32 else bf16, m x k; it may be gx_base
- * itself) and grad_a = grad_hidden^T dropout(x) (float32, r x k); with gx_base NULL only
- * grad_a. work: r k floats per thread. */
 void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const float *a,
                         const uint16_t *x, void *grad_x, int x_f32, float *grad_a, int64_t m,
-                        int64_t k, int64_t r, uint64_t seed, uint32_t threshold, float *work,
-                        int threads) {
+                        int64_t k, int64_t r, uint64_t seed, uint32_t threshold,
+                        uint32_t *bits, float *work, int threads) {
+    (void)bits;
     int parts = 1, drop = threshold != 0;
+    const float *ar = work;
+    rounded_copy(a, r * k, work);
+    work += r * k;
     #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
     {
         #pragma omp single
         parts = thread_count();
         float *partial = thread_partial(work, r * k);
 #define PB_GRAD_INPUT(R, P, I0)                                                              \
-    grad_input_rows(gx_base, grad_hidden, a, x, grad_x, x_f32, partial, I0, k, R, P, seed,  \
+    grad_input_rows(gx_base, grad_hidden, ar, x, grad_x, x_f32, partial, I0, k, R, P, seed, \
                     threshold, drop)
         PB_FOR_ROWS(m, r, PB_GRAD_INPUT);
 #undef PB_GRAD_INPUT
     }
     sum_partials(work, r * k, grad_a, r * k, parts);
 }
+#endif
+
+#if PB_DPBF16
+/* ---- attention probabilities (AVX-512 BF16 only) ----
+ *
+ * Per (batch, key/value head) pair: q (rows x d, bf16; the group's query heads stacked,
+ * rows = groups * n, row i at query position i % n), k and v (n x d, bf16), g (rows x d,
+ * bf16: the gradient of the attention's output), the additive float32 mask (n x n, row t
+ * for query position t; mask_stride floats between batches, 0 when shared) and scale:
+ *
+ * - pb_attention_probs: P = softmax(scale q k^T + mask), rounded to bf16 (rows x n);
+ * - pb_attention_grads: P again, and dS = scale P .* (dP - rowsum(dP .* P)) with
+ *   dP = g v^T, the gradient of q k^T, both rounded to bf16.
+ *
+ * q k^T and g v^T are float32 sums of bf16 products (vdpbf16ps over pairs along d), the
+ * softmax is float32 (exp_clamped), exactly 0 where the mask is -inf, and rows with every
+ * key masked are 0, as torch's safe softmax gives them. Arrays are contiguous: q, g, P and
+ * dS (batch, heads, rows, .), k and v (batch, heads, n, d). work: attention_work(n, d)
+ * floats per thread. */
+
+static inline int64_t attention_work(int64_t n, int64_t d) { return 2 * ((d + 1) / 2) * n + 2 * n; }
+
+/* dst[dp * n + j] = (src[j][2 dp], src[j][2 dp + 1]) for the n rows of src (n x d, bf16),
+ * the second 0 past d */
+static void pair_rows(const uint16_t *src, int64_t n, int64_t d, pb_pair *dst) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t dp = 0; 2 * dp < d; dp++)
+            dst[dp * n + j] = (pb_pair)src[j * d + 2 * dp] |
+                              (2 * dp + 1 < d ? (pb_pair)src[j * d + 2 * dp + 1] << 16 : 0u);
+}
+
+/* out[j] = the float32 sum of a[c] b[j][c] over c < d, for j < n: a one bf16 row, bp the
+ * pairs of b's rows (pair_rows) */
+static void row_dots(const uint16_t *a, const pb_pair *bp, int64_t n, int64_t d, float *out) {
+    for (int64_t j0 = 0; j0 < n; j0 += 64) {
+        __mmask16 valid[4];
+        __m512 acc[4];
+        for (int b = 0; b < 4; b++) {
+            valid[b] = j0 + 16 * b < n ? valid16(j0 + 16 * b, n) : 0;
+            acc[b] = _mm512_setzero_ps();
+        }
+        for (int64_t dp = 0; 2 * dp < d; dp++) {
+            pb_pair x = (pb_pair)a[2 * dp] | (2 * dp + 1 < d ? (pb_pair)a[2 * dp + 1] << 16 : 0u);
+            __m512i xv = _mm512_set1_epi32((int)x);
+            const pb_pair *row = bp + dp * n + j0;
+            for (int b = 0; b < 4; b++)
+                acc[b] = dot_pairs(acc[b], xv, _mm512_maskz_loadu_epi32(valid[b], row + 16 * b));
+        }
+        for (int b = 0; b < 4; b++)
+            _mm512_mask_storeu_ps(out + j0 + 16 * b, valid[b], acc[b]);
+    }
+}
+
+/* the float32 sum of s[j] (t == NULL) or of s[j] t[j], j < n, in 16 lanes */
+static float lane_sum(const float *s, const float *t, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 valid = valid16(j, n);
+        __m512 v = _mm512_maskz_loadu_ps(valid, s + j);
+        if (t != NULL)
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(valid, t + j));
+        acc = _mm512_add_ps(acc, v);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* exp_clamped, 16 at a time */
+PB_INLINE __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    pb_vf t = (pb_vf)x * 1.44269504088896341f;
+    pb_vf n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
+    pb_vf f = t - n;
+    pb_vf p = f * 1.5252733e-5f + 1.5403530e-4f;
+    p = p * f + 1.3333558e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022651e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    __m512i bits = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvttps_epi32((__m512)n), _mm512_set1_epi32(127)), 23);
+    return (__m512)(p * (pb_vf)bits);
+}
+
+/* s (n scores) = softmax(scale s + mask) */
+static void softmax_row(float *s, const float *mask, float scale, int64_t n) {
+    __m512 top16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 valid = valid16(j, n);
+        __m512 z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, s + j), _mm512_set1_ps(scale),
+                                   _mm512_maskz_loadu_ps(valid, mask + j));
+        _mm512_mask_storeu_ps(s + j, valid, z);
+        top16 = _mm512_mask_max_ps(top16, valid, top16, z);
+    }
+    float top = _mm512_reduce_max_ps(top16);
+    if (top == -INFINITY) {
+        memset(s, 0, sizeof(float) * (size_t)n);
+        return;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 valid = valid16(j, n);
+        __m512 z = _mm512_maskz_loadu_ps(valid, s + j);
+        /* 0 where the mask is -inf (and past n) */
+        __mmask16 finite = valid & _mm512_cmp_ps_mask(z, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        __m512 e = _mm512_maskz_mov_ps(finite, exp16(_mm512_sub_ps(z, _mm512_set1_ps(top))));
+        _mm512_mask_storeu_ps(s + j, valid, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 valid = valid16(j, n);
+        _mm512_mask_storeu_ps(s + j, valid, _mm512_mul_ps(_mm512_maskz_loadu_ps(valid, s + j),
+                                                          inverse));
+    }
+}
+
+/* out (n bf16) = s rounded */
+static void round_row(const float *s, int64_t n, uint16_t *out) {
+    for (int64_t j = 0; j < n; j += 16) {
+        __mmask16 valid = valid16(j, n);
+        _mm256_mask_storeu_epi16(out + j, valid,
+                                 narrow_m512(_mm512_maskz_loadu_ps(valid, s + j)));
+    }
+}
+
+void pb_attention_probs(const uint16_t *q, const uint16_t *k, const float *mask,
+                        int64_t mask_stride, int64_t batch, int64_t heads, int64_t rows,
+                        int64_t n, int64_t d, float scale, uint16_t *probs, float *work,
+                        int threads) {
+    const int64_t per_thread = attention_work(n, d);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        float *mine = work + (int64_t)thread_number() * per_thread;
+        pb_pair *kp = (pb_pair *)mine;
+        float *s = mine + 2 * ((d + 1) / 2) * n;
+        pair_rows(k + bh * n * d, n, d, kp);
+        const float *m = mask + (bh / heads) * mask_stride;
+        for (int64_t i = 0; i < rows; i++) {
+            row_dots(q + (bh * rows + i) * d, kp, n, d, s);
+            softmax_row(s, m + (i % n) * n, scale, n);
+            round_row(s, n, probs + (bh * rows + i) * n);
+        }
+    }
+}
+
+void pb_attention_grads(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                        const uint16_t *g, const float *mask, int64_t mask_stride,
+                        int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t d,
+                        float scale, uint16_t *probs, uint16_t *grad_scores, float *work,
+                        int threads) {
+    const int64_t per_thread = attention_work(n, d), half = (d + 1) / 2 * n;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        float *mine = work + (int64_t)thread_number() * per_thread;
+        pb_pair *kp = (pb_pair *)mine, *vp = (pb_pair *)mine + half;
+        float *s = mine + 2 * half, *dp = s + n;
+        pair_rows(k + bh * n * d, n, d, kp);
+        pair_rows(v + bh * n * d, n, d, vp);
+        const float *m = mask + (bh / heads) * mask_stride;
+        for (int64_t i = 0; i < rows; i++) {
+            int64_t row = bh * rows + i;
+            row_dots(q + row * d, kp, n, d, s);
+            softmax_row(s, m + (i % n) * n, scale, n);
+            row_dots(g + row * d, vp, n, d, dp);
+            __m512 coef = _mm512_set1_ps(lane_sum(dp, s, n)), factor = _mm512_set1_ps(scale);
+            for (int64_t j = 0; j < n; j += 16) {
+                __mmask16 valid = valid16(j, n);
+                __m512 p = _mm512_maskz_loadu_ps(valid, s + j);
+                __m512 ds = _mm512_mul_ps(
+                    factor, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, dp + j),
+                                                           coef)));
+                _mm256_mask_storeu_epi16(grad_scores + row * n + j, valid, narrow_m512(ds));
+            }
+            round_row(s, n, probs + row * n);
+        }
+    }
+}
+#endif
 
 /* The rotary position embedding of rows of d values (d even, h = d / 2), one row per (batch
  * b, head, position t), and its input gradient:

@@ -33,6 +33,32 @@ _BF16, _F32 = torch.bfloat16, torch.float32
 rms_norm_enabled = True
 
 
+def declare(library: ctypes.CDLL) -> ctypes.CDLL:
+    """``library`` (a build of ``cpu_kernels.c``) with its functions' signatures set."""
+    p, size, count, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+    library.pb_silu_mul.argtypes = [p, p, p, size, count]
+    library.pb_silu_mul_backward.argtypes = [p, p, p, p, p, size, count]
+    library.pb_rms_norm.argtypes = [p, p, p, p, size, size, real, count]
+    library.pb_rms_norm_backward.argtypes = [p, p, p, p, p, size, size, p, count]
+    library.pb_rotary.argtypes = [p, size, size, size, p, size, size, size, p, p, size,
+                                  size, size, size, size, size, count, count]
+    seed, threshold = ctypes.c_uint64, ctypes.c_uint32
+    library.pb_lora_mask.argtypes = [p, size, size, seed, threshold]
+    library.pb_lora_down.argtypes = [p, p, p, size, size, size, seed, threshold, p, p,
+                                     count]
+    library.pb_has_dpbf16.restype = ctypes.c_int
+    library.pb_lora_up_add.argtypes = [p, p, p, real, size, size, size, p, count]
+    library.pb_lora_grad_hidden.argtypes = [p, p, real, p, p, p, size, size, size, p, count]
+    library.pb_lora_grad_input.argtypes = [p, p, p, p, p, count, p, size, size, size, seed,
+                                           threshold, p, p, count]
+    if library.pb_has_dpbf16():
+        library.pb_attention_probs.argtypes = [p, p, p, size, size, size, size, size, size,
+                                               real, p, p, count]
+        library.pb_attention_grads.argtypes = [p, p, p, p, p, size, size, size, size, size,
+                                               size, real, p, p, p, count]
+    return library
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels with their signatures, or None (no compiler, or switched off
@@ -40,22 +66,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("PEFTBENCH_CPU_KERNELS", "1") == "0":
         return None
     library = load(_SOURCE)
-    if library is not None:
-        p, size, count, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        library.pb_silu_mul.argtypes = [p, p, p, size, count]
-        library.pb_silu_mul_backward.argtypes = [p, p, p, p, p, size, count]
-        library.pb_rms_norm.argtypes = [p, p, p, p, size, size, real, count]
-        library.pb_rms_norm_backward.argtypes = [p, p, p, p, p, size, size, p, count]
-        library.pb_rotary.argtypes = [p, size, size, size, p, size, size, size, p, p, size,
-                                      size, size, size, size, size, count, count]
-        seed, threshold = ctypes.c_uint64, ctypes.c_uint32
-        library.pb_lora_mask.argtypes = [p, size, size, seed, threshold]
-        library.pb_lora_down.argtypes = [p, p, p, size, size, size, seed, threshold, count]
-        library.pb_lora_up_add.argtypes = [p, p, p, real, size, size, size, p, count]
-        library.pb_lora_grad_hidden.argtypes = [p, p, real, p, p, p, size, size, size, p, count]
-        library.pb_lora_grad_input.argtypes = [p, p, p, p, p, count, p, size, size, size, seed,
-                                               threshold, p, count]
-    return library
+    return None if library is None else declare(library)
 
 
 def available() -> bool:
@@ -68,6 +79,13 @@ def running(routed: int, switched_on: bool) -> int:
     """How many of ``routed`` modules run a compiled kernel: all when the kernels are compiled
     and its switch is on, else none. For the run record."""
     return routed if switched_on and available() else 0
+
+
+def bf16_dot() -> bool:
+    """Whether the kernels are compiled with AVX-512 BF16 dot products (``vdpbf16ps``): the
+    LoRA kernels use them (else float32 multiply-adds of the same bf16 operands), and the
+    attention kernels (``pb_attention_*``) exist only then."""
+    return available() and bool(compiled().pb_has_dpbf16())
 
 
 def compiled() -> ctypes.CDLL:

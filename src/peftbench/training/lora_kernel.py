@@ -15,13 +15,18 @@ to torch and everything else in four passes over memory:
   gradient and adds the adapter's part to the base input gradient.
 
 Dropout is drawn inside the kernels from a hash of each element's index and a seed taken
-from torch's default generator (so ``torch.manual_seed`` fixes it), and drawn again in the
-backward: nothing is kept for it. Every element is dropped independently with probability
+from torch's default generator (so ``torch.manual_seed`` fixes it). The AVX-512 BF16
+kernels keep it for the backward as a bit per element (1/16 of the bf16 input); the
+portable ones draw it again. Every element is dropped independently with probability
 ``p`` (to 2^-32) as in ``nn.Dropout``; the masks are other draws than torch's, and than
 :mod:`~peftbench.training.dropout`'s positions used where the kernels are not compiled.
-The adapter's sums are float32 (A and B are not rounded to bf16, as autocast would);
-the partial sums of ``A``'s and ``B``'s gradients are added per thread, so their last bits
-depend on the thread count.
+The adapter computes in bf16 as under autocast (and as the PyTorch fallback,
+:class:`~peftbench.training.fused_lora_bf16._LoraLinearBf16`): ``A``, ``B``, ``hidden`` and
+``grad_hidden`` are rounded to bf16 and their products summed in float32, with AVX-512 BF16
+dot products (``vdpbf16ps``, twice the float32 multiply-adds' rate) where the CPU has them
+(:func:`~peftbench.training.cpu_kernels.bf16_dot`). ``A``'s and ``B``'s gradients are
+float32; their partial sums are added per thread, so their last bits depend on the thread
+count.
 """
 
 from __future__ import annotations
@@ -83,15 +88,18 @@ class _LoraLinearKernel(torch.autograd.Function):
         seed = draw_seed() if threshold else 0
         scale = scaling / (1.0 - p)
         a, b = _float32(lora_a), _float32(lora_b)
-        hidden = torch.empty(m, r, dtype=_F32)
+        hidden = torch.empty(m, r, dtype=_F32)  # bf16 values
+        work = torch.empty(r * max(n, k), dtype=_F32)  # held here: the kernels write into it
+        # the dropout mask, a bit per element, for the backward (AVX-512 BF16 kernels)
+        bits = torch.empty(m, (k + 31) // 32 if threshold else 0, dtype=torch.int32)
         library.pb_lora_down(rows.data_ptr(), a.data_ptr(), hidden.data_ptr(), m, k, r, seed,
-                             threshold, threads)
+                             threshold, bits.data_ptr() if threshold else None,
+                             work.data_ptr(), threads)
         out = (rows @ weight.t() if bias is None
                else torch.addmm(bias.detach().to(_BF16), rows, weight.t()))
-        work = torch.empty(r * n, dtype=_F32)  # held here: the kernel writes into it
         library.pb_lora_up_add(out.data_ptr(), hidden.data_ptr(), b.data_ptr(), scale, m, n, r,
                                work.data_ptr(), threads)
-        ctx.save_for_backward(rows, weight, a, b, hidden)
+        ctx.save_for_backward(rows, weight, a, b, hidden, bits)
         ctx.seed, ctx.threshold, ctx.scale = seed, threshold, scale
         ctx.x_dtype, ctx.bias_dtype = x.dtype, getattr(bias, "dtype", None)
         return out.view(*x.shape[:-1], n)
@@ -100,14 +108,14 @@ class _LoraLinearKernel(torch.autograd.Function):
     @once_differentiable  # the kernels write outside autograd: no graph of the backward
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         library, threads = cpu_kernels.compiled(), torch.get_num_threads()
-        rows, weight, a, b, hidden = ctx.saved_tensors
+        rows, weight, a, b, hidden, bits = ctx.saved_tensors
         (m, k), n, r = rows.shape, weight.shape[0], a.shape[0]
         # autograd hands a bf16 output a bf16 gradient; anything else is rounded to it
         g = grad.reshape(m, n).to(_BF16).contiguous()
         grad_hidden = torch.empty(m, r, dtype=_F32)
         grad_b = torch.empty(n, r, dtype=_F32)
         # held here: the kernels write into it
-        work = torch.empty(r * max(n * (1 + threads), k * threads), dtype=_F32)
+        work = torch.empty(r * max(n, k) * (1 + threads), dtype=_F32)
         library.pb_lora_grad_hidden(g.data_ptr(), b.data_ptr(), ctx.scale, hidden.data_ptr(),
                                     grad_hidden.data_ptr(), grad_b.data_ptr(), m, n, r,
                                     work.data_ptr(), threads)
@@ -120,7 +128,9 @@ class _LoraLinearKernel(torch.autograd.Function):
                                    grad_hidden.data_ptr(), a.data_ptr(), rows.data_ptr(),
                                    None if grad_x is None else grad_x.data_ptr(),
                                    int(ctx.x_dtype == _F32), grad_a.data_ptr(), m, k, r,
-                                   ctx.seed, ctx.threshold, work.data_ptr(), threads)
+                                   ctx.seed, ctx.threshold,
+                                   bits.data_ptr() if ctx.threshold else None,
+                                   work.data_ptr(), threads)
         if grad_x is not None:
             grad_x = grad_x.view(*grad.shape[:-1], k)
         grad_bias = (g.sum(0, dtype=_F32).to(ctx.bias_dtype) if ctx.needs_input_grad[2]

@@ -14,7 +14,7 @@ from peftbench.config import RunSpec
 from peftbench.methods import get_method
 from peftbench.methods.base import Method
 from peftbench.models.base import LoadedModel
-from peftbench.training import cpu_kernels, lora_kernel
+from peftbench.training import cpu_kernels, lora_kernel, recomputed_attention
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
 from peftbench.training.fused_lora import fuse_lora_layers
@@ -90,6 +90,11 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
                                                              cpu_kernels.rms_norm_enabled)
             applied["lora_kernel"] = cpu_kernels.running(applied["fused_lora"],
                                                          lora_kernel.enabled)
+            applied["lora_kernel_bf16_dot"] = (applied["lora_kernel"] > 0
+                                               and cpu_kernels.bf16_dot())
+            applied["attention_kernel"] = cpu_kernels.running(
+                applied["recomputed_attention"],
+                recomputed_attention.kernel_enabled and cpu_kernels.bf16_dot())
         if precision == "fp32":
             applied["silu_gates_recomputed"] = fuse_silu_gates(model)
             applied["norm_outputs_recomputed"] = recompute_norm_outputs(model)
