@@ -89,6 +89,25 @@ def test_output_and_gradients_are_the_bf16_ones(r, m, k, n, x_dtype, p):
     assert _relative(lora_b.grad, want_gb) <= 1e-4
 
 
+@pytest.mark.parametrize("r", [1, 2, 3])
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 5, 7), (2, 40, 3)])
+def test_one_row_few_columns_and_small_ranks(r, m, k, n):
+    """A single row (no row pair), fewer columns than a vector, ranks 1 to 3 (odd ones
+    padded with a zero rank entry in the pair layouts)."""
+    x, weight, lora_a, lora_b, grad = _layer(m, k, n, r, BF16, seed=r)
+    torch.manual_seed(3)
+    out = lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.3)
+    out.backward(grad)
+    torch.manual_seed(3)
+    keep = dropout_mask(m, k, draw_seed(), 0.3).double()
+    want, want_gx, want_ga, want_gb = _reference(x, weight, lora_a, lora_b, grad, 2.0, 0.3,
+                                                 keep)
+    assert _relative(out, want) <= 2 * 2.0 ** -8
+    assert _relative(x.grad, want_gx) <= 2 * 2.0 ** -8
+    assert _relative(lora_a.grad, want_ga) <= 1e-4
+    assert _relative(lora_b.grad, want_gb) <= 1e-4
+
+
 def test_the_adapter_is_rounded_to_bf16_as_under_autocast():
     """The rounding is there: against float32 A and B the gradients are off by bf16's
     rounding (about 2^-9), far more than against the bf16 reference."""
@@ -246,7 +265,8 @@ def test_a_model_trains_through_it_as_near_fp32_as_through_the_pytorch_layer(met
                                                                              monkeypatch):
     """Without dropout both layers compute the same function: the loss within 1 % of fp32's
     and every adapter gradient at most twice as far from fp32's as the PyTorch bf16 layer's
-    (or 3 %); the kernel keeps A, B and the rank-r sums in float32 where autocast rounds."""
+    (or 3 %); the kernel keeps A's and B's gradients in float32 where the PyTorch layer
+    rounds them."""
     args = {**method_args, "dropout": 0.0}
     reference = tiny_lora_llama(args)  # fp32, peft's own layers, no autocast
     reference.zero_grad()

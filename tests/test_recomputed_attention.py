@@ -201,8 +201,7 @@ def test_the_compiled_probabilities_are_pytorchs(batch, heads, kv_heads, length,
         mask = causal & (torch.arange(length)[None, :] < lengths[:, None])[:, None, None]
         mask[0, :, 0] = False  # a query with no key to attend
     additive, dead = _prepared_mask(mask, length, q.device)
-    grouped = q.view(batch, kv_heads, heads // kv_heads * length, dim)
-    assert recomputed_attention._kernel_takes(grouped, k, additive)
+    assert recomputed_attention._kernel_takes(q, k, v, additive)
     results = []
     for compiled in (True, False):
         monkeypatch.setattr(recomputed_attention, "kernel_enabled", compiled)
@@ -218,6 +217,40 @@ def test_the_compiled_probabilities_are_pytorchs(batch, heads, kv_heads, length,
     if mask_kind != "causal":
         assert not results[0][0][0, 0].any()  # no key: zero output and no gradient
         assert not results[0][1][0, :, 0].any()
+
+
+@pytest.mark.skipif(not cpu_kernels.bf16_dot(), reason="no AVX-512 BF16 kernels")
+def test_the_compiled_probabilities_propagate_nan_and_inf_as_pytorch():
+    """A NaN key, or a score that overflows to +inf, makes its query rows NaN in both paths
+    (a kernel taking the maximum lane by lane could skip the NaN, and exp(inf - inf) could
+    come out as a uniform row)."""
+    q, k, v, _ = _inputs(4, 2, seed=2)
+    k[1, 0, 3] = float("nan")
+    # q k^T overflows to +inf for query 5 of head 1 and key 2 only (every product of
+    # theirs is +inf; no other sum reaches the float32 range, so no inf - inf)
+    q[2, 1, 5] = k[2, 0, 2] = 1e36
+    additive, dead = _prepared_mask(_padding_mask(), LENGTH, q.device)
+    outputs = []
+    for compiled in (True, False):
+        recomputed_attention.kernel_enabled = compiled
+        try:
+            outputs.append(_Attention.apply(q, k, v, additive, dead, DIM ** -0.5))
+        finally:
+            recomputed_attention.kernel_enabled = True
+    ours, theirs = outputs
+    assert theirs[1].isnan().any() and theirs[2, 5, 1].isnan().all()
+    assert torch.equal(ours.isnan(), theirs.isnan())
+
+
+def test_the_compiled_probabilities_take_only_their_shape():
+    """bf16 inputs with queries as long as keys and a (batch or 1, 1, n, n) mask, else
+    PyTorch's operations."""
+    q, k, v, _ = _inputs(4, 2)
+    additive, _ = _prepared_mask(_padding_mask(), LENGTH, q.device)
+    assert recomputed_attention._kernel_takes(q, k, v, additive) == cpu_kernels.bf16_dot()
+    assert not recomputed_attention._kernel_takes(q.float(), k, v, additive)
+    assert not recomputed_attention._kernel_takes(q[:, :, :-1], k, v, additive)
+    assert not recomputed_attention._kernel_takes(q, k, v, additive.expand(-1, 4, -1, -1))
 
 
 def test_evaluation_and_generation_are_transformers_own():

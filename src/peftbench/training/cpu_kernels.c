@@ -172,12 +172,12 @@ void pb_rms_norm_backward(const uint16_t *grad, const float *x, const float *wei
  * stored (float32), scale the factor of B (LoRA's scaling over the dropout's 1 - p); the
  * base product x W^T (m x n, bf16) comes from torch. Dropout over the adapter's input is
  * drawn here: element (i, c) is kept when a hash of its flat index i * k + c and the call's
- * seed is at least threshold = p * 2^32, so the backward draws the same mask again instead
- * of keeping it.
+ * seed is at least threshold = p * 2^32 (kept as bits for the backward, or drawn again:
+ * below).
  *
- * The products are bf16 ones, as under autocast (and as the PyTorch fallback in
- * fused_lora_bf16.py): A and B are rounded to bf16 (into the kernels' work buffers), and so
- * are the rank-r results hidden = x' A^T and grad_hidden = scale g B (kept as float32
+ * The products are bf16 ones, as under autocast: A and B are rounded to bf16 (into the
+ * kernels' work buffers; the PyTorch fallback in fused_lora_bf16.py rounds scale * B and
+ * its gradient products' results too), and so are the rank-r results hidden = x' A^T and grad_hidden = scale g B (kept as float32
  * arrays of bf16 values); products are summed in float32, and each bf16 output is rounded
  * once. Two implementations compute this:
  *
@@ -193,7 +193,8 @@ void pb_rms_norm_backward(const uint16_t *grad, const float *x, const float *wei
  *   instantiated for r = 4, 8 and 16 (everything unrolled) and once for any other r;
  *   columns past the last multiple of 16 one at a time.
  *
- * Both give the same values up to the order of float32 sums. With dropout, pb_lora_down
+ * Both give the same values up to the order of float32 sums (and vdpbf16ps's flushing of
+ * subnormal bf16 to zero). With dropout, pb_lora_down
  * stores the mask in bits (a bit per element, rows of (k + 31) / 32 words) where the
  * backward's pb_lora_grad_input reads it (AVX-512 BF16); the portable kernels leave bits
  * alone and draw the mask again. Work buffers: r k floats for
@@ -983,17 +984,25 @@ PB_INLINE __m512 exp16(__m512 x) {
     return (__m512)(p * (pb_vf)bits);
 }
 
-/* s (n scores) = softmax(scale s + mask) */
+/* s (n scores) = softmax(scale s + mask); NaN everywhere where a score is NaN or +inf, as
+ * torch's softmax gives */
 static void softmax_row(float *s, const float *mask, float scale, int64_t n) {
     __m512 top16 = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
     for (int64_t j = 0; j < n; j += 16) {
         __mmask16 valid = valid16(j, n);
         __m512 z = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, s + j), _mm512_set1_ps(scale),
                                    _mm512_maskz_loadu_ps(valid, mask + j));
         _mm512_mask_storeu_ps(s + j, valid, z);
         top16 = _mm512_mask_max_ps(top16, valid, top16, z);
+        nan |= _mm512_mask_cmp_ps_mask(valid, z, z, _CMP_UNORD_Q);
     }
     float top = _mm512_reduce_max_ps(top16);
+    if (nan || top == INFINITY) {
+        for (int64_t j = 0; j < n; j++)
+            s[j] = NAN;
+        return;
+    }
     if (top == -INFINITY) {
         memset(s, 0, sizeof(float) * (size_t)n);
         return;

@@ -20,9 +20,10 @@ kernels keep it for the backward as a bit per element (1/16 of the bf16 input); 
 portable ones draw it again. Every element is dropped independently with probability
 ``p`` (to 2^-32) as in ``nn.Dropout``; the masks are other draws than torch's, and than
 :mod:`~peftbench.training.dropout`'s positions used where the kernels are not compiled.
-The adapter computes in bf16 as under autocast (and as the PyTorch fallback,
-:class:`~peftbench.training.fused_lora_bf16._LoraLinearBf16`): ``A``, ``B``, ``hidden`` and
-``grad_hidden`` are rounded to bf16 and their products summed in float32, with AVX-512 BF16
+The adapter computes in bf16 as under autocast: ``A``, ``B``, ``hidden`` and
+``grad_hidden`` are rounded to bf16 and their products summed in float32 (the PyTorch
+fallback, :class:`~peftbench.training.fused_lora_bf16._LoraLinearBf16`, rounds ``scale B``
+and the gradient products' results as well), with AVX-512 BF16
 dot products (``vdpbf16ps``, twice the float32 multiply-adds' rate) where the CPU has them
 (:func:`~peftbench.training.cpu_kernels.bf16_dot`). ``A``'s and ``B``'s gradients are
 float32; their partial sums are added per thread, so their last bits depend on the thread

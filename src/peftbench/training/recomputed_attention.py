@@ -16,15 +16,23 @@ safe softmax gives them.
 
 Precision as in flash-attention kernels (FlashAttention-2 rounds its probabilities and
 their gradients to the input type for the matrix products with ``v``, ``k`` and ``q``):
-the scores ``q k^T`` (from ``q`` and ``k`` each scaled by ``sqrt(scale)`` in fp32, the math
-kernel's order), the softmax and the probabilities' gradient ``g v^T`` are fp32, products of
-bf16 values summed in fp32; the probabilities ``P`` and the scores' gradient ``dS`` are
-rounded to bf16 for the four products that give the output (``P v``) and the gradients
-(``P^T g``, ``dS k``, ``dS^T q``), which run as bf16 matmuls, each about 4 times as fast
-as in fp32 on a CPU with bf16 units. The math kernel computes all seven in fp32: its
-output is the fp32 result rounded once to bf16, where this one's is within about two bf16
-roundings of it (tested). On SmolLM2 (16 x 53 tokens) the attention took 4.3 ms per layer
-forward and backward in fp32, 3.4 ms so.
+the scores ``q k^T``, the softmax and the probabilities' gradient ``g v^T`` are fp32,
+products of bf16 values summed in fp32; the probabilities ``P`` and the scores' gradient
+``dS`` are rounded to bf16 for the four products that give the output (``P v``) and the
+gradients (``P^T g``, ``dS k``, ``dS^T q``), which run as bf16 matmuls, each about 4 times
+as fast as in fp32 on a CPU with bf16 units. The math kernel computes all seven in fp32:
+its output is the fp32 result rounded once to bf16, where this one's is within about two
+bf16 roundings of it (tested).
+
+Where ``cpu_kernels.c`` is compiled with AVX-512 BF16, ``P`` (and, backward, ``dS``) come
+from one compiled pass per batch row and key/value head (``pb_attention_probs``,
+``pb_attention_grads``: ``q k^T`` and ``g v^T`` by bf16 dot products, the scores scaled
+once after the sum, a vectorised softmax); elsewhere from PyTorch's fp32 operations (``q``
+and ``k`` each scaled by ``sqrt(scale)`` first, the math kernel's order). Both give the
+same bf16 values but for the odd element one bf16 step apart (tested). On SmolLM2's shape
+(16 x 53 tokens, 9 query and 3 key/value heads) one layer's attention took 4.4-5.9 ms
+forward and backward in fp32, 2.8-3.3 ms with the bf16 products and 1.85-1.95 ms with the
+compiled probabilities.
 
 :func:`recomputed_sdpa` is registered with transformers' ``AttentionInterface`` under
 :data:`IMPLEMENTATION`. It handles the training shape only (CPU, bf16 inputs or bf16
@@ -116,7 +124,7 @@ class _Attention(torch.autograd.Function):
         groups = q.shape[1] // k.shape[1]
         with torch.autocast("cpu", enabled=False):
             q16, k16, v16 = _grouped_bf16(q, groups), k.contiguous(), v.contiguous()
-            if _kernel_takes(q16, k16, mask):
+            if _kernel_takes(q, k, v, mask):
                 probs = _compiled(q16, k16, mask, scale)[0]
             else:
                 probs = _scaled_probabilities(q, k, mask, dead, scale).to(_BF16)
@@ -132,7 +140,7 @@ class _Attention(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             q16, k16, v16 = _grouped_bf16(q, groups), k.contiguous(), v.contiguous()
             g = _grouped_bf16(grad.to(_BF16).transpose(1, 2), groups)
-            if _kernel_takes(q16, k16, mask):
+            if _kernel_takes(q, k, v, mask):
                 probs, grad_scores = _compiled(q16, k16, mask, scale, g, v16)
             else:
                 fp32_probs = _scaled_probabilities(q, k, mask, dead, scale)
@@ -155,12 +163,16 @@ def _scaled_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor,
     return _probabilities(_grouped(q, groups, root), _grouped(k, 1, root), mask, dead, groups)
 
 
-def _kernel_takes(q16: torch.Tensor, k16: torch.Tensor, mask: torch.Tensor) -> bool:
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor) -> bool:
     """Whether the compiled kernels compute the probabilities: switched on, compiled with
-    AVX-512 BF16, and a mask of shape (batch or 1, 1, length, length)."""
-    b, n = q16.shape[0], k16.shape[2]
-    return (kernel_enabled and cpu_kernels.bf16_dot() and mask.dim() == 4
-            and mask.shape[0] in (1, b) and tuple(mask.shape[1:]) == (1, n, n))
+    AVX-512 BF16, bf16 ``q``, ``k`` and ``v`` (batch, heads, length, dim) with queries as
+    long as keys, and a mask of shape (batch or 1, 1, length, length)."""
+    b, n = q.shape[0], k.shape[2]
+    return (kernel_enabled and cpu_kernels.bf16_dot()
+            and q.dtype == k.dtype == v.dtype == _BF16 and q.shape[2] == n
+            and mask.dim() == 4 and mask.shape[0] in (1, b)
+            and tuple(mask.shape[1:]) == (1, n, n))
 
 
 def _compiled(q16: torch.Tensor, k16: torch.Tensor, mask: torch.Tensor, scale: float,
