@@ -44,19 +44,26 @@ static inline uint16_t float_to_bf16(float f) {
 /* e^x with x clamped to [-87, 88] (a normal float result); relative error below 3e-7.
  * 2^t = 2^n 2^f with n = round(t), |f| <= 1/2, and 2^f by its degree-7 Taylor polynomial.
  * Written with plain arithmetic so that the loops below vectorise. */
+/* n = round(x log2 e) and p = 2^(x log2 e - n) for x a float or a vector of floats (one
+ * definition, so that exp_clamped and its 16-lane version round alike) */
+#define PB_EXP_PARTS(x, n, p)                                                                \
+    do {                                                                                     \
+        __typeof__(x) pb_t = (x) * 1.44269504088896341f;                                     \
+        (n) = (pb_t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */         \
+        __typeof__(x) pb_f = pb_t - (n);                                                     \
+        (p) = pb_f * 1.5252733e-5f + 1.5403530e-4f;                                          \
+        (p) = (p) * pb_f + 1.3333558e-3f;                                                    \
+        (p) = (p) * pb_f + 9.6181291e-3f;                                                    \
+        (p) = (p) * pb_f + 5.5504109e-2f;                                                    \
+        (p) = (p) * pb_f + 2.4022651e-1f;                                                    \
+        (p) = (p) * pb_f + 6.9314718e-1f;                                                    \
+        (p) = (p) * pb_f + 1.0f;                                                             \
+    } while (0)
+
 static inline float exp_clamped(float x) {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float t = x * 1.44269504088896341f;
-    float n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    float f = t - n;
-    float p = 1.5252733e-5f;
-    p = p * f + 1.5403530e-4f;
-    p = p * f + 1.3333558e-3f;
-    p = p * f + 9.6181291e-3f;
-    p = p * f + 5.5504109e-2f;
-    p = p * f + 2.4022651e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.0f;
+    float n, p;
+    PB_EXP_PARTS(x, n, p);
     int32_t bits = ((int32_t)n + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
@@ -324,6 +331,33 @@ void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t t
         keep[e] = (uint8_t)pb_keep((uint32_t)e, seed, threshold);
 }
 
+/* the rows per block of the implementation below for rank r */
+#define PB_BLOCK_ROWS(r)                                                                     \
+    ((r) == 4 ? PB_ROWS_4 : (r) == 8 ? PB_ROWS_8 : (r) == 16 ? PB_ROWS_16 : PB_ROWS_ANY)
+
+/* Inside an OpenMP region: CALL(r, P, i0) for every block of P = PB_BLOCK_ROWS(r) rows
+ * from row i0, shared among the threads, with r and P constants for r = 4, 8 and 16 (the
+ * rows functions are inlined into the region and unrolled) and r itself otherwise; then
+ * CALL(r, 1, i) for each row left over. */
+#define PB_FOR_BLOCKS(m, r, CALL)                                                            \
+    do {                                                                                     \
+        const int64_t pb_blocks = (m) / PB_BLOCK_ROWS(r);                                    \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++) {                       \
+            if ((r) == 4)                                                                    \
+                CALL(4, PB_ROWS_4, pb_block * PB_ROWS_4);                                    \
+            else if ((r) == 8)                                                               \
+                CALL(8, PB_ROWS_8, pb_block * PB_ROWS_8);                                    \
+            else if ((r) == 16)                                                              \
+                CALL(16, PB_ROWS_16, pb_block * PB_ROWS_16);                                 \
+            else                                                                             \
+                CALL(r, PB_ROWS_ANY, pb_block * PB_ROWS_ANY);                                \
+        }                                                                                    \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t pb_row = pb_blocks * PB_BLOCK_ROWS(r); pb_row < (m); pb_row++)          \
+            CALL(r, 1, pb_row);                                                              \
+    } while (0)
+
 #if PB_DPBF16
 /* ---- AVX-512 BF16 ---- */
 
@@ -400,29 +434,6 @@ static void rank_pairs(const float *src, int64_t js, int64_t cs, int64_t r, int6
                           2 * jp + 1 < r ? src[(2 * jp + 1) * js + c * cs] : 0.0f);
 }
 
-/* Inside an OpenMP region: CALL(r, 2, i) for the row pairs (i, i + 1), shared among the
- * threads, with r a constant for r = 4, 8 and 16 and r itself otherwise; then CALL(r, 1,
- * m - 1) for a last row alone. */
-#define PB_FOR_PAIRS(m, r, CALL)                                                             \
-    do {                                                                                     \
-        const int64_t pb_pairs = (m) / 2;                                                    \
-        _Pragma("omp for schedule(static)")                                                  \
-        for (int64_t pb_pair_index = 0; pb_pair_index < pb_pairs; pb_pair_index++) {         \
-            if ((r) == 4)                                                                    \
-                CALL(4, 2, pb_pair_index * 2);                                               \
-            else if ((r) == 8)                                                               \
-                CALL(8, 2, pb_pair_index * 2);                                               \
-            else if ((r) == 16)                                                              \
-                CALL(16, 2, pb_pair_index * 2);                                              \
-            else                                                                             \
-                CALL(r, 2, pb_pair_index * 2);                                               \
-        }                                                                                    \
-        if ((m) % 2) {                                                                       \
-            _Pragma("omp single")                                                            \
-            CALL(r, 1, (m) - 1);                                                             \
-        }                                                                                    \
-    } while (0)
-
 /* 32 bf16 of row i (width columns) from column c: those past width and, with drop, the
  * dropped ones 0; *keep receives the kept and valid columns. With drop, the mask is read
  * from bits (when given) if read_bits is set, else drawn and stored there (when given):
@@ -485,18 +496,26 @@ PB_INLINE void dot_rows_dp(const uint16_t *restrict x, const uint16_t *restrict 
             sums[(i0 + q) * r + j] = round_bf16(scale * _mm512_reduce_add_ps(s[q][j]));
 }
 
-void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
-                  int64_t r, uint64_t seed, uint32_t threshold, uint32_t *bits, float *work,
-                  int threads) {
-    int drop = threshold != 0;
-    uint16_t *a16 = (uint16_t *)work;
-    bf16_copy(a, r, k, a16);
-    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
-    {
-#define PB_DOWN(R, P, I0)                                                                    \
-    dot_rows_dp(x, a16, 1.0f, hidden, I0, k, R, P, seed, threshold, drop, bits, NULL, NULL)
-        PB_FOR_PAIRS(m, r, PB_DOWN);
-#undef PB_DOWN
+/* f (rows x (r + 1) / 2) = the rank pairs (h[q][2 jp], h[q][2 jp + 1]) of rows q < rows of
+ * h (r values per row), the second 0 past r */
+static inline void rank_pair_factors(const float *h, int64_t r, int rows, pb_pair *f) {
+    const int64_t pairs = (r + 1) / 2;
+    for (int q = 0; q < rows; q++)
+        for (int64_t jp = 0; jp < pairs; jp++)
+            f[q * pairs + jp] = bf16_pair(h[q * r + 2 * jp],
+                                          2 * jp + 1 < r ? h[q * r + 2 * jp + 1] : 0.0f);
+}
+
+/* acc[q] (q < rows) = the float32 sums over the rank of f's row q (rank_pair_factors)
+ * times w's rank-pair rows (width columns) at columns c .. c + 15, the valid ones */
+PB_INLINE void rank_pair_sums(const pb_pair *restrict w, int64_t width, int64_t c,
+                              __mmask16 valid, const pb_pair *restrict f, int64_t pairs,
+                              int rows, __m512 acc[2]) {
+    acc[0] = acc[1] = _mm512_setzero_ps();
+    for (int64_t jp = 0; jp < pairs; jp++) {
+        __m512i wv = _mm512_maskz_loadu_epi32(valid, w + jp * width + c);
+        for (int q = 0; q < rows; q++)
+            acc[q] = dot_pairs(acc[q], _mm512_set1_epi32((int)f[q * pairs + jp]), wv);
     }
 }
 
@@ -505,59 +524,19 @@ PB_INLINE void up_rows_dp(uint16_t *restrict out, const float *restrict hidden,
                           const pb_pair *restrict bp, float scale, int64_t i0, int64_t n,
                           const int64_t r, const int rows) {
     const int64_t pairs = (r + 1) / 2;
-    pb_pair hp[2][pairs];
-    for (int q = 0; q < rows; q++)
-        for (int64_t jp = 0; jp < pairs; jp++)
-            hp[q][jp] = bf16_pair(hidden[(i0 + q) * r + 2 * jp],
-                                  2 * jp + 1 < r ? hidden[(i0 + q) * r + 2 * jp + 1] : 0.0f);
+    pb_pair hp[2 * pairs];
+    rank_pair_factors(hidden + i0 * r, r, rows, hp);
     const __m512 factor = _mm512_set1_ps(scale);
     for (int64_t c = 0; c < n; c += 16) {
         __mmask16 valid = valid16(c, n);
-        __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t jp = 0; jp < pairs; jp++) {
-            __m512i w = _mm512_maskz_loadu_epi32(valid, bp + jp * n + c);
-            for (int q = 0; q < rows; q++)
-                acc[q] = dot_pairs(acc[q], _mm512_set1_epi32((int)hp[q][jp]), w);
-        }
+        __m512 acc[2];
+        rank_pair_sums(bp, n, c, valid, hp, pairs, rows, acc);
         for (int q = 0; q < rows; q++) {
             uint16_t *o = out + (i0 + q) * n + c;
             __m512 v = widen_m256(_mm256_maskz_loadu_epi16(valid, o));
             _mm256_mask_storeu_epi16(o, valid, narrow_m512(_mm512_fmadd_ps(factor, acc[q], v)));
         }
     }
-}
-
-void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
-                    int64_t m, int64_t n, int64_t r, float *work, int threads) {
-    pb_pair *bp = (pb_pair *)work;
-    rank_pairs(b, 1, r, r, n, bp);
-    #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
-    {
-#define PB_UP(R, P, I0) up_rows_dp(out, hidden, bp, scale, I0, n, R, P)
-        PB_FOR_PAIRS(m, r, PB_UP);
-#undef PB_UP
-    }
-}
-
-void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
-                         float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
-                         float *work, int threads) {
-    int parts = 1;
-    uint16_t *bt = (uint16_t *)work;
-    bf16_transpose(b, n, r, bt);
-    work += r * n;
-    #pragma omp parallel num_threads(threads) if (m * n * r >= PB_PARALLEL_MIN * 8)
-    {
-        #pragma omp single
-        parts = thread_count();
-        float *partial = thread_partial(work, r * n);
-#define PB_GRAD_HIDDEN(R, P, I0)                                                             \
-    dot_rows_dp(g, bt, scale, grad_hidden, I0, n, R, P, 0, 0, 0, NULL, hidden, partial)
-        PB_FOR_PAIRS(m, r, PB_GRAD_HIDDEN);
-#undef PB_GRAD_HIDDEN
-    }
-    sum_partials(work, r * n, work, r * n, parts); /* in place: element e read, then set */
-    scaled_transpose(work, scale, r, n, grad_b);
 }
 
 /* for rows i0 .. i0 + rows: partial (r x k) += grad_hidden^T dropout(x), and, with gx_base,
@@ -570,13 +549,10 @@ PB_INLINE void grad_input_rows_dp(const uint16_t *gx_base, const float *restrict
                                   uint32_t *restrict bits) {
     const float *h = grad_hidden + i0 * r;
     const int64_t pairs = (r + 1) / 2;
-    pb_pair across[r], along[2][pairs]; /* pairs of rows; pairs of rank entries */
+    pb_pair across[r], along[2 * pairs]; /* pairs of rows; pairs of rank entries */
     for (int64_t j = 0; j < r; j++)
         across[j] = bf16_pair(h[j], rows == 2 ? h[r + j] : 0.0f);
-    for (int q = 0; q < rows; q++)
-        for (int64_t jp = 0; jp < pairs; jp++)
-            along[q][jp] = bf16_pair(h[q * r + 2 * jp],
-                                     2 * jp + 1 < r ? h[q * r + 2 * jp + 1] : 0.0f);
+    rank_pair_factors(h, r, rows, along);
     for (int64_t c = 0; c < k; c += 32) {
         __mmask32 valid = valid32(c, k), keep[2] = {0, 0};
         __m512i v[2], low, high;
@@ -594,12 +570,8 @@ PB_INLINE void grad_input_rows_dp(const uint16_t *gx_base, const float *restrict
             __mmask16 part = (__mmask16)(valid >> (16 * half));
             if (!part)
                 break;
-            __m512 lora[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-            for (int64_t jp = 0; jp < pairs; jp++) {
-                __m512i w = _mm512_maskz_loadu_epi32(part, ap + jp * k + col);
-                for (int q = 0; q < rows; q++)
-                    lora[q] = dot_pairs(lora[q], _mm512_set1_epi32((int)along[q][jp]), w);
-            }
+            __m512 lora[2];
+            rank_pair_sums(ap, k, col, part, along, pairs, rows, lora);
             for (int q = 0; q < rows; q++) {
                 int64_t index = (i0 + q) * k + col;
                 __mmask16 kept = (__mmask16)(keep[q] >> (16 * half));
@@ -615,27 +587,38 @@ PB_INLINE void grad_input_rows_dp(const uint16_t *gx_base, const float *restrict
     }
 }
 
-void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const float *a,
-                        const uint16_t *x, void *grad_x, int x_f32, float *grad_a, int64_t m,
-                        int64_t k, int64_t r, uint64_t seed, uint32_t threshold,
-                        uint32_t *bits, float *work, int threads) {
-    int parts = 1, drop = threshold != 0;
-    pb_pair *ap = (pb_pair *)work;
-    rank_pairs(a, k, 1, r, k, ap);
-    work += r * k;
-    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
-    {
-        #pragma omp single
-        parts = thread_count();
-        float *partial = thread_partial(work, r * k);
-#define PB_GRAD_INPUT(R, P, I0)                                                              \
-    grad_input_rows_dp(gx_base, grad_hidden, ap, x, grad_x, x_f32, partial, I0, k, R, P,    \
-                       seed, threshold, drop, bits)
-        PB_FOR_PAIRS(m, r, PB_GRAD_INPUT);
-#undef PB_GRAD_INPUT
-    }
-    sum_partials(work, r * k, grad_a, r * k, parts);
+/* the implementation's operands (in the work buffer) and row blocks, for the entry points
+ * below: bf16 copies and pair layouts, row pairs */
+#define PB_ROWS_4 2 /* rows per block for r = 4, 8, 16 and any other r: pairs */
+#define PB_ROWS_8 2
+#define PB_ROWS_16 2
+#define PB_ROWS_ANY 2
+static const void *packed_a(const float *a, int64_t r, int64_t k, float *work) {
+    bf16_copy(a, r, k, (uint16_t *)work);
+    return work;
 }
+static const void *packed_b_for_up(const float *b, int64_t n, int64_t r, float *work) {
+    rank_pairs(b, 1, r, r, n, (pb_pair *)work);
+    return work;
+}
+static const void *packed_bt(const float *b, int64_t n, int64_t r, float *work) {
+    bf16_transpose(b, n, r, (uint16_t *)work);
+    return work;
+}
+static const void *packed_a_for_grad(const float *a, int64_t r, int64_t k, float *work) {
+    rank_pairs(a, k, 1, r, k, (pb_pair *)work);
+    return work;
+}
+#define PB_DOWN_ROWS(R, P, I0)                                                               \
+    dot_rows_dp(x, (const uint16_t *)packed, 1.0f, hidden, I0, k, R, P, seed, threshold,    \
+                drop, bits, NULL, NULL)
+#define PB_UP_ROWS(R, P, I0) up_rows_dp(out, hidden, (const pb_pair *)packed, scale, I0, n, R, P)
+#define PB_GRAD_HIDDEN_ROWS(R, P, I0)                                                        \
+    dot_rows_dp(g, (const uint16_t *)packed, scale, grad_hidden, I0, n, R, P, 0, 0, 0, NULL, \
+                hidden, partial)
+#define PB_GRAD_INPUT_ROWS(R, P, I0)                                                         \
+    grad_input_rows_dp(gx_base, grad_hidden, (const pb_pair *)packed, x, grad_x, x_f32,      \
+                       partial, I0, k, R, P, seed, threshold, drop, bits)
 
 #else
 /* ---- portable: vector extensions, float32 multiply-adds ---- */
@@ -667,32 +650,6 @@ static void rounded_transpose(const float *src, int64_t rows, int64_t cols, floa
         for (int64_t j = 0; j < cols; j++)
             dst[j * rows + i] = round_bf16(src[i * cols + j]);
 }
-
-/* rows per block: 4 for r = 4, 2 for r = 8, else 1 (r P sums stay in registers) */
-static inline int per_block(int64_t r) { return r == 4 ? 4 : r == 8 ? 2 : 1; }
-
-/* Inside an OpenMP region: CALL(r, P, i0) for every block of P = per_block(r) rows from
- * row i0, shared among the threads, with r and P constants for r = 4, 8 and 16 (the rows
- * functions are inlined into the region and unrolled) and r itself otherwise; then
- * CALL(r, 1, i) for each row left over. */
-#define PB_FOR_ROWS(m, r, CALL)                                                              \
-    do {                                                                                     \
-        const int64_t pb_blocks = (m) / per_block(r);                                        \
-        _Pragma("omp for schedule(static)")                                                  \
-        for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++) {                       \
-            if ((r) == 4)                                                                    \
-                CALL(4, 4, pb_block * 4);                                                    \
-            else if ((r) == 8)                                                               \
-                CALL(8, 2, pb_block * 2);                                                    \
-            else if ((r) == 16)                                                              \
-                CALL(16, 1, pb_block);                                                       \
-            else                                                                             \
-                CALL(r, 1, pb_block);                                                        \
-        }                                                                                    \
-        _Pragma("omp for schedule(static)")                                                  \
-        for (int64_t pb_row = pb_blocks * per_block(r); pb_row < (m); pb_row++)              \
-            CALL(r, 1, pb_row);                                                              \
-    } while (0)
 
 /* For P rows from row i0 of x (m x k, bf16, dropped where drop is set): sums =
  * round(scale x' a^T) (r per row). With h (the rows' r factors) and partial (r x k), also
@@ -744,22 +701,6 @@ PB_INLINE void rank_sums_rows(const uint16_t *restrict x, const float *restrict 
             sums[(i0 + q) * r + j] = round_bf16(scale * t[q][j]);
 }
 
-void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
-                  int64_t r, uint64_t seed, uint32_t threshold, uint32_t *bits, float *work,
-                  int threads) {
-    (void)bits; /* the backward draws the mask again */
-    int drop = threshold != 0;
-    const float *ar = work;
-    rounded_copy(a, r * k, work);
-    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
-    {
-#define PB_DOWN(R, P, I0)                                                                    \
-    rank_sums_rows(x, ar, 1.0f, hidden, I0, k, R, P, seed, threshold, drop, NULL, NULL)
-        PB_FOR_ROWS(m, r, PB_DOWN);
-#undef PB_DOWN
-    }
-}
-
 /* out[i0 .. i0 + P) += scale * hidden bt, rounded once */
 PB_INLINE void up_rows(uint16_t *restrict out, const float *restrict hidden,
                        const float *restrict bt, float scale, int64_t i0, int64_t n,
@@ -786,40 +727,6 @@ PB_INLINE void up_rows(uint16_t *restrict out, const float *restrict hidden,
             out[(i0 + q) * n + c] = float_to_bf16(bf16_to_float(out[(i0 + q) * n + c]) +
                                                   scale * t);
         }
-}
-
-void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
-                    int64_t m, int64_t n, int64_t r, float *work, int threads) {
-    const float *bt = work;
-    rounded_transpose(b, n, r, work);
-    #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
-    {
-#define PB_UP(R, P, I0) up_rows(out, hidden, bt, scale, I0, n, R, P)
-        PB_FOR_ROWS(m, r, PB_UP);
-#undef PB_UP
-    }
-}
-
-void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
-                         float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
-                         float *work, int threads) {
-    int parts = 1;
-    const float *bt = work;
-    rounded_transpose(b, n, r, work);
-    work += r * n;
-    #pragma omp parallel num_threads(threads) if (m * n * r >= PB_PARALLEL_MIN * 8)
-    {
-        #pragma omp single
-        parts = thread_count();
-        float *partial = thread_partial(work, r * n);
-#define PB_GRAD_HIDDEN(R, P, I0)                                                             \
-    rank_sums_rows(g, bt, scale, grad_hidden, I0, n, R, P, 0, 0, 0, hidden + (I0) * (R),    \
-                   partial)
-        PB_FOR_ROWS(m, r, PB_GRAD_HIDDEN);
-#undef PB_GRAD_HIDDEN
-    }
-    sum_partials(work, r * n, work, r * n, parts); /* in place: element e read, then set */
-    scaled_transpose(work, scale, r, n, grad_b);
 }
 
 /* for P rows: partial (r x k) += grad_hidden^T dropout(x), and, with gx_base, grad_x =
@@ -878,29 +785,99 @@ PB_INLINE void grad_input_rows(const uint16_t *gx_base,
         }
 }
 
+/* the implementation's operands (in the work buffer) and row blocks, for the entry points
+ * below: float32 copies rounded to bf16, P = PB_BLOCK_ROWS(r) rows */
+#define PB_ROWS_4 4 /* rows per block (r P sums stay in registers) */
+#define PB_ROWS_8 2
+#define PB_ROWS_16 1
+#define PB_ROWS_ANY 1
+static const void *packed_a(const float *a, int64_t r, int64_t k, float *work) {
+    rounded_copy(a, r * k, work);
+    return work;
+}
+static const void *packed_bt(const float *b, int64_t n, int64_t r, float *work) {
+    rounded_transpose(b, n, r, work);
+    return work;
+}
+#define packed_b_for_up packed_bt
+#define packed_a_for_grad packed_a
+#define PB_DOWN_ROWS(R, P, I0)                                                               \
+    rank_sums_rows(x, (const float *)packed, 1.0f, hidden, I0, k, R, P, seed, threshold,    \
+                   drop, NULL, NULL)
+#define PB_UP_ROWS(R, P, I0) up_rows(out, hidden, (const float *)packed, scale, I0, n, R, P)
+#define PB_GRAD_HIDDEN_ROWS(R, P, I0)                                                        \
+    rank_sums_rows(g, (const float *)packed, scale, grad_hidden, I0, n, R, P, 0, 0, 0,      \
+                   hidden + (I0) * (R), partial)
+#define PB_GRAD_INPUT_ROWS(R, P, I0)                                                         \
+    grad_input_rows(gx_base, grad_hidden, (const float *)packed, x, grad_x, x_f32, partial, \
+                    I0, k, R, P, seed, threshold, drop)
+#endif
+
+/* ---- the entry points, over either implementation ---- */
+
+/* ROWS over the row blocks in an OpenMP team when m * width * r is large enough, each
+ * thread adding into its zeroed share of work (r * width floats); parts receives the team's
+ * size. Uses m, r, threads and work. */
+#define PB_PARTIAL_PASS(width, ROWS, parts)                                                  \
+    do {                                                                                     \
+        const int64_t pb_size = r * (width);                                                 \
+        const int pb_parallel = m * pb_size >= PB_PARALLEL_MIN * 8;                          \
+        (void)pb_parallel; /* without OpenMP */                                              \
+        _Pragma("omp parallel num_threads(threads) if (pb_parallel)")                        \
+        {                                                                                    \
+            _Pragma("omp single")                                                            \
+            (parts) = thread_count();                                                        \
+            float *partial = thread_partial(work, pb_size);                                  \
+            PB_FOR_BLOCKS(m, r, ROWS);                                                       \
+        }                                                                                    \
+    } while (0)
+
+void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
+                  int64_t r, uint64_t seed, uint32_t threshold, uint32_t *bits, float *work,
+                  int threads) {
+    (void)bits; /* the portable kernels draw the mask again in the backward */
+    int drop = threshold != 0;
+    const void *packed = packed_a(a, r, k, work);
+    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
+    PB_FOR_BLOCKS(m, r, PB_DOWN_ROWS);
+}
+
+/* out += hidden (scale B^T), in place over the base product (bf16, m x n), rounded once */
+void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
+                    int64_t m, int64_t n, int64_t r, float *work, int threads) {
+    const void *packed = packed_b_for_up(b, n, r, work);
+    #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
+    PB_FOR_BLOCKS(m, r, PB_UP_ROWS);
+}
+
+/* From the output gradient g (m x n, bf16): grad_hidden = round(scale g B) (m x r) and
+ * B's gradient grad_b = scale (hidden^T g)^T (float32, n x r) */
+void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
+                         float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
+                         float *work, int threads) {
+    int parts = 1;
+    const void *packed = packed_bt(b, n, r, work);
+    work += r * n;
+    PB_PARTIAL_PASS(n, PB_GRAD_HIDDEN_ROWS, parts);
+    sum_partials(work, r * n, work, r * n, parts); /* in place: element e read, then set */
+    scaled_transpose(work, scale, r, n, grad_b);
+}
+
+/* From the base input gradient gx_base = g W (bf16, m x k): grad_x = gx_base +
+ * dropout-mask * (grad_hidden A) (float32 if x_f32 else bf16, m x k; it may be gx_base
+ * itself) and grad_a = grad_hidden^T dropout(x) (float32, r x k); with gx_base NULL only
+ * grad_a. */
 void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const float *a,
                         const uint16_t *x, void *grad_x, int x_f32, float *grad_a, int64_t m,
                         int64_t k, int64_t r, uint64_t seed, uint32_t threshold,
                         uint32_t *bits, float *work, int threads) {
     (void)bits;
     int parts = 1, drop = threshold != 0;
-    const float *ar = work;
-    rounded_copy(a, r * k, work);
+    const void *packed = packed_a_for_grad(a, r, k, work);
     work += r * k;
-    #pragma omp parallel num_threads(threads) if (m * k * r >= PB_PARALLEL_MIN * 8)
-    {
-        #pragma omp single
-        parts = thread_count();
-        float *partial = thread_partial(work, r * k);
-#define PB_GRAD_INPUT(R, P, I0)                                                              \
-    grad_input_rows(gx_base, grad_hidden, ar, x, grad_x, x_f32, partial, I0, k, R, P, seed, \
-                    threshold, drop)
-        PB_FOR_ROWS(m, r, PB_GRAD_INPUT);
-#undef PB_GRAD_INPUT
-    }
+    PB_PARTIAL_PASS(k, PB_GRAD_INPUT_ROWS, parts);
     sum_partials(work, r * k, grad_a, r * k, parts);
 }
-#endif
 
 #if PB_DPBF16
 /* ---- attention probabilities (AVX-512 BF16 only) ----
@@ -968,17 +945,9 @@ static float lane_sum(const float *s, const float *t, int64_t n) {
 
 /* exp_clamped, 16 at a time */
 PB_INLINE __m512 exp16(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    pb_vf t = (pb_vf)x * 1.44269504088896341f;
-    pb_vf n = (t + 12582912.0f) - 12582912.0f; /* round to nearest: 1.5 * 2^23 */
-    pb_vf f = t - n;
-    pb_vf p = f * 1.5252733e-5f + 1.5403530e-4f;
-    p = p * f + 1.3333558e-3f;
-    p = p * f + 9.6181291e-3f;
-    p = p * f + 5.5504109e-2f;
-    p = p * f + 2.4022651e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.0f;
+    pb_vf v = (pb_vf)_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)),
+                                   _mm512_set1_ps(88.0f)), n, p;
+    PB_EXP_PARTS(v, n, p);
     __m512i bits = _mm512_slli_epi32(
         _mm512_add_epi32(_mm512_cvttps_epi32((__m512)n), _mm512_set1_epi32(127)), 23);
     return (__m512)(p * (pb_vf)bits);
