@@ -253,6 +253,23 @@ def test_the_compiled_probabilities_take_only_their_shape():
     assert not recomputed_attention._kernel_takes(q, k, v, additive.expand(-1, 4, -1, -1))
 
 
+def test_a_mask_per_head_is_handed_to_transformers(monkeypatch):
+    """Masks that differ between heads (batch, heads, q, k) go to transformers' own sdpa;
+    one mask for every head is computed here."""
+    from transformers.integrations import sdpa_attention
+
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda *args, **kwargs: ("transformers", None))
+    q, k, v, _ = _inputs(4, 2)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    mask = _padding_mask()
+    shared = recomputed_attention.recomputed_sdpa(torch.nn.Module(), *inputs, mask)[0]
+    assert isinstance(shared, torch.Tensor) and shared.grad_fn is not None
+    per_head = mask.expand(-1, 4, -1, -1)
+    assert recomputed_attention.recomputed_sdpa(torch.nn.Module(), *inputs,
+                                                per_head)[0] == "transformers"
+
+
 def test_evaluation_and_generation_are_transformers_own():
     """Without gradients (evaluation, generation steps) transformers' sdpa runs unchanged."""
     assert torch.equal(*greedy_generations(use_recomputed_attention,

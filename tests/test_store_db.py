@@ -219,7 +219,16 @@ def test_a_locked_database_is_announced_then_named_locked(capsys, monkeypatch, s
 
 def test_a_reader_reads_once_the_lock_is_released(capsys, monkeypatch, saved):
     holder = hold_exclusive_lock(saved)
-    threading.Timer(0.5, holder.close).start()  # READ_WAIT_S (5 s) is plenty
+    connect = db._connect_sqlite
+
+    def release_once_waiting(target: str, uri: bool, timeout: float) -> sqlite3.Connection:
+        # the lock goes 0.3 s after the reader announced it and started its wait (READ_WAIT_S,
+        # 5 s, is plenty): a timer started with the test raced a slow start-up of the command
+        if timeout > db.FIRST_TRY_S:
+            threading.Timer(0.3, holder.close).start()
+        return connect(target, uri=uri, timeout=timeout)
+
+    monkeypatch.setattr(db, "_connect_sqlite", release_once_waiting)
     code, out, err = cli(capsys, monkeypatch, "results", "--db", str(saved), "--format", "csv")
     assert code == 0, err
     assert "waiting up to 5 s" in err and "abc123" in out

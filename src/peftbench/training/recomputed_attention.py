@@ -227,6 +227,8 @@ def recomputed_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     inputs = None
     if (torch.is_grad_enabled() and not dropout and query.shape[1] % key.shape[1] == 0
             and (attention_mask is not None or causal)
+            and (attention_mask is None  # one mask for every head: (batch or 1, 1, q, k)
+                 or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))
             and is_training_shape(query, key, value, kwargs)):
         inputs = _bf16_inputs(query, key, value)
     if inputs is None:
