@@ -239,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="rotten_tomatoes")
     parser.add_argument("--method", default="lora")
     parser.add_argument("--parts", default="fused_lora,fused_rms_norm,recomputed_attention,"
-                        "silu_gate_kernel,rms_norm_kernel,lora_kernel,fused_rotary")
+                        "silu_gate_kernel,rms_norm_kernel,lora_kernel,fused_rotary,"
+                        "attention_kernel")
     parser.add_argument("--steps", type=int, default=24,
                         help="alternating steps per part (half on, half off); with --paired, "
                              "batches per part (each run both ways)")

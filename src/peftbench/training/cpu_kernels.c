@@ -894,18 +894,22 @@ void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const
  * q k^T and g v^T are float32 sums of bf16 products (vdpbf16ps over pairs along d), the
  * softmax is float32 (exp_clamped), exactly 0 where the mask is -inf, and rows with every
  * key masked are 0, as torch's safe softmax gives them. Arrays are contiguous: q, g, P and
- * dS (batch, heads, rows, .), k and v (batch, heads, n, d). work: attention_work(n, d)
+ * dS (batch, heads, rows, .), k and v (batch, heads, n, d). work: pb_attention_work(n, d)
  * floats per thread. */
 
-static inline int64_t attention_work(int64_t n, int64_t d) { return 2 * ((d + 1) / 2) * n + 2 * n; }
+/* floats of work per thread for the attention kernels (the caller allocates threads times) */
+int64_t pb_attention_work(int64_t n, int64_t d) { return 2 * ((d + 1) / 2) * n + 2 * n; }
 
-/* dst[dp * n + j] = (src[j][2 dp], src[j][2 dp + 1]) for the n rows of src (n x d, bf16),
- * the second 0 past d */
+/* the bf16 pair (row[2 dp], row[2 dp + 1]) of a row of d values, the second 0 past d */
+static inline pb_pair raw_pair(const uint16_t *row, int64_t dp, int64_t d) {
+    return (pb_pair)row[2 * dp] | (2 * dp + 1 < d ? (pb_pair)row[2 * dp + 1] << 16 : 0u);
+}
+
+/* dst[dp * n + j] = raw_pair(src's row j, dp) for the n rows of src (n x d, bf16) */
 static void pair_rows(const uint16_t *src, int64_t n, int64_t d, pb_pair *dst) {
     for (int64_t j = 0; j < n; j++)
         for (int64_t dp = 0; 2 * dp < d; dp++)
-            dst[dp * n + j] = (pb_pair)src[j * d + 2 * dp] |
-                              (2 * dp + 1 < d ? (pb_pair)src[j * d + 2 * dp + 1] << 16 : 0u);
+            dst[dp * n + j] = raw_pair(src + j * d, dp, d);
 }
 
 /* out[j] = the float32 sum of a[c] b[j][c] over c < d, for j < n: a one bf16 row, bp the
@@ -919,8 +923,7 @@ static void row_dots(const uint16_t *a, const pb_pair *bp, int64_t n, int64_t d,
             acc[b] = _mm512_setzero_ps();
         }
         for (int64_t dp = 0; 2 * dp < d; dp++) {
-            pb_pair x = (pb_pair)a[2 * dp] | (2 * dp + 1 < d ? (pb_pair)a[2 * dp + 1] << 16 : 0u);
-            __m512i xv = _mm512_set1_epi32((int)x);
+            __m512i xv = _mm512_set1_epi32((int)raw_pair(a, dp, d));
             const pb_pair *row = bp + dp * n + j0;
             for (int b = 0; b < 4; b++)
                 acc[b] = dot_pairs(acc[b], xv, _mm512_maskz_loadu_epi32(valid[b], row + 16 * b));
@@ -930,15 +933,13 @@ static void row_dots(const uint16_t *a, const pb_pair *bp, int64_t n, int64_t d,
     }
 }
 
-/* the float32 sum of s[j] (t == NULL) or of s[j] t[j], j < n, in 16 lanes */
-static float lane_sum(const float *s, const float *t, int64_t n) {
+/* the float32 sum of s[j] t[j], j < n, in 16 lanes */
+static float dot_sum(const float *s, const float *t, int64_t n) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
         __mmask16 valid = valid16(j, n);
-        __m512 v = _mm512_maskz_loadu_ps(valid, s + j);
-        if (t != NULL)
-            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(valid, t + j));
-        acc = _mm512_add_ps(acc, v);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, s + j),
+                              _mm512_maskz_loadu_ps(valid, t + j), acc);
     }
     return _mm512_reduce_add_ps(acc);
 }
@@ -1003,24 +1004,49 @@ static void round_row(const float *s, int64_t n, uint16_t *out) {
     }
 }
 
+/* P for every row, and with g (else NULL) also dS: the work of both entry points below */
+static void attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                      const uint16_t *g, const float *mask, int64_t mask_stride,
+                      int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t d,
+                      float scale, uint16_t *probs, uint16_t *grad_scores, float *work,
+                      int threads) {
+    const int64_t per_thread = pb_attention_work(n, d), half = (d + 1) / 2 * n;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        float *mine = work + (int64_t)thread_number() * per_thread;
+        pb_pair *kp = (pb_pair *)mine, *vp = (pb_pair *)mine + half;
+        float *s = mine + 2 * half, *dp = s + n;
+        pair_rows(k + bh * n * d, n, d, kp);
+        if (g != NULL)
+            pair_rows(v + bh * n * d, n, d, vp);
+        const float *m = mask + (bh / heads) * mask_stride;
+        for (int64_t i = 0; i < rows; i++) {
+            int64_t row = bh * rows + i;
+            row_dots(q + row * d, kp, n, d, s);
+            softmax_row(s, m + (i % n) * n, scale, n);
+            if (g != NULL) {
+                row_dots(g + row * d, vp, n, d, dp);
+                __m512 coef = _mm512_set1_ps(dot_sum(dp, s, n)), factor = _mm512_set1_ps(scale);
+                for (int64_t j = 0; j < n; j += 16) {
+                    __mmask16 valid = valid16(j, n);
+                    __m512 p = _mm512_maskz_loadu_ps(valid, s + j);
+                    __m512 ds = _mm512_mul_ps(
+                        factor, _mm512_mul_ps(p, _mm512_sub_ps(
+                                                     _mm512_maskz_loadu_ps(valid, dp + j), coef)));
+                    _mm256_mask_storeu_epi16(grad_scores + row * n + j, valid, narrow_m512(ds));
+                }
+            }
+            round_row(s, n, probs + row * n);
+        }
+    }
+}
+
 void pb_attention_probs(const uint16_t *q, const uint16_t *k, const float *mask,
                         int64_t mask_stride, int64_t batch, int64_t heads, int64_t rows,
                         int64_t n, int64_t d, float scale, uint16_t *probs, float *work,
                         int threads) {
-    const int64_t per_thread = attention_work(n, d);
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t bh = 0; bh < batch * heads; bh++) {
-        float *mine = work + (int64_t)thread_number() * per_thread;
-        pb_pair *kp = (pb_pair *)mine;
-        float *s = mine + 2 * ((d + 1) / 2) * n;
-        pair_rows(k + bh * n * d, n, d, kp);
-        const float *m = mask + (bh / heads) * mask_stride;
-        for (int64_t i = 0; i < rows; i++) {
-            row_dots(q + (bh * rows + i) * d, kp, n, d, s);
-            softmax_row(s, m + (i % n) * n, scale, n);
-            round_row(s, n, probs + (bh * rows + i) * n);
-        }
-    }
+    attention(q, k, NULL, NULL, mask, mask_stride, batch, heads, rows, n, d, scale, probs,
+              NULL, work, threads);
 }
 
 void pb_attention_grads(const uint16_t *q, const uint16_t *k, const uint16_t *v,
@@ -1028,32 +1054,8 @@ void pb_attention_grads(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                         int64_t batch, int64_t heads, int64_t rows, int64_t n, int64_t d,
                         float scale, uint16_t *probs, uint16_t *grad_scores, float *work,
                         int threads) {
-    const int64_t per_thread = attention_work(n, d), half = (d + 1) / 2 * n;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t bh = 0; bh < batch * heads; bh++) {
-        float *mine = work + (int64_t)thread_number() * per_thread;
-        pb_pair *kp = (pb_pair *)mine, *vp = (pb_pair *)mine + half;
-        float *s = mine + 2 * half, *dp = s + n;
-        pair_rows(k + bh * n * d, n, d, kp);
-        pair_rows(v + bh * n * d, n, d, vp);
-        const float *m = mask + (bh / heads) * mask_stride;
-        for (int64_t i = 0; i < rows; i++) {
-            int64_t row = bh * rows + i;
-            row_dots(q + row * d, kp, n, d, s);
-            softmax_row(s, m + (i % n) * n, scale, n);
-            row_dots(g + row * d, vp, n, d, dp);
-            __m512 coef = _mm512_set1_ps(lane_sum(dp, s, n)), factor = _mm512_set1_ps(scale);
-            for (int64_t j = 0; j < n; j += 16) {
-                __mmask16 valid = valid16(j, n);
-                __m512 p = _mm512_maskz_loadu_ps(valid, s + j);
-                __m512 ds = _mm512_mul_ps(
-                    factor, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, dp + j),
-                                                           coef)));
-                _mm256_mask_storeu_epi16(grad_scores + row * n + j, valid, narrow_m512(ds));
-            }
-            round_row(s, n, probs + row * n);
-        }
-    }
+    attention(q, k, v, g, mask, mask_stride, batch, heads, rows, n, d, scale, probs,
+              grad_scores, work, threads);
 }
 #endif
 

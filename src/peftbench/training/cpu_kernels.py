@@ -56,6 +56,8 @@ def declare(library: ctypes.CDLL) -> ctypes.CDLL:
                                                real, p, p, count]
         library.pb_attention_grads.argtypes = [p, p, p, p, p, size, size, size, size, size,
                                                size, real, p, p, p, count]
+        library.pb_attention_work.argtypes = [size, size]
+        library.pb_attention_work.restype = size
     return library
 
 
@@ -85,7 +87,13 @@ def bf16_dot() -> bool:
     """Whether the kernels are compiled with AVX-512 BF16 dot products (``vdpbf16ps``): the
     LoRA kernels use them (else float32 multiply-adds of the same bf16 operands), and the
     attention kernels (``pb_attention_*``) exist only then."""
-    return available() and bool(compiled().pb_has_dpbf16())
+    return available() and _compiled_with_dpbf16()
+
+
+@functools.cache
+def _compiled_with_dpbf16() -> bool:
+    """The build's answer, asked once (every attention layer asks twice a step)."""
+    return bool(compiled().pb_has_dpbf16())
 
 
 def compiled() -> ctypes.CDLL:

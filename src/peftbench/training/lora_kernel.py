@@ -91,10 +91,12 @@ class _LoraLinearKernel(torch.autograd.Function):
         a, b = _float32(lora_a), _float32(lora_b)
         hidden = torch.empty(m, r, dtype=_F32)  # bf16 values
         work = torch.empty(r * max(n, k), dtype=_F32)  # held here: the kernels write into it
-        # the dropout mask, a bit per element, for the backward (AVX-512 BF16 kernels)
-        bits = torch.empty(m, (k + 31) // 32 if threshold else 0, dtype=torch.int32)
+        # the dropout mask, a bit per element, for the backward (only the AVX-512 BF16
+        # kernels keep it; the portable ones draw it again)
+        keep_bits = threshold != 0 and cpu_kernels.bf16_dot()
+        bits = torch.empty(m, (k + 31) // 32 if keep_bits else 0, dtype=torch.int32)
         library.pb_lora_down(rows.data_ptr(), a.data_ptr(), hidden.data_ptr(), m, k, r, seed,
-                             threshold, bits.data_ptr() if threshold else None,
+                             threshold, bits.data_ptr() if keep_bits else None,
                              work.data_ptr(), threads)
         out = (rows @ weight.t() if bias is None
                else torch.addmm(bias.detach().to(_BF16), rows, weight.t()))
@@ -130,7 +132,7 @@ class _LoraLinearKernel(torch.autograd.Function):
                                    None if grad_x is None else grad_x.data_ptr(),
                                    int(ctx.x_dtype == _F32), grad_a.data_ptr(), m, k, r,
                                    ctx.seed, ctx.threshold,
-                                   bits.data_ptr() if ctx.threshold else None,
+                                   bits.data_ptr() if bits.numel() else None,
                                    work.data_ptr(), threads)
         if grad_x is not None:
             grad_x = grad_x.view(*grad.shape[:-1], k)

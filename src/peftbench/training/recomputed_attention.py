@@ -185,11 +185,10 @@ def _compiled(q16: torch.Tensor, k16: torch.Tensor, mask: torch.Tensor, scale: f
     n = k16.shape[2]
     mask = mask.to(torch.float32).contiguous()
     stride = n * n if mask.shape[0] > 1 else 0
-    threads = torch.get_num_threads()
+    threads, library = torch.get_num_threads(), cpu_kernels.compiled()
     # held here: the kernels write into it
-    work = torch.empty(threads * (2 * ((d + 1) // 2) * n + 2 * n), dtype=torch.float32)
+    work = torch.empty(threads * library.pb_attention_work(n, d), dtype=torch.float32)
     probs = torch.empty(b, kv, rows, n, dtype=_BF16)
-    library = cpu_kernels.compiled()
     if g16 is None:
         library.pb_attention_probs(q16.data_ptr(), k16.data_ptr(), mask.data_ptr(), stride,
                                    b, kv, rows, n, d, scale, probs.data_ptr(),
