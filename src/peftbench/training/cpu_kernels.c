@@ -200,8 +200,9 @@ void pb_rms_norm_backward(const uint16_t *grad, const float *x, const float *wei
  *   instantiated for r = 4, 8 and 16 (everything unrolled) and once for any other r;
  *   columns past the last multiple of 16 one at a time.
  *
- * Both give the same values up to the order of float32 sums (and vdpbf16ps's flushing of
- * subnormal bf16 to zero). With dropout, pb_lora_down
+ * Both give the same values up to the order of float32 sums (and the AVX-512 BF16
+ * instructions' flushing of subnormals to zero: vdpbf16ps's inputs, vcvtneps2bf16's
+ * results). With dropout, pb_lora_down
  * stores the mask in bits (a bit per element, rows of (k + 31) / 32 words) where the
  * backward's pb_lora_grad_input reads it (AVX-512 BF16); the portable kernels leave bits
  * alone and draw the mask again. Work buffers: r k floats for
@@ -358,6 +359,29 @@ void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t t
             CALL(r, 1, pb_row);                                                              \
     } while (0)
 
+/* Inside an OpenMP region: CALL(r, rows, i0) for consecutive blocks of PB_ROW_BLOCK rows
+ * from row i0 (the last one shorter: rows is not a constant), shared among the threads,
+ * with r a constant for r = 4, 8 and 16 as in PB_FOR_BLOCKS */
+#define PB_ROW_BLOCK 16
+#define PB_FOR_ROW_BLOCKS(m, r, CALL)                                                        \
+    do {                                                                                     \
+        const int64_t pb_blocks = ((m) + PB_ROW_BLOCK - 1) / PB_ROW_BLOCK;                   \
+        _Pragma("omp for schedule(static)")                                                  \
+        for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++) {                       \
+            const int64_t pb_i0 = pb_block * PB_ROW_BLOCK;                                   \
+            const int64_t pb_left = (m) - pb_i0;                                             \
+            const int pb_rows = (int)(pb_left < PB_ROW_BLOCK ? pb_left : PB_ROW_BLOCK);      \
+            if ((r) == 4)                                                                    \
+                CALL(4, pb_rows, pb_i0);                                                     \
+            else if ((r) == 8)                                                               \
+                CALL(8, pb_rows, pb_i0);                                                     \
+            else if ((r) == 16)                                                              \
+                CALL(16, pb_rows, pb_i0);                                                    \
+            else                                                                             \
+                CALL(r, pb_rows, pb_i0);                                                     \
+        }                                                                                    \
+    } while (0)
+
 #if PB_DPBF16
 /* ---- AVX-512 BF16 ---- */
 
@@ -385,7 +409,9 @@ PB_INLINE __mmask32 keep32(uint32_t first, uint64_t seed, uint32_t threshold) {
            (__mmask32)_mm512_test_epi32_mask(high, high) << 16;
 }
 PB_INLINE __m512 widen_m256(__m256i h) { return (__m512)widen_bits((pb_vh)h); }
-PB_INLINE __m256i narrow_m512(__m512 f) { return (__m256i)narrow_bits((pb_vf)f); }
+/* rounded to bf16 by vcvtneps2bf16 (one instruction, where narrow_bits takes about eight):
+ * to nearest even, NaN kept quiet, as float_to_bf16; subnormal results flushed to zero */
+PB_INLINE __m256i narrow_m512(__m512 f) { return (__m256i)_mm512_cvtneps_pbh(f); }
 
 /* the pairs (r0[t], r1[t]) of two rows of 32 bf16: t < 16 into low, the rest into high */
 PB_INLINE void interleave(__m512i r0, __m512i r1, __m512i *low, __m512i *high) {
@@ -435,22 +461,17 @@ static void rank_pairs(const float *src, int64_t js, int64_t cs, int64_t r, int6
 }
 
 /* 32 bf16 of row i (width columns) from column c: those past width and, with drop, the
- * dropped ones 0; *keep receives the kept and valid columns. With drop, the mask is read
- * from bits (when given) if read_bits is set, else drawn and stored there (when given):
- * a bit per element, rows of (width + 31) / 32 words. */
+ * dropped ones 0; *keep receives the kept and valid columns. With drop the mask is drawn
+ * and, when bits is given, stored there: a bit per element, rows of (width + 31) / 32
+ * words (row16 reads it). */
 PB_INLINE __m512i row32(const uint16_t *x, int64_t i, int64_t c, int64_t width,
                         uint64_t seed, uint32_t threshold, int drop, uint32_t *bits,
-                        int read_bits, __mmask32 *keep) {
+                        __mmask32 *keep) {
     __mmask32 valid = valid32(c, width);
     if (drop) {
-        uint32_t *word = bits == NULL ? NULL : bits + i * ((width + 31) / 32) + c / 32;
-        if (word != NULL && read_bits)
-            valid &= (__mmask32)*word;
-        else {
-            valid &= keep32((uint32_t)(i * width + c), seed, threshold);
-            if (word != NULL)
-                *word = (uint32_t)valid;
-        }
+        valid &= keep32((uint32_t)(i * width + c), seed, threshold);
+        if (bits != NULL)
+            bits[i * ((width + 31) / 32) + c / 32] = (uint32_t)valid;
     }
     *keep = valid;
     return _mm512_maskz_loadu_epi16(valid, x + i * width + c);
@@ -477,7 +498,7 @@ PB_INLINE void dot_rows_dp(const uint16_t *restrict x, const uint16_t *restrict 
         __m512i v[2];
         v[1] = _mm512_setzero_si512();
         for (int q = 0; q < rows; q++)
-            v[q] = row32(x, i0 + q, c, k, seed, threshold, drop, bits, 0, &keep);
+            v[q] = row32(x, i0 + q, c, k, seed, threshold, drop, bits, &keep);
         for (int64_t j = 0; j < r; j++) {
             __m512i wj = _mm512_maskz_loadu_epi16(valid, w + j * k + c);
             for (int q = 0; q < rows; q++)
@@ -539,51 +560,93 @@ PB_INLINE void up_rows_dp(uint16_t *restrict out, const float *restrict hidden,
     }
 }
 
-/* for rows i0 .. i0 + rows: partial (r x k) += grad_hidden^T dropout(x), and, with gx_base,
- * grad_x = gx_base + mask * (grad_hidden ap) in float32 (x_f32) or bf16 */
-PB_INLINE void grad_input_rows_dp(const uint16_t *gx_base, const float *restrict grad_hidden,
-                                  const pb_pair *restrict ap, const uint16_t *restrict x,
-                                  void *grad_x, int x_f32, float *restrict partial,
-                                  int64_t i0, int64_t k, const int64_t r, const int rows,
-                                  uint64_t seed, uint32_t threshold, int drop,
-                                  uint32_t *restrict bits) {
+/* 16 bf16 of row i (width columns) from column c, a multiple of 16: those past width and,
+ * with drop, the dropped ones 0; *keep receives the kept and valid columns. The mask is read
+ * from bits when given (rows of (width + 31) / 32 words), else drawn. */
+PB_INLINE __m256i row16(const uint16_t *x, int64_t i, int64_t c, int64_t width,
+                        uint64_t seed, uint32_t threshold, int drop,
+                        const uint32_t *bits, __mmask16 *keep) {
+    __mmask16 valid = valid16(c, width);
+    if (drop) {
+        if (bits != NULL)
+            valid &= (__mmask16)(bits[i * ((width + 31) / 32) + c / 32] >> (c & 16));
+        else {
+            __m512i drawn = (__m512i)keep16((uint32_t)(i * width + c), seed, threshold);
+            valid &= _mm512_test_epi32_mask(drawn, drawn);
+        }
+    }
+    *keep = valid;
+    return _mm256_maskz_loadu_epi16(valid, x + i * width + c);
+}
+
+/* For the rows i0 .. i0 + rows (at most PB_ROW_BLOCK): partial (r x k) += grad_hidden^T
+ * dropout(x), and, with gx_base, grad_x = gx_base + mask * (grad_hidden ap) in float32
+ * (x_f32) or bf16. Columns in chunks of 16 outside, the block's row pairs inside: a chunk's
+ * r sums and A's rank pairs stay in registers over the block, so the partial sums are loaded
+ * and stored once per block instead of once per row pair. */
+PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restrict grad_hidden,
+                                   const pb_pair *restrict ap, const uint16_t *restrict x,
+                                   void *grad_x, int x_f32, float *restrict partial,
+                                   int64_t i0, int64_t k, const int64_t r, const int rows,
+                                   uint64_t seed, uint32_t threshold, int drop,
+                                   const uint32_t *restrict bits) {
+    static const uint16_t pair_index[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                            21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                            11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const float *h = grad_hidden + i0 * r;
     const int64_t pairs = (r + 1) / 2;
-    pb_pair across[r], along[2 * pairs]; /* pairs of rows; pairs of rank entries */
-    for (int64_t j = 0; j < r; j++)
-        across[j] = bf16_pair(h[j], rows == 2 ? h[r + j] : 0.0f);
+    const int row_pairs = (rows + 1) / 2;
+    /* per row pair the r pairs (h[2 p][j], h[2 p + 1][j]); per row its rank pairs */
+    pb_pair across[PB_ROW_BLOCK / 2 * r], along[PB_ROW_BLOCK * pairs];
+    for (int rp = 0; rp < row_pairs; rp++)
+        for (int64_t j = 0; j < r; j++) {
+            const float *pair = h + 2 * rp * r + j;
+            across[rp * r + j] = bf16_pair(pair[0], 2 * rp + 1 < rows ? pair[r] : 0.0f);
+        }
     rank_pair_factors(h, r, rows, along);
-    for (int64_t c = 0; c < k; c += 32) {
-        __mmask32 valid = valid32(c, k), keep[2] = {0, 0};
-        __m512i v[2], low, high;
-        v[1] = _mm512_setzero_si512();
-        for (int q = 0; q < rows; q++)
-            v[q] = row32(x, i0 + q, c, k, seed, threshold, drop, bits, 1, &keep[q]);
-        interleave(v[0], v[1], &low, &high);
+    const __m512i index = _mm512_loadu_si512(pair_index);
+    for (int64_t c = 0; c < k; c += 16) {
+        const __mmask16 valid = valid16(c, k);
+        __m512 sums[r];
+        __m512i a_pairs[pairs];
         for (int64_t j = 0; j < r; j++)
-            add_pair_products(partial + j * k + c, valid, low, high,
-                              _mm512_set1_epi32((int)across[j]));
-        if (gx_base == NULL)
-            continue;
-        for (int half = 0; half < 2; half++) {
-            int64_t col = c + 16 * half;
-            __mmask16 part = (__mmask16)(valid >> (16 * half));
-            if (!part)
-                break;
-            __m512 lora[2];
-            rank_pair_sums(ap, k, col, part, along, pairs, rows, lora);
-            for (int q = 0; q < rows; q++) {
-                int64_t index = (i0 + q) * k + col;
-                __mmask16 kept = (__mmask16)(keep[q] >> (16 * half));
-                __m512 base = widen_m256(_mm256_maskz_loadu_epi16(part, gx_base + index));
-                __m512 sum = _mm512_mask_add_ps(base, kept, base, lora[q]);
+            sums[j] = _mm512_maskz_loadu_ps(valid, partial + j * k + c);
+        if (gx_base != NULL)
+            for (int64_t jp = 0; jp < pairs; jp++)
+                a_pairs[jp] = _mm512_maskz_loadu_epi32(valid, ap + jp * k + c);
+        for (int rp = 0; rp < row_pairs; rp++) {
+            const int64_t i = i0 + 2 * rp;
+            const int both = 2 * rp + 1 < rows;
+            __mmask16 keep[2] = {0, 0};
+            __m256i first = row16(x, i, c, k, seed, threshold, drop, bits, &keep[0]);
+            __m256i second = _mm256_setzero_si256();
+            if (both)
+                second = row16(x, i + 1, c, k, seed, threshold, drop, bits, &keep[1]);
+            /* the pairs (first[t], second[t]) */
+            __m512i row_pair = _mm512_permutexvar_epi16(
+                index, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
+            const pb_pair *factors = across + rp * r;
+            for (int64_t j = 0; j < r; j++)
+                sums[j] = dot_pairs(sums[j], row_pair, _mm512_set1_epi32((int)factors[j]));
+            if (gx_base == NULL)
+                continue;
+            for (int q = 0; q <= both; q++) {
+                const pb_pair *factors = along + (2 * rp + q) * pairs;
+                __m512 lora = _mm512_setzero_ps();
+                for (int64_t jp = 0; jp < pairs; jp++)
+                    lora = dot_pairs(lora, _mm512_set1_epi32((int)factors[jp]), a_pairs[jp]);
+                const int64_t at = (i + q) * k + c;
+                __m512 base = widen_m256(_mm256_maskz_loadu_epi16(valid, gx_base + at));
+                __m512 sum = _mm512_mask_add_ps(base, keep[q], base, lora);
                 if (x_f32)
-                    _mm512_mask_storeu_ps((float *)grad_x + index, part, sum);
+                    _mm512_mask_storeu_ps((float *)grad_x + at, valid, sum);
                 else
-                    _mm256_mask_storeu_epi16((uint16_t *)grad_x + index, part,
+                    _mm256_mask_storeu_epi16((uint16_t *)grad_x + at, valid,
                                              narrow_m512(sum));
             }
         }
+        for (int64_t j = 0; j < r; j++)
+            _mm512_mask_storeu_ps(partial + j * k + c, valid, sums[j]);
     }
 }
 
@@ -616,9 +679,10 @@ static const void *packed_a_for_grad(const float *a, int64_t r, int64_t k, float
 #define PB_GRAD_HIDDEN_ROWS(R, P, I0)                                                        \
     dot_rows_dp(g, (const uint16_t *)packed, scale, grad_hidden, I0, n, R, P, 0, 0, 0, NULL, \
                 hidden, partial)
-#define PB_GRAD_INPUT_ROWS(R, P, I0)                                                         \
-    grad_input_rows_dp(gx_base, grad_hidden, (const pb_pair *)packed, x, grad_x, x_f32,      \
-                       partial, I0, k, R, P, seed, threshold, drop, bits)
+#define PB_GRAD_INPUT_ROWS(R, ROWS, I0)                                                      \
+    grad_input_block_dp(gx_base, grad_hidden, (const pb_pair *)packed, x, grad_x, x_f32,     \
+                        partial, I0, k, R, ROWS, seed, threshold, drop, bits)
+#define PB_GRAD_INPUT_FOR PB_FOR_ROW_BLOCKS
 
 #else
 /* ---- portable: vector extensions, float32 multiply-adds ---- */
@@ -811,6 +875,7 @@ static const void *packed_bt(const float *b, int64_t n, int64_t r, float *work) 
 #define PB_GRAD_INPUT_ROWS(R, P, I0)                                                         \
     grad_input_rows(gx_base, grad_hidden, (const float *)packed, x, grad_x, x_f32, partial, \
                     I0, k, R, P, seed, threshold, drop)
+#define PB_GRAD_INPUT_FOR PB_FOR_BLOCKS
 #endif
 
 /* ---- the entry points, over either implementation ---- */
@@ -818,7 +883,7 @@ static const void *packed_bt(const float *b, int64_t n, int64_t r, float *work) 
 /* ROWS over the row blocks in an OpenMP team when m * width * r is large enough, each
  * thread adding into its zeroed share of work (r * width floats); parts receives the team's
  * size. Uses m, r, threads and work. */
-#define PB_PARTIAL_PASS(width, ROWS, parts)                                                  \
+#define PB_PARTIAL_PASS(width, FOR, ROWS, parts)                                             \
     do {                                                                                     \
         const int64_t pb_size = r * (width);                                                 \
         const int pb_parallel = m * pb_size >= PB_PARALLEL_MIN * 8;                          \
@@ -828,7 +893,7 @@ static const void *packed_bt(const float *b, int64_t n, int64_t r, float *work) 
             _Pragma("omp single")                                                            \
             (parts) = thread_count();                                                        \
             float *partial = thread_partial(work, pb_size);                                  \
-            PB_FOR_BLOCKS(m, r, ROWS);                                                       \
+            FOR(m, r, ROWS);                                                                 \
         }                                                                                    \
     } while (0)
 
@@ -858,7 +923,7 @@ void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const f
     int parts = 1;
     const void *packed = packed_bt(b, n, r, work);
     work += r * n;
-    PB_PARTIAL_PASS(n, PB_GRAD_HIDDEN_ROWS, parts);
+    PB_PARTIAL_PASS(n, PB_FOR_BLOCKS, PB_GRAD_HIDDEN_ROWS, parts);
     sum_partials(work, r * n, work, r * n, parts); /* in place: element e read, then set */
     scaled_transpose(work, scale, r, n, grad_b);
 }
@@ -875,7 +940,7 @@ void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const
     int parts = 1, drop = threshold != 0;
     const void *packed = packed_a_for_grad(a, r, k, work);
     work += r * k;
-    PB_PARTIAL_PASS(k, PB_GRAD_INPUT_ROWS, parts);
+    PB_PARTIAL_PASS(k, PB_GRAD_INPUT_FOR, PB_GRAD_INPUT_ROWS, parts);
     sum_partials(work, r * k, grad_a, r * k, parts);
 }
 
