@@ -36,11 +36,12 @@ from throughput_metrics import (
     ratio,
     rep_stats,
 )
-from throughput_worker import REFERENCE, VARIANTS, WorkerConfig, run_worker
+from throughput_worker import MASKED, REFERENCE, VARIANTS, WorkerConfig, run_worker
 
 METHODS = ("full", "lora", "ia3", "prompt_tuning", "bitfit")
 LABELS = {"trainer_default": "(a) Trainer default", "trainer_tuned": "(b) Trainer tuned",
-          "peftbench": "(c) peftbench", REFERENCE: "(a') Trainer default + bf16, loss reference"}
+          "peftbench": "(c) peftbench", REFERENCE: "(a') Trainer default + bf16, loss reference",
+          MASKED: "(a'') Trainer default with peftbench's dropout masks, loss reference"}
 SHORT = {"trainer_default": "(a) default", "trainer_tuned": "(b) tuned",
          "peftbench": "(c) peftbench"}
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also run (a') = (a) + bf16=True for the first --loss-steps steps, "
                         "to tell bf16's own effect on the losses from peftbench's")
+    p.add_argument("--masked-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run (a'') = (a) with peftbench's LoRA dropout masks for the first "
+                        "--loss-steps steps where peftbench's compiled LoRA layers draw their "
+                        "own masks, and compare (c) with it instead of (a)")
     p.add_argument("--gradient-check", action=argparse.BooleanOptionalAction, default=True,
                    help="also compare step 1's gradient (same weights and batch, dropout off) "
                         "of (c) with (a), and of (a') where peftbench computes in bf16")
@@ -299,6 +304,7 @@ def summarise(method: str, runs: dict[str, dict[str, Any]], peak: float,
     """One method's table row data; MFU against ``peak``, the peak of peftbench's precision."""
     full = method == "full"
     reference = runs.pop(REFERENCE, None)
+    masked = runs.pop(MASKED, None)
     stats = {v: rep_stats(r, full, peak) for v, r in runs.items() if "error" not in r}
     tps = {v: stats[v]["tokens_per_s"] if v in stats else None for v in runs}
     out: dict[str, Any] = {
@@ -321,18 +327,34 @@ def summarise(method: str, runs: dict[str, dict[str, Any]], peak: float,
     a, c = runs.get("trainer_default", {}), runs.get("peftbench", {})
     if "losses" in a and "losses" in c:
         ref_losses = reference.get("losses") if reference else None
+        masked_losses = masked.get("losses") if masked else None
         out["loss_check"] = loss_check(a["losses"], c["losses"], args.loss_steps,
-                                       args.loss_rtol, args.loss_atol, ref_losses)
+                                       args.loss_rtol, args.loss_atol, ref_losses,
+                                       masked=masked_losses)
         out["loss_check"]["precision_trainer"] = a.get("precision")
         out["loss_check"]["precision_peftbench"] = c.get("precision")
     else:
         out["loss_check"] = None
     out["runs"] = {v: {**r, "rep_stats": stats.get(v)} for v, r in runs.items()}
-    if reference is not None:
-        out["runs"][REFERENCE] = reference
-        if "error" in reference:
-            out["errors"][REFERENCE] = reference
+    for variant, run in ((REFERENCE, reference), (MASKED, masked)):
+        if run is not None:
+            out["runs"][variant] = run
+            if "error" in run:
+                out["errors"][variant] = run
     return out
+
+
+def draws_own_masks(args: argparse.Namespace, method: str, peftbench_run: dict[str, Any]) -> bool:
+    """Whether peftbench's run drew LoRA dropout masks of its own: every LoRA layer through
+    the compiled kernels (its record) and the method's dropout above 0."""
+    from peftbench.methods import get_method
+
+    fast_path = peftbench_run.get("fast_path") or {}
+    compiled = fast_path.get("lora_kernel", 0)
+    if not compiled or compiled != fast_path.get("fused_lora"):
+        return False
+    resolved = get_method(method).resolve_args(method_args_for(method, args.method_arg))
+    return float(resolved.get("dropout") or 0.0) > 0.0
 
 
 def targets(methods: dict[str, Any]) -> dict[str, Any]:
@@ -434,35 +456,45 @@ def print_report(report: dict[str, Any]) -> None:
 
     checks = {k: m["loss_check"] for k, m in report["methods"].items() if m["loss_check"]}
     if checks:
-        summary = Table(title="Loss check: (c) peftbench against (a) Trainer default")
-        for column in ("method", "steps", "max |diff|", "mean |diff|", "max rel", "step-1 rel",
-                       "(a') max rel", "(a') step-1 rel", "fixed tol.", "passed"):
+        summary = Table(title="Loss check: (c) peftbench against its baseline: (a), or (a'') "
+                        "where peftbench draws its own LoRA dropout masks")
+        for column in ("method", "baseline", "steps", "max |diff|", "mean |diff|", "max rel",
+                       "step-1 rel", "(a') max rel", "(a') step-1 rel", "fixed tol.",
+                       "failed steps", "passed"):
             summary.add_column(column, justify="left" if column == "method" else "right")
         for method, check in checks.items():
-            summary.add_row(method, str(check["steps_compared"]),
+            summary.add_row(method, "(a'')" if check.get("losses_masked") else "(a)",
+                            str(check["steps_compared"]),
                             fmt(check["max_abs_diff"], ".2e"), fmt(check["mean_abs_diff"], ".2e"),
                             fmt(100 * check["max_rel_diff"], ".3g", "%"),
                             fmt(100 * check["first_step_rel_diff"], ".3g", "%"),
                             fmt(pct(check.get("reference_max_rel_diff")), ".3g", "%"),
                             fmt(pct(check.get("reference_first_step_rel_diff")), ".3g", "%"),
                             "yes" if check["passed_fixed_tolerance"] else "no",
+                            ", ".join(map(str, check.get("failed_steps", []))) or "-",
                             "[green]yes[/]" if check["passed"] else "[red]NO[/]")
         console.print(summary)
+        for rule in dict.fromkeys(check["rule"] for check in checks.values()):
+            console.print(f"rule: {rule}")
         first = next(iter(checks.values()))
-        console.print(f"rule: {first['rule']}; precision (a): {first['precision_trainer']}, "
+        console.print(f"precision (a): {first['precision_trainer']}, "
                       f"(c): {first['precision_peftbench']}")
-        losses = Table(title="First losses: (a) Trainer default fp32, (a') (a) + bf16, "
-                       "(c) peftbench")
+        losses = Table(title="First losses: (a) Trainer default fp32, (a') (a) + bf16, (a'') (a) "
+                       "with peftbench's dropout masks, (c) peftbench")
         losses.add_column("step", justify="right")
-        for method in checks:
-            for tag in ("a", "a'", "c"):
+        keys = {"a": "losses_trainer", "a'": "losses_reference_bf16",
+                "a''": "losses_masked", "c": "losses_peftbench"}
+        shown = {method: [tag for tag, key in keys.items() if tag in ("a", "c") or check.get(key)]
+                 for method, check in checks.items()}
+        for method, tags in shown.items():
+            for tag in tags:
                 losses.add_column(f"{method} {tag}", justify="right")
         longest = max(check["steps_compared"] for check in checks.values())
         for step in range(longest):
             row = [str(step + 1)]
-            for check in checks.values():
-                for key in ("losses_trainer", "losses_reference_bf16", "losses_peftbench"):
-                    values = check.get(key) or []
+            for method, check in checks.items():
+                for tag in shown[method]:
+                    values = check.get(keys[tag]) or []
                     row.append(fmt(values[step] if step < len(values) else None, ".4f"))
             losses.add_row(*row)
         console.print(losses)
@@ -584,6 +616,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 console.print(f"{method} / {LABELS[REFERENCE]} ...", end=" ")
                 run = spawn(worker_config(args, method, REFERENCE), log_dir)
                 runs[REFERENCE] = run
+                console.print(f"[red]{run['error']}[/]" if "error" in run
+                              else f"{len(run.get('losses', []))} losses")
+            if (args.masked_reference and "trainer_default" in variants
+                    and "error" not in runs.get("peftbench", {"error": None})
+                    and draws_own_masks(args, method, runs["peftbench"])):
+                console.print(f"{method} / {LABELS[MASKED]} ...", end=" ")
+                run = spawn(worker_config(args, method, MASKED), log_dir)
+                runs[MASKED] = run
                 console.print(f"[red]{run['error']}[/]" if "error" in run
                               else f"{len(run.get('losses', []))} losses")
             if args.gradient_check and {"trainer_default", "peftbench"} <= set(variants):

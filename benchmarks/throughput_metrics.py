@@ -141,7 +141,7 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
                rtol: float = 0.03, atol: float = 0.01, reference: list[float] | None = None,
-               ref_factor: float = 2.0) -> dict[str, Any]:
+               ref_factor: float = 2.0, masked: list[float] | None = None) -> dict[str, Any]:
     """Compare the first ``steps`` losses of peftbench (c) with the default Trainer (a).
 
     Fixed tolerance (bf16's): ``|c - a| <= atol + rtol * |a|`` at every step. With ``reference``
@@ -150,18 +150,29 @@ def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
     ``|c - a| <= atol + max(rtol * |a|, ref_factor * |a' - a|)``. Adam's first updates are
     close to sign(gradient), so bf16 rounding of small gradient components changes the
     trajectory by a few percent in the first steps even for standard mixed precision.
+
+    With ``masked`` (a''), the default Trainer whose LoRA dropouts draw peftbench's masks
+    (``kernel_masks.py``), c is compared with a'' instead of a, under the same rule: a and
+    a' share torch's masks, a'' and c share peftbench's, so each pair differs only in
+    arithmetic. The comparison with a is kept as ``vs_trainer_*``.
     """
     k = min(steps, len(trainer), len(peftbench))
+    use_masked = masked is not None and len(masked) >= k
+    base = (masked if use_masked else trainer)[:k]  # type: ignore[index]
     a, c = trainer[:k], peftbench[:k]
-    abs_diffs = [abs(x - y) for x, y in zip(a, c, strict=True)]
-    rel_diffs = [d / max(abs(x), 1e-12) for d, x in zip(abs_diffs, a, strict=True)]
-    fixed = [atol + rtol * abs(x) for x in a]
-    finite = all(math.isfinite(v) for v in a + c)
+    name = "a''" if use_masked else "a"
+    abs_diffs = [abs(x - y) for x, y in zip(base, c, strict=True)]
+    rel_diffs = [d / max(abs(x), 1e-12) for d, x in zip(abs_diffs, base, strict=True)]
+    fixed = [atol + rtol * abs(x) for x in base]
+    finite = all(math.isfinite(v) for v in a + c + base)
     passed_fixed = bool(k) and finite and all(d <= t for d, t in zip(abs_diffs, fixed,
                                                                      strict=True))
+    baseline = ("a'': Trainer default fp32 with peftbench's LoRA dropout masks"
+                if use_masked else "a: Trainer default fp32")
     out: dict[str, Any] = {
         "steps_compared": k,
-        "rule": f"|c - a| <= {atol} + {rtol} * |a| at every step (a: Trainer default fp32, "
+        "baseline": baseline,
+        "rule": f"|c - {name}| <= {atol} + {rtol} * |{name}| at every step ({baseline}, "
                 "c: peftbench)",
         "rtol": rtol,
         "atol": atol,
@@ -171,24 +182,33 @@ def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
         "first_step_rel_diff": rel_diffs[0] if k else None,
         "passed_fixed_tolerance": passed_fixed,
         "passed": passed_fixed,
+        "failed_steps": [t + 1 for t, (d, x) in enumerate(zip(abs_diffs, fixed, strict=True))
+                         if not d <= x],
         "losses_trainer": a,
         "losses_peftbench": c,
     }
+    if use_masked:
+        vs_trainer = [abs(x - y) for x, y in zip(a, c, strict=True)]
+        out.update({"losses_masked": base,
+                    "vs_trainer_max_abs_diff": max(vs_trainer) if k else None,
+                    "vs_trainer_mean_abs_diff": sum(vs_trainer) / k if k else None})
     if reference is not None and len(reference) >= k and k:
         r = reference[:k]
         ref_diffs = [abs(x - y) for x, y in zip(a, r, strict=True)]
         allowed = [atol + max(rtol * abs(x), ref_factor * d)
-                   for x, d in zip(a, ref_diffs, strict=True)]
+                   for x, d in zip(base, ref_diffs, strict=True)]
         out.update({
-            "rule": f"|c - a| <= {atol} + max({rtol} * |a|, {ref_factor} * |a' - a|) at every "
-                    "step (a: Trainer default fp32, a': the same with bf16=True, "
-                    "c: peftbench)",
+            "rule": f"|c - {name}| <= {atol} + max({rtol} * |{name}|, {ref_factor} * |a' - a|) "
+                    f"at every step ({baseline}; a: Trainer default fp32, a': the same with "
+                    "bf16=True; c: peftbench)",
             "ref_factor": ref_factor,
             "reference_max_abs_diff": max(ref_diffs),
             "reference_max_rel_diff": max(d / max(abs(x), 1e-12)
                                           for d, x in zip(ref_diffs, a, strict=True)),
             "reference_first_step_rel_diff": ref_diffs[0] / max(abs(a[0]), 1e-12),
             "passed": finite and all(d <= t for d, t in zip(abs_diffs, allowed, strict=True)),
+            "failed_steps": [t + 1 for t, (d, x) in enumerate(zip(abs_diffs, allowed,
+                                                                  strict=True)) if not d <= x],
             "losses_reference_bf16": r,
         })
     return out

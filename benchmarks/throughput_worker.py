@@ -9,6 +9,9 @@ Variants:
   sampling, sensible dataloader settings, no per-step logging or progress bar.
 - ``trainer_bf16``     optional reference: ``trainer_default`` plus ``bf16=True`` (standard
   autocast mixed precision with fp32 weights), same order: how far bf16 alone moves losses.
+- ``trainer_masks``    optional reference: ``trainer_default`` with its LoRA dropouts drawing
+  peftbench's compiled layers' masks (``kernel_masks.py``): the losses peftbench's bf16 run
+  should follow when only arithmetic differs.
 - ``peftbench``        peftbench's own training step, built from its ``training/`` blocks in
   the order ``training/loop.py`` uses them (see :func:`run_peftbench`).
 
@@ -38,7 +41,10 @@ VARIANTS = ("trainer_default", "trainer_tuned", "peftbench")
 # optional: Trainer defaults + bf16=True, in peftbench's order; a reference for how far
 # standard bf16 mixed precision alone moves the losses away from fp32 (loss check only)
 REFERENCE = "trainer_bf16"
-ALL_VARIANTS = (*VARIANTS, REFERENCE)
+# optional: Trainer defaults (fp32) with peftbench's LoRA dropout masks, in peftbench's
+# order; the loss check's baseline where peftbench's compiled LoRA layers draw the masks
+MASKED = "trainer_masks"
+ALL_VARIANTS = (*VARIANTS, REFERENCE, MASKED)
 
 
 @dataclass
@@ -599,12 +605,19 @@ def trainer_arguments(cfg: WorkerConfig, setup: Setup, out_dir: str, tuned: bool
 
 
 def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
-                bf16: bool = False) -> dict[str, Any]:
-    """Hugging Face Trainer on the same model, examples and (default variant) order."""
+                bf16: bool = False, kernel_masks: bool = False) -> dict[str, Any]:
+    """Hugging Face Trainer on the same model, examples and (default variant) order; with
+    ``bf16`` or ``kernel_masks`` a loss reference, stopped after ``cfg.loss_steps``."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback
 
     losses: list[float] = []
     seed = setup.spec.seed
+    reference = bf16 or kernel_masks
+    masked = 0
+    if kernel_masks:
+        from kernel_masks import use_kernel_masks
+
+        masked = use_kernel_masks(setup.model)
 
     class Observe(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -621,7 +634,7 @@ def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
                 losses.append(float(logs["loss"]))
 
     class StopAfterLossSteps(TrainerCallback):
-        """The bf16 reference only feeds the loss check: stop it after ``loss_steps``
+        """A loss reference only feeds the loss check: stop it after ``loss_steps``
         (``max_steps`` stays the full run's, so the LR schedule is the same)."""
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -652,14 +665,18 @@ def run_trainer(cfg: WorkerConfig, setup: Setup, clock: StepClock, tuned: bool,
         args = trainer_arguments(cfg, setup, out_dir, tuned, bf16)
         trainer = CountingTrainer(model=model, args=args, train_dataset=dataset,
                                   data_collator=counting_collator, processing_class=tokenizer,
-                                  callbacks=[Observe()] + ([StopAfterLossSteps()] if bf16 else []))
+                                  callbacks=[Observe()]
+                                  + ([StopAfterLossSteps()] if reference else []))
         trainer.train()
     clock.end()
     optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer")
                      else trainer.optimizer).__name__
+    precision = ("bf16 autocast (fp32 weights)"
+                 if bf16 or (tuned and tuned_uses_bf16(cfg.device)) else "fp32")
     return {"losses": losses,
-            "precision": "bf16 autocast (fp32 weights)"
-            if bf16 or (tuned and tuned_uses_bf16(cfg.device)) else "fp32",
+            "precision": precision + (", peftbench's LoRA dropout masks" if kernel_masks
+                                      else ""),
+            **({"kernel_mask_dropouts": masked} if kernel_masks else {}),
             "optimizer": f"{getattr(args.optim, 'value', args.optim)} ({optimizer})",
             "warmup_steps": warmup_steps(setup.spec),
             "training_arguments": {k: str(v) for k, v in args.to_dict().items()
@@ -708,6 +725,7 @@ def run_worker(cfg: WorkerConfig) -> dict[str, Any]:
         "trainer_default": lambda: run_trainer(cfg, setup, clock, tuned=False),
         "trainer_tuned": lambda: run_trainer(cfg, setup, clock, tuned=True),
         REFERENCE: lambda: run_trainer(cfg, setup, clock, tuned=False, bf16=True),
+        MASKED: lambda: run_trainer(cfg, setup, clock, tuned=False, kernel_masks=True),
     }
     tick = time.perf_counter()
     details = probe_gradient(cfg, setup) if cfg.gradient_out else runners[cfg.variant]()

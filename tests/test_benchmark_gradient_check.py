@@ -77,7 +77,8 @@ def test_missing_or_non_finite_gradients_fail():
 @pytest.mark.slow
 def test_the_benchmark_reports_a_passing_gradient_check_on_a_tiny_model(tmp_path):
     """End to end on the tiny random Llama: the workers compute step 1's gradients of (a),
-    (a') and (c) and the report carries the check."""
+    (a') and (c) and the report carries the check (and the loss check's same-masks
+    reference)."""
     out = tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", "tiny-random-llama",
@@ -86,9 +87,20 @@ def test_the_benchmark_reports_a_passing_gradient_check_on_a_tiny_model(tmp_path
          "--peak-reps", "1", "--out", str(out)],
         capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    check = json.loads(out.read_text())["methods"]["lora"]["gradient_check"]
+    report = json.loads(out.read_text())
+    check = report["methods"]["lora"]["gradient_check"]
     assert check["passed"], check
     assert check["tensors"] > 0 and not check["missing_tensors"]
     assert check["rel_error"] < check["bound"]
     assert "reference_rel_error" in check and check["loss_peftbench"] > 0
     assert "Gradient check" in proc.stdout + proc.stderr
+    # the compiled LoRA layers draw their own dropout masks: the loss check's baseline is
+    # the Trainer with those masks (a''), run for the compared steps
+    losses = report["methods"]["lora"]["loss_check"]
+    fast_path = report["methods"]["lora"]["runs"]["peftbench"]["fast_path"]
+    if fast_path.get("lora_kernel"):
+        assert losses["baseline"].startswith("a''"), losses
+        assert len(losses["losses_masked"]) == 2
+        masked_run = report["methods"]["lora"]["runs"]["trainer_masks"]
+        assert masked_run["kernel_mask_dropouts"] > 0
+        assert "(a'')" in proc.stdout
