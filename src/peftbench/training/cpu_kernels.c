@@ -363,14 +363,17 @@ void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t t
  * from row i0 (the last one shorter: rows is not a constant), shared among the threads,
  * with r a constant for r = 4, 8 and 16 as in PB_FOR_BLOCKS */
 #define PB_ROW_BLOCK 16
+/* the rows of the block that starts at row i of m (0 past the end) */
+static inline int next_rows(int64_t m, int64_t i) {
+    return (int)(m - i <= 0 ? 0 : m - i < PB_ROW_BLOCK ? m - i : PB_ROW_BLOCK);
+}
 #define PB_FOR_ROW_BLOCKS(m, r, CALL)                                                        \
     do {                                                                                     \
         const int64_t pb_blocks = ((m) + PB_ROW_BLOCK - 1) / PB_ROW_BLOCK;                   \
         _Pragma("omp for schedule(static)")                                                  \
         for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++) {                       \
             const int64_t pb_i0 = pb_block * PB_ROW_BLOCK;                                   \
-            const int64_t pb_left = (m) - pb_i0;                                             \
-            const int pb_rows = (int)(pb_left < PB_ROW_BLOCK ? pb_left : PB_ROW_BLOCK);      \
+            const int pb_rows = next_rows(m, pb_i0);                                         \
             if ((r) == 4)                                                                    \
                 CALL(4, pb_rows, pb_i0);                                                     \
             else if ((r) == 8)                                                               \
@@ -579,16 +582,30 @@ PB_INLINE __m256i row16(const uint16_t *x, int64_t i, int64_t c, int64_t width,
     return _mm256_maskz_loadu_epi16(valid, x + i * width + c);
 }
 
+/* The cache lines of an array's rows i0 .. i0 + rows (width elements of size bytes each),
+ * prefetched a share per call: share s of shares, for the calls of a loop */
+PB_INLINE void prefetch_share(const void *array, int64_t i0, int rows, int64_t width,
+                              int64_t size, int64_t s, int64_t shares) {
+    const char *first = (const char *)array + i0 * width * size;
+    const int64_t lines = (rows * width * size + 63) / 64;
+    const int64_t per_share = (lines + shares - 1) / shares;
+    for (int64_t u = s * per_share; u < (s + 1) * per_share && u < lines; u++)
+        _mm_prefetch(first + 64 * u, _MM_HINT_T0);
+}
+
 /* For the rows i0 .. i0 + rows (at most PB_ROW_BLOCK): partial (r x k) += grad_hidden^T
  * dropout(x), and, with gx_base, grad_x = gx_base + mask * (grad_hidden ap) in float32
  * (x_f32) or bf16. Columns in chunks of 16 outside, the block's row pairs inside: a chunk's
  * r sums and A's rank pairs stay in registers over the block, so the partial sums are loaded
- * and stored once per block instead of once per row pair. */
+ * and stored once per block instead of once per row pair. Meanwhile the next_rows rows
+ * after the block (of x, gx_base and bits) are prefetched: the saved input comes back
+ * from memory in the backward, and the hardware prefetchers do not follow this order (x2.1
+ * in the layer's sequence). */
 PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restrict grad_hidden,
                                    const pb_pair *restrict ap, const uint16_t *restrict x,
                                    void *grad_x, int x_f32, float *restrict partial,
                                    int64_t i0, int64_t k, const int64_t r, const int rows,
-                                   uint64_t seed, uint32_t threshold, int drop,
+                                   int next_rows, uint64_t seed, uint32_t threshold, int drop,
                                    const uint32_t *restrict bits) {
     static const uint16_t pair_index[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
                                             21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
@@ -605,10 +622,18 @@ PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restric
         }
     rank_pair_factors(h, r, rows, along);
     const __m512i index = _mm512_loadu_si512(pair_index);
+    const int64_t chunks = (k + 15) / 16;
     for (int64_t c = 0; c < k; c += 16) {
         const __mmask16 valid = valid16(c, k);
         __m512 sums[r];
         __m512i a_pairs[pairs];
+        if (next_rows > 0) {
+            prefetch_share(x, i0 + rows, next_rows, k, 2, c / 16, chunks);
+            if (gx_base != NULL)
+                prefetch_share(gx_base, i0 + rows, next_rows, k, 2, c / 16, chunks);
+            if (drop && bits != NULL)
+                prefetch_share(bits, i0 + rows, next_rows, (k + 31) / 32, 4, c / 16, chunks);
+        }
         for (int64_t j = 0; j < r; j++)
             sums[j] = _mm512_maskz_loadu_ps(valid, partial + j * k + c);
         if (gx_base != NULL)
@@ -681,7 +706,8 @@ static const void *packed_a_for_grad(const float *a, int64_t r, int64_t k, float
                 hidden, partial)
 #define PB_GRAD_INPUT_ROWS(R, ROWS, I0)                                                      \
     grad_input_block_dp(gx_base, grad_hidden, (const pb_pair *)packed, x, grad_x, x_f32,     \
-                        partial, I0, k, R, ROWS, seed, threshold, drop, bits)
+                        partial, I0, k, R, ROWS, next_rows(m, (I0) + (ROWS)), seed,          \
+                        threshold, drop, bits)
 #define PB_GRAD_INPUT_FOR PB_FOR_ROW_BLOCKS
 
 #else
