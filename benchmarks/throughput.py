@@ -8,8 +8,10 @@ For every method it trains the same examples, batches and steps three ways, each
 process (so peak RSS is per configuration), and reports tokens/s, the ratios between the
 variants, model FLOPs utilisation against this machine's measured matmul peak in the
 precision peftbench computes in (bf16 where the CPU has bf16 units, else fp32), peak RSS,
-and a step-by-step comparison of the first losses of peftbench against the default Trainer
-(the speed must not come from computing something else). See benchmarks/README.md.
+a comparison of the first losses of peftbench with the default Trainer's (step 1 and the mean
+over the first steps, within bf16's own deviation; against the Trainer with peftbench's
+LoRA dropout masks where peftbench draws its own) and of step 1's gradients (the speed must
+not come from computing something else). See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -345,13 +347,16 @@ def summarise(method: str, runs: dict[str, dict[str, Any]], peak: float,
 
 
 def draws_own_masks(args: argparse.Namespace, method: str, peftbench_run: dict[str, Any]) -> bool:
-    """Whether peftbench's run drew LoRA dropout masks of its own: every LoRA layer through
-    the compiled kernels (its record) and the method's dropout above 0."""
+    """Whether peftbench's run drew LoRA dropout masks of its own and no others: every LoRA
+    layer through the compiled kernels (its record), every dropout with p > 0 one of theirs
+    (``fast_dropout`` counts them all), no ``torch.compile`` (its graph runs peft's own
+    forward), and the method's dropout above 0."""
     from peftbench.methods import get_method
 
     fast_path = peftbench_run.get("fast_path") or {}
     compiled = fast_path.get("lora_kernel", 0)
-    if not compiled or compiled != fast_path.get("fused_lora"):
+    if (args.compile or not compiled or compiled != fast_path.get("fused_lora")
+            or fast_path.get("fast_dropout") != compiled):
         return False
     resolved = get_method(method).resolve_args(method_args_for(method, args.method_arg))
     return float(resolved.get("dropout") or 0.0) > 0.0

@@ -139,6 +139,12 @@ def ratio(a: float | None, b: float | None) -> float | None:
 # --------------------------------------------------------------------------- loss check
 
 
+def _usable(losses: list[float] | None, k: int) -> bool:
+    """Whether a reference run's losses cover the ``k`` compared steps, all finite."""
+    return (losses is not None and k > 0 and len(losses) >= k
+            and all(math.isfinite(x) for x in losses[:k]))
+
+
 def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
                rtol: float = 0.03, atol: float = 0.01, reference: list[float] | None = None,
                ref_factor: float = 2.0, masked: list[float] | None = None) -> dict[str, Any]:
@@ -159,10 +165,16 @@ def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
     With ``masked`` (a''), the default Trainer whose LoRA dropouts draw peftbench's masks
     (``kernel_masks.py``), c is compared with a'' instead of a, under the same rule: a and
     a' share torch's masks, a'' and c share peftbench's, so each pair differs only in
-    arithmetic. The comparison with a is kept as ``vs_trainer_*``.
+    arithmetic. The comparison with a is kept as ``vs_trainer_*``. A reference that does not
+    cover the compared steps (a failed run) or is not finite is not used, and
+    ``references_not_used`` says so.
     """
     k = min(steps, len(trainer), len(peftbench))
-    use_masked = masked is not None and len(masked) >= k
+    unusable = {name: v for name, v in (("masked", masked), ("reference", reference))
+                if v is not None and not _usable(v, k)}
+    masked = masked if _usable(masked, k) else None
+    reference = reference if _usable(reference, k) else None
+    use_masked = masked is not None
     base = (masked if use_masked else trainer)[:k]  # type: ignore[index]
     a, c = trainer[:k], peftbench[:k]
     name = "a''" if use_masked else "a"
@@ -192,12 +204,16 @@ def loss_check(trainer: list[float], peftbench: list[float], steps: int = 20,
         "losses_trainer": a,
         "losses_peftbench": c,
     }
+    if unusable:  # too short (a failed run) or not finite: not used, and said so
+        out["references_not_used"] = {name: f"{len(v)} losses, {k} compared, "
+                                      f"{'all' if all(map(math.isfinite, v)) else 'not all'}"
+                                      " finite" for name, v in unusable.items()}
     if use_masked:
         vs_trainer = [abs(x - y) for x, y in zip(a, c, strict=True)]
         out.update({"losses_masked": base,
                     "vs_trainer_max_abs_diff": max(vs_trainer) if k else None,
                     "vs_trainer_mean_abs_diff": sum(vs_trainer) / k if k else None})
-    if reference is not None and len(reference) >= k and k:
+    if reference is not None:
         r = reference[:k]
         ref_diffs = [abs(x - y) for x, y in zip(a, r, strict=True)]
         allowed = [atol + max(rtol * abs(x), ref_factor * d)

@@ -63,6 +63,14 @@ def test_with_the_masked_reference_peftbench_is_compared_with_it():
 def test_a_masked_reference_shorter_than_the_comparison_is_not_used():
     check = loss_check(TRAINER, TRAINER, reference=BF16, masked=[3.0])
     assert check["passed"] and check["baseline"].startswith("a:")
+    assert "masked" in check["references_not_used"]
+
+
+def test_a_non_finite_reference_is_not_used_and_does_not_fail_peftbench():
+    check = loss_check(TRAINER, [3.02, 2.0, 1.02, 0.5], reference=[3.0, float("nan"), 1.0, 0.5])
+    assert "reference" in check["references_not_used"]
+    assert "losses_reference_bf16" not in check and check["passed_fixed_tolerance"]
+    assert check["passed"]
 
 
 def test_only_peft_lora_dropouts_above_zero_are_replaced():

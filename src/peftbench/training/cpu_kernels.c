@@ -10,7 +10,9 @@
  * - the rotary position embedding and its input gradient.
  *
  * Values are widened to float32 and computed in registers; results are rounded once to bf16
- * (round to nearest even, as torch), except where noted to keep eager's forward values.
+ * (round to nearest even, as torch; the AVX-512 BF16 LoRA and attention kernels flush
+ * float32 subnormals to zero, see narrow_m512), except where noted to keep eager's forward
+ * values.
  * bf16 is passed as its 16 raw bits (uint16_t); arrays are row-major and contiguous, except
  * where a function takes strides (pb_rotary). Compiled at first use by
  * peftbench/training/compiled_c.py (plain C, no torch headers); the wrappers are in
@@ -413,7 +415,9 @@ PB_INLINE __mmask32 keep32(uint32_t first, uint64_t seed, uint32_t threshold) {
 }
 PB_INLINE __m512 widen_m256(__m256i h) { return (__m512)widen_bits((pb_vh)h); }
 /* rounded to bf16 by vcvtneps2bf16 (one instruction, where narrow_bits takes about eight):
- * to nearest even, NaN kept quiet, as float_to_bf16; subnormal results flushed to zero */
+ * to nearest even, NaN kept quiet, as float_to_bf16, except that float32 subnormal inputs
+ * become signed zero (float_to_bf16 rounds them, the largest up to FLT_MIN): in the LoRA
+ * kernels' outputs and the attention's P and dS (a probability below 1.2e-38 becomes 0) */
 PB_INLINE __m256i narrow_m512(__m512 f) { return (__m256i)_mm512_cvtneps_pbh(f); }
 
 /* the pairs (r0[t], r1[t]) of two rows of 32 bf16: t < 16 into low, the rest into high */
