@@ -338,52 +338,50 @@ void pb_lora_mask(uint8_t *keep, int64_t m, int64_t k, uint64_t seed, uint32_t t
 #define PB_BLOCK_ROWS(r)                                                                     \
     ((r) == 4 ? PB_ROWS_4 : (r) == 8 ? PB_ROWS_8 : (r) == 16 ? PB_ROWS_16 : PB_ROWS_ANY)
 
+/* CALL(R, ROWS(R), I0) with R a constant for r = 4, 8 and 16 (the rows functions are
+ * inlined into the OpenMP region and unrolled) and r itself otherwise */
+#define PB_FOR_RANK(r, CALL, ROWS, I0)                                                       \
+    do {                                                                                     \
+        if ((r) == 4)                                                                        \
+            CALL(4, ROWS(4), I0);                                                            \
+        else if ((r) == 8)                                                                   \
+            CALL(8, ROWS(8), I0);                                                            \
+        else if ((r) == 16)                                                                  \
+            CALL(16, ROWS(16), I0);                                                          \
+        else                                                                                 \
+            CALL(r, ROWS(r), I0);                                                            \
+    } while (0)
+
 /* Inside an OpenMP region: CALL(r, P, i0) for every block of P = PB_BLOCK_ROWS(r) rows
- * from row i0, shared among the threads, with r and P constants for r = 4, 8 and 16 (the
- * rows functions are inlined into the region and unrolled) and r itself otherwise; then
+ * from row i0, shared among the threads (P a constant too, through PB_FOR_RANK); then
  * CALL(r, 1, i) for each row left over. */
 #define PB_FOR_BLOCKS(m, r, CALL)                                                            \
     do {                                                                                     \
         const int64_t pb_blocks = (m) / PB_BLOCK_ROWS(r);                                    \
         _Pragma("omp for schedule(static)")                                                  \
-        for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++) {                       \
-            if ((r) == 4)                                                                    \
-                CALL(4, PB_ROWS_4, pb_block * PB_ROWS_4);                                    \
-            else if ((r) == 8)                                                               \
-                CALL(8, PB_ROWS_8, pb_block * PB_ROWS_8);                                    \
-            else if ((r) == 16)                                                              \
-                CALL(16, PB_ROWS_16, pb_block * PB_ROWS_16);                                 \
-            else                                                                             \
-                CALL(r, PB_ROWS_ANY, pb_block * PB_ROWS_ANY);                                \
-        }                                                                                    \
+        for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++)                         \
+            PB_FOR_RANK(r, CALL, PB_BLOCK_ROWS, pb_block * PB_BLOCK_ROWS(r));                \
         _Pragma("omp for schedule(static)")                                                  \
         for (int64_t pb_row = pb_blocks * PB_BLOCK_ROWS(r); pb_row < (m); pb_row++)          \
             CALL(r, 1, pb_row);                                                              \
     } while (0)
 
-/* Inside an OpenMP region: CALL(r, rows, i0) for consecutive blocks of PB_ROW_BLOCK rows
- * from row i0 (the last one shorter: rows is not a constant), shared among the threads,
- * with r a constant for r = 4, 8 and 16 as in PB_FOR_BLOCKS */
 #define PB_ROW_BLOCK 16
-/* the rows of the block that starts at row i of m (0 past the end) */
+/* the rows of the block of PB_ROW_BLOCK that starts at row i of m (0 past the end) */
 static inline int next_rows(int64_t m, int64_t i) {
     return (int)(m - i <= 0 ? 0 : m - i < PB_ROW_BLOCK ? m - i : PB_ROW_BLOCK);
 }
+#define PB_THESE_ROWS(R) pb_rows
+/* Inside an OpenMP region: CALL(r, rows, i0) for consecutive blocks of PB_ROW_BLOCK rows
+ * from row i0 (the last one shorter: rows is not a constant), shared among the threads,
+ * r a constant through PB_FOR_RANK */
 #define PB_FOR_ROW_BLOCKS(m, r, CALL)                                                        \
     do {                                                                                     \
         const int64_t pb_blocks = ((m) + PB_ROW_BLOCK - 1) / PB_ROW_BLOCK;                   \
         _Pragma("omp for schedule(static)")                                                  \
         for (int64_t pb_block = 0; pb_block < pb_blocks; pb_block++) {                       \
-            const int64_t pb_i0 = pb_block * PB_ROW_BLOCK;                                   \
-            const int pb_rows = next_rows(m, pb_i0);                                         \
-            if ((r) == 4)                                                                    \
-                CALL(4, pb_rows, pb_i0);                                                     \
-            else if ((r) == 8)                                                               \
-                CALL(8, pb_rows, pb_i0);                                                     \
-            else if ((r) == 16)                                                              \
-                CALL(16, pb_rows, pb_i0);                                                    \
-            else                                                                             \
-                CALL(r, pb_rows, pb_i0);                                                     \
+            const int pb_rows = next_rows(m, pb_block * PB_ROW_BLOCK);                       \
+            PB_FOR_RANK(r, CALL, PB_THESE_ROWS, pb_block * PB_ROW_BLOCK);                    \
         }                                                                                    \
     } while (0)
 
