@@ -104,3 +104,6 @@ def test_the_benchmark_reports_a_passing_gradient_check_on_a_tiny_model(tmp_path
         masked_run = report["methods"]["lora"]["runs"]["trainer_masks"]
         assert masked_run["kernel_mask_dropouts"] > 0
         assert "(a'')" in proc.stdout
+    else:  # no C compiler: peftbench's masks are not the kernels', and no (a'') runs
+        assert losses["baseline"].startswith("a:") and "trainer_masks" not in \
+            report["methods"]["lora"]["runs"]
