@@ -139,6 +139,22 @@ def test_the_portable_kernels_compute_what_the_bf16_dot_products_do(tmp_path, mo
         assert _relative(fast, portable.double()) <= 1e-4
 
 
+@pytest.mark.skipif(not cpu_kernels.bf16_dot(), reason="the dropout bits are kept only "
+                    "by the AVX-512 BF16 kernels")
+def test_the_backward_draws_the_kept_mask_again_when_given_no_bits(monkeypatch):
+    """pb_lora_grad_input reads the forward's mask bits, or, given none, draws the same mask
+    from the hash: the same gradients to the bit."""
+    results = []
+    for keep in (True, False):
+        monkeypatch.setattr(cpu_kernels, "bf16_dot", lambda keep=keep: keep)
+        x, weight, lora_a, lora_b, grad = _layer(*PARALLEL_SHAPE, 8, BF16, seed=3)
+        torch.manual_seed(5)
+        lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.2).backward(grad)
+        results.append((x.grad, lora_a.grad))
+    for kept, drawn in zip(*results, strict=True):
+        assert torch.equal(kept, drawn)
+
+
 def _portable_build(folder) -> ctypes.CDLL:
     source = Path(cpu_kernels.__file__).with_suffix(".c")
     library = cpu_kernels.declare(ctypes.CDLL(str(
