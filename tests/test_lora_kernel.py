@@ -61,7 +61,7 @@ def _reference(x, weight, lora_a, lora_b, grad, scaling: float, p: float, keep):
             scale * g.t() @ hidden)
 
 
-@pytest.mark.parametrize("r", [4, 8, 16, 5])
+@pytest.mark.parametrize("r", [4, 8, 16, 5, 33, 64])
 @pytest.mark.parametrize(("m", "k", "n"), [(37, 48, 80), (9, 21, 35), PARALLEL_SHAPE])
 @pytest.mark.parametrize("x_dtype", [BF16, F32])
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -261,10 +261,14 @@ def test_a_bias_gets_its_gradient():
 def test_accepts_only_what_the_kernels_compute():
     x = torch.randn(4, 8)
     weight = torch.randn(6, 8).to(BF16)
-    assert lora_kernel.accepts(x, weight, 0.1) and lora_kernel.accepts(x.to(BF16), weight, 0.0)
-    assert not lora_kernel.accepts(x, weight, 1.0)  # everything dropped: the PyTorch layer
-    assert not lora_kernel.accepts(x.double(), weight, 0.1)
-    assert not lora_kernel.accepts(x, weight.float(), 0.1)
+    assert lora_kernel.accepts(x, weight, 0.1, 8)
+    assert lora_kernel.accepts(x.to(BF16), weight, 0.0, 8)
+    assert not lora_kernel.accepts(x, weight, 1.0, 8)  # everything dropped: the PyTorch layer
+    assert not lora_kernel.accepts(x.double(), weight, 0.1, 8)
+    assert not lora_kernel.accepts(x, weight.float(), 0.1, 8)
+    # the kernels' per-rank arrays have a fixed size: larger ranks keep PyTorch's operations
+    assert cpu_kernels.lora_max_rank() == 64
+    assert lora_kernel.accepts(x, weight, 0.1, 64) and not lora_kernel.accepts(x, weight, 0.1, 65)
 
 
 def _loss_and_grads(model: torch.nn.Module, seed: int = 7):
@@ -316,6 +320,17 @@ def test_dropout_in_a_model_is_seeded_and_off_in_eval():
         a = model(input_ids=IDS, labels=IDS).loss.item()
         torch.manual_seed(6)
         assert model(input_ids=IDS, labels=IDS).loss.item() == a
+
+
+def test_a_rank_above_the_kernels_cap_runs_and_is_recorded_as_pytorch():
+    """A rank the kernels' fixed per-rank arrays cannot hold (65 > 64) runs the PyTorch bf16
+    layer, and the record does not count it as compiled."""
+    model = tiny_lora_llama({"r": 65})
+    applied = place_for_training(model, "bf16", torch.device("cpu"))
+    assert applied["fused_lora"] > 0 and applied["lora_kernel"] == 0
+    loss, _ = _loss_and_grads(model)
+    assert "_LoraLinearKernelBackward" not in graph_nodes(loss)
+    assert graph_nodes(loss).count("_LoraLinearBf16Backward") == applied["fused_lora"]
 
 
 def test_without_the_kernels_the_placement_records_none(monkeypatch):

@@ -230,6 +230,17 @@ typedef uint16_t pb_vh __attribute__((vector_size(32)));
 typedef uint16_t pb_vh_u __attribute__((vector_size(32), aligned(2), may_alias));
 #define PB_LANES 16
 #define PB_INLINE static inline __attribute__((always_inline))
+/* before a loop over the rank (or a block's rows): unrolled while the compiler still sees
+ * the arrays it indexes, so their elements become registers. Without it GCC 12 kept the
+ * accumulators of dot_rows_dp in registers and also stored all of them to the stack on
+ * every iteration (pb_lora_down without dropout x1.68 with it, hot, one thread). */
+#define PB_UNROLL _Pragma("GCC unroll 16")
+/* the largest LoRA rank the kernels take: their per-rank arrays have this fixed size (a
+ * variable-length array stays in memory however small r is); pb_lora_max_rank tells the
+ * caller, which keeps PyTorch's operations above it */
+#define PB_MAX_RANK 64
+#define PB_MAX_PAIRS (PB_MAX_RANK / 2)
+int pb_lora_max_rank(void) { return PB_MAX_RANK; }
 
 PB_INLINE pb_vf load16(const float *p) { return *(const pb_vf_u *)p; }
 PB_INLINE void store16(float *p, pb_vf v) { *(pb_vf_u *)p = v; }
@@ -491,8 +502,9 @@ PB_INLINE void dot_rows_dp(const uint16_t *restrict x, const uint16_t *restrict 
                            const int64_t r, const int rows, uint64_t seed,
                            uint32_t threshold, int drop, uint32_t *restrict bits,
                            const float *restrict h, float *restrict partial) {
-    __m512 s[2][r];
-    pb_pair hp[r];
+    __m512 s[2][PB_MAX_RANK];
+    pb_pair hp[PB_MAX_RANK];
+    PB_UNROLL
     for (int64_t j = 0; j < r; j++) {
         s[0][j] = s[1][j] = _mm512_setzero_ps();
         if (partial != NULL)
@@ -502,22 +514,28 @@ PB_INLINE void dot_rows_dp(const uint16_t *restrict x, const uint16_t *restrict 
         __mmask32 valid = valid32(c, k), keep;
         __m512i v[2];
         v[1] = _mm512_setzero_si512();
+        PB_UNROLL
         for (int q = 0; q < rows; q++)
             v[q] = row32(x, i0 + q, c, k, seed, threshold, drop, bits, &keep);
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++) {
             __m512i wj = _mm512_maskz_loadu_epi16(valid, w + j * k + c);
+            PB_UNROLL
             for (int q = 0; q < rows; q++)
                 s[q][j] = dot_pairs(s[q][j], v[q], wj);
         }
         if (partial != NULL) {
             __m512i low, high;
             interleave(v[0], v[1], &low, &high);
+            PB_UNROLL
             for (int64_t j = 0; j < r; j++)
                 add_pair_products(partial + j * k + c, valid, low, high,
                                   _mm512_set1_epi32((int)hp[j]));
         }
     }
+    PB_UNROLL
     for (int q = 0; q < rows; q++)
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++)
             sums[(i0 + q) * r + j] = round_bf16(scale * _mm512_reduce_add_ps(s[q][j]));
 }
@@ -526,7 +544,9 @@ PB_INLINE void dot_rows_dp(const uint16_t *restrict x, const uint16_t *restrict 
  * h (r values per row), the second 0 past r */
 static inline void rank_pair_factors(const float *h, int64_t r, int rows, pb_pair *f) {
     const int64_t pairs = (r + 1) / 2;
+    PB_UNROLL
     for (int q = 0; q < rows; q++)
+        PB_UNROLL
         for (int64_t jp = 0; jp < pairs; jp++)
             f[q * pairs + jp] = bf16_pair(h[q * r + 2 * jp],
                                           2 * jp + 1 < r ? h[q * r + 2 * jp + 1] : 0.0f);
@@ -538,8 +558,10 @@ PB_INLINE void rank_pair_sums(const pb_pair *restrict w, int64_t width, int64_t 
                               __mmask16 valid, const pb_pair *restrict f, int64_t pairs,
                               int rows, __m512 acc[2]) {
     acc[0] = acc[1] = _mm512_setzero_ps();
+    PB_UNROLL
     for (int64_t jp = 0; jp < pairs; jp++) {
         __m512i wv = _mm512_maskz_loadu_epi32(valid, w + jp * width + c);
+        PB_UNROLL
         for (int q = 0; q < rows; q++)
             acc[q] = dot_pairs(acc[q], _mm512_set1_epi32((int)f[q * pairs + jp]), wv);
     }
@@ -550,13 +572,14 @@ PB_INLINE void up_rows_dp(uint16_t *restrict out, const float *restrict hidden,
                           const pb_pair *restrict bp, float scale, int64_t i0, int64_t n,
                           const int64_t r, const int rows) {
     const int64_t pairs = (r + 1) / 2;
-    pb_pair hp[2 * pairs];
+    pb_pair hp[2 * PB_MAX_PAIRS];
     rank_pair_factors(hidden + i0 * r, r, rows, hp);
     const __m512 factor = _mm512_set1_ps(scale);
     for (int64_t c = 0; c < n; c += 16) {
         __mmask16 valid = valid16(c, n);
         __m512 acc[2];
         rank_pair_sums(bp, n, c, valid, hp, pairs, rows, acc);
+        PB_UNROLL
         for (int q = 0; q < rows; q++) {
             uint16_t *o = out + (i0 + q) * n + c;
             __m512 v = widen_m256(_mm256_maskz_loadu_epi16(valid, o));
@@ -616,8 +639,9 @@ PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restric
     const int64_t pairs = (r + 1) / 2;
     const int row_pairs = (rows + 1) / 2;
     /* per row pair the r pairs (h[2 p][j], h[2 p + 1][j]); per row its rank pairs */
-    pb_pair across[PB_ROW_BLOCK / 2 * r], along[PB_ROW_BLOCK * pairs];
+    pb_pair across[PB_ROW_BLOCK / 2 * PB_MAX_RANK], along[PB_ROW_BLOCK * PB_MAX_PAIRS];
     for (int rp = 0; rp < row_pairs; rp++)
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++) {
             const float *pair = h + 2 * rp * r + j;
             across[rp * r + j] = bf16_pair(pair[0], 2 * rp + 1 < rows ? pair[r] : 0.0f);
@@ -627,8 +651,8 @@ PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restric
     const int64_t chunks = (k + 15) / 16;
     for (int64_t c = 0; c < k; c += 16) {
         const __mmask16 valid = valid16(c, k);
-        __m512 sums[r];
-        __m512i a_pairs[pairs];
+        __m512 sums[PB_MAX_RANK];
+        __m512i a_pairs[PB_MAX_PAIRS];
         if (next_rows > 0) {
             prefetch_share(x, i0 + rows, next_rows, k, 2, c / 16, chunks);
             if (gx_base != NULL)
@@ -636,9 +660,11 @@ PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restric
             if (drop && bits != NULL)
                 prefetch_share(bits, i0 + rows, next_rows, (k + 31) / 32, 4, c / 16, chunks);
         }
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++)
             sums[j] = _mm512_maskz_loadu_ps(valid, partial + j * k + c);
         if (gx_base != NULL)
+            PB_UNROLL
             for (int64_t jp = 0; jp < pairs; jp++)
                 a_pairs[jp] = _mm512_maskz_loadu_epi32(valid, ap + jp * k + c);
         for (int rp = 0; rp < row_pairs; rp++) {
@@ -653,13 +679,16 @@ PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restric
             __m512i row_pair = _mm512_permutexvar_epi16(
                 index, _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1));
             const pb_pair *factors = across + rp * r;
+            PB_UNROLL
             for (int64_t j = 0; j < r; j++)
                 sums[j] = dot_pairs(sums[j], row_pair, _mm512_set1_epi32((int)factors[j]));
             if (gx_base == NULL)
                 continue;
+            PB_UNROLL
             for (int q = 0; q <= both; q++) {
                 const pb_pair *factors = along + (2 * rp + q) * pairs;
                 __m512 lora = _mm512_setzero_ps();
+                PB_UNROLL
                 for (int64_t jp = 0; jp < pairs; jp++)
                     lora = dot_pairs(lora, _mm512_set1_epi32((int)factors[jp]), a_pairs[jp]);
                 const int64_t at = (i + q) * k + c;
@@ -672,6 +701,7 @@ PB_INLINE void grad_input_block_dp(const uint16_t *gx_base, const float *restric
                                              narrow_m512(sum));
             }
         }
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++)
             _mm512_mask_storeu_ps(partial + j * k + c, valid, sums[j]);
     }
@@ -715,6 +745,8 @@ static const void *packed_a_for_grad(const float *a, int64_t r, int64_t k, float
 #else
 /* ---- portable: vector extensions, float32 multiply-adds ---- */
 
+#define PB_MAX_ROWS 4 /* the most rows per block here (PB_ROWS_4): fixed-size arrays */
+
 /* 16 elements of x from flat index first, dropped ones 0; keep receives the mask */
 PB_INLINE pb_vf dropped16(const uint16_t *x, uint32_t first, uint64_t seed,
                           uint32_t threshold, int drop, pb_vu *keep) {
@@ -752,43 +784,55 @@ PB_INLINE void rank_sums_rows(const uint16_t *restrict x, const float *restrict 
                               const int64_t r, const int P, uint64_t seed,
                               uint32_t threshold, int drop, const float *restrict h,
                               float *restrict partial) {
-    pb_vf s[P][r];
+    pb_vf s[PB_MAX_ROWS][PB_MAX_RANK];
+    PB_UNROLL
     for (int q = 0; q < P; q++)
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++)
             s[q][j] = (pb_vf){0};
     int64_t c = 0;
     for (; c + PB_LANES <= k; c += PB_LANES) {
-        pb_vf v[P];
+        pb_vf v[PB_MAX_ROWS];
         pb_vu keep;
+        PB_UNROLL
         for (int q = 0; q < P; q++)
             v[q] = dropped16(x + (i0 + q) * k + c, (uint32_t)((i0 + q) * k + c), seed,
                              threshold, drop, &keep);
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++) {
             pb_vf w = load16(a + j * k + c);
+            PB_UNROLL
             for (int q = 0; q < P; q++)
                 s[q][j] += v[q] * w;
             if (partial != NULL) {
                 pb_vf acc = load16(partial + j * k + c);
+                PB_UNROLL
                 for (int q = 0; q < P; q++)
                     acc += h[q * r + j] * v[q];
                 store16(partial + j * k + c, acc);
             }
         }
     }
-    float t[P][r];
+    float t[PB_MAX_ROWS][PB_MAX_RANK];
+    PB_UNROLL
     for (int q = 0; q < P; q++)
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++)
             t[q][j] = sum16(s[q][j]);
     for (; c < k; c++)
+        PB_UNROLL
         for (int q = 0; q < P; q++) {
             float v = dropped1(x + (i0 + q) * k + c, (i0 + q) * k + c, seed, threshold);
+            PB_UNROLL
             for (int64_t j = 0; j < r; j++) {
                 t[q][j] += v * a[j * k + c];
                 if (partial != NULL)
                     partial[j * k + c] += h[q * r + j] * v;
             }
         }
+    PB_UNROLL
     for (int q = 0; q < P; q++)
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++)
             sums[(i0 + q) * r + j] = round_bf16(scale * t[q][j]);
 }
@@ -800,20 +844,26 @@ PB_INLINE void up_rows(uint16_t *restrict out, const float *restrict hidden,
     const float *h = hidden + i0 * r;
     int64_t c = 0;
     for (; c + PB_LANES <= n; c += PB_LANES) {
-        pb_vf acc[P];
+        pb_vf acc[PB_MAX_ROWS];
+        PB_UNROLL
         for (int q = 0; q < P; q++)
             acc[q] = (pb_vf){0};
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++) {
             pb_vf w = load16(bt + j * n + c);
+            PB_UNROLL
             for (int q = 0; q < P; q++)
                 acc[q] += h[q * r + j] * w;
         }
+        PB_UNROLL
         for (int q = 0; q < P; q++)
             narrow16(out + (i0 + q) * n + c, widen16(out + (i0 + q) * n + c) + scale * acc[q]);
     }
     for (; c < n; c++)
+        PB_UNROLL
         for (int q = 0; q < P; q++) {
             float t = 0.0f;
+            PB_UNROLL
             for (int64_t j = 0; j < r; j++)
                 t += h[q * r + j] * bt[j * n + c];
             out[(i0 + q) * n + c] = float_to_bf16(bf16_to_float(out[(i0 + q) * n + c]) +
@@ -832,15 +882,18 @@ PB_INLINE void grad_input_rows(const uint16_t *gx_base,
     const float *h = grad_hidden + i0 * r;
     int64_t c = 0;
     for (; c + PB_LANES <= k; c += PB_LANES) {
-        pb_vf v[P], lora[P];
-        pb_vu keep[P];
+        pb_vf v[PB_MAX_ROWS], lora[PB_MAX_ROWS];
+        pb_vu keep[PB_MAX_ROWS];
+        PB_UNROLL
         for (int q = 0; q < P; q++) {
             v[q] = dropped16(x + (i0 + q) * k + c, (uint32_t)((i0 + q) * k + c), seed,
                              threshold, drop, &keep[q]);
             lora[q] = (pb_vf){0};
         }
+        PB_UNROLL
         for (int64_t j = 0; j < r; j++) {
             pb_vf w = load16(a + j * k + c), acc = load16(partial + j * k + c);
+            PB_UNROLL
             for (int q = 0; q < P; q++) {
                 acc += h[q * r + j] * v[q];
                 lora[q] += h[q * r + j] * w;
@@ -849,6 +902,7 @@ PB_INLINE void grad_input_rows(const uint16_t *gx_base,
         }
         if (gx_base == NULL)
             continue;
+        PB_UNROLL
         for (int q = 0; q < P; q++) {
             int64_t index = (i0 + q) * k + c;
             pb_vf out = widen16(gx_base + index) + (pb_vf)((pb_vu)lora[q] & keep[q]);
@@ -859,10 +913,12 @@ PB_INLINE void grad_input_rows(const uint16_t *gx_base,
         }
     }
     for (; c < k; c++)
+        PB_UNROLL
         for (int q = 0; q < P; q++) {
             int64_t index = (i0 + q) * k + c;
             int kept = pb_keep((uint32_t)index, seed, threshold);
             float v = kept ? bf16_to_float(x[index]) : 0.0f, lora = 0.0f;
+            PB_UNROLL
             for (int64_t j = 0; j < r; j++) {
                 partial[j * k + c] += h[q * r + j] * v;
                 lora += h[q * r + j] * a[j * k + c];

@@ -47,6 +47,7 @@ def declare(library: ctypes.CDLL) -> ctypes.CDLL:
     library.pb_lora_down.argtypes = [p, p, p, size, size, size, seed, threshold, p, p,
                                      count]
     library.pb_has_dpbf16.restype = ctypes.c_int
+    library.pb_lora_max_rank.restype = ctypes.c_int
     library.pb_lora_up_add.argtypes = [p, p, p, real, size, size, size, p, count]
     library.pb_lora_grad_hidden.argtypes = [p, p, real, p, p, p, size, size, size, p, count]
     library.pb_lora_grad_input.argtypes = [p, p, p, p, p, count, p, size, size, size, seed,
@@ -94,6 +95,13 @@ def bf16_dot() -> bool:
 def _compiled_with_dpbf16() -> bool:
     """The build's answer, asked once (every attention layer asks twice a step)."""
     return bool(compiled().pb_has_dpbf16())
+
+
+@functools.cache
+def lora_max_rank() -> int:
+    """The largest LoRA rank the compiled LoRA kernels take (their per-rank arrays have a
+    fixed size, so that the compiler keeps them in registers); 0 when not compiled."""
+    return int(compiled().pb_lora_max_rank()) if available() else 0
 
 
 def compiled() -> ctypes.CDLL:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.training import lora_kernel
+from peftbench.training import cpu_kernels, lora_kernel
 from peftbench.training.dropout import FastDropout, Scratch, adapter_dropout, zero_positions
 from peftbench.training.forward_routing import route_forwards
 from peftbench.training.fused_lora_bf16 import base_plus_adapter, lora_linear_bf16
@@ -124,7 +124,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         return getattr(self, _ORIGINAL_FORWARD)(x, *args, **kwargs)
     if torch.is_autocast_enabled(x.device.type):
         if _bf16_fusable(x, base.weight, lora_a, lora_b):
-            if lora_kernel.accepts(x, base.weight, p):
+            if lora_kernel.accepts(x, base.weight, p, lora_a.shape[0]):
                 return lora_linear_kernel(x, base.weight, base.bias, lora_a, lora_b, scaling, p)
             return lora_linear_bf16(x, base.weight, base.bias, lora_a, lora_b, scaling, p)
     elif x.dtype == base.weight.dtype == lora_a.dtype == lora_b.dtype == torch.float32:
@@ -138,6 +138,16 @@ def _bf16_fusable(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
     return (x.device.type == "cpu" and torch.get_autocast_dtype("cpu") == torch.bfloat16
             and weight.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
             and lora_a.dtype == lora_b.dtype == torch.float32)
+
+
+def kernel_rank_layers(model: nn.Module) -> int:
+    """How many of ``model``'s routed LoRA layers have a rank the compiled kernels take
+    (:func:`~peftbench.training.cpu_kernels.lora_max_rank`; the others run the PyTorch bf16
+    layer); 0 without the kernels. For the run record."""
+    limit = cpu_kernels.lora_max_rank() if cpu_kernels.available() else 0
+    return sum(1 for module in model.modules()
+               if hasattr(module, _ORIGINAL_FORWARD) and _fusable(module)
+               and module.lora_A[module.active_adapters[0]].weight.shape[0] <= limit)
 
 
 def fuse_lora_layers(model: nn.Module) -> int:

@@ -53,12 +53,13 @@ def dropout_threshold(p: float) -> int:
     return int(p * 2**32) if p > 0.0 else 0
 
 
-def accepts(x: torch.Tensor, weight: torch.Tensor, p: float) -> bool:
+def accepts(x: torch.Tensor, weight: torch.Tensor, p: float, rank: int) -> bool:
     """Whether the kernels take this layer: compiled and enabled, a CPU input in float32 or
-    bf16, a bf16 frozen weight, 0 <= p < 1, and flat indices within 32 bits."""
+    bf16, a bf16 frozen weight, 0 <= p < 1, flat indices within 32 bits, and a LoRA rank
+    of at most :func:`~peftbench.training.cpu_kernels.lora_max_rank` (64)."""
     return (enabled and x.device.type == "cpu" and x.dtype in (_F32, _BF16)
             and weight.dtype == _BF16 and 0.0 <= p < 1.0 and x.numel() < 2**32
-            and cpu_kernels.available())
+            and cpu_kernels.available() and 1 <= rank <= cpu_kernels.lora_max_rank())
 
 
 def dropout_mask(rows: int, cols: int, seed: int, p: float) -> torch.Tensor:

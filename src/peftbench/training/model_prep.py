@@ -17,7 +17,7 @@ from peftbench.models.base import LoadedModel
 from peftbench.training import cpu_kernels, lora_kernel, recomputed_attention
 from peftbench.training.dropout import use_fast_dropout
 from peftbench.training.encoding import Encoded, collate, to_device
-from peftbench.training.fused_lora import fuse_lora_layers
+from peftbench.training.fused_lora import fuse_lora_layers, kernel_rank_layers
 from peftbench.training.fused_rms_norm import fuse_rms_norms
 from peftbench.training.fused_rotary import fuse_rotary
 from peftbench.training.heap import steady_heap
@@ -88,7 +88,7 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
             applied["silu_gate_kernel"] = compile_silu_gates(model)
             applied["rms_norm_kernel"] = cpu_kernels.running(applied["fused_rms_norm"],
                                                              cpu_kernels.rms_norm_enabled)
-            applied["lora_kernel"] = cpu_kernels.running(applied["fused_lora"],
+            applied["lora_kernel"] = cpu_kernels.running(kernel_rank_layers(model),
                                                          lora_kernel.enabled)
             applied["lora_kernel_bf16_dot"] = (applied["lora_kernel"] > 0
                                                and cpu_kernels.bf16_dot())
