@@ -74,6 +74,11 @@ FLOPS_FORMULA = {
               "elsewhere. Full: 6*N_body*P + 6*N_head*T. PEFT: 4*N_body*P + 4*N_head*T + "
               "2*N_trainable*P. The same formula for every variant, so a trainer that skips "
               "the prompt-position logits gets no credit for skipping them.",
+    "mfu_local": "achieved FLOP/s of a repetition divided by its local peak: the higher of the "
+                 "bf16 (or fp32) matmul peaks measured in the same worker just before and just "
+                 "after it, outside its timed steps (--local-peak); median over repetitions. "
+                 "On a machine whose speed drifts over minutes, the table-wide peak was "
+                 "measured at another speed than a run far from the table's start or end",
     "mfu": "achieved FLOP/s (FLOPs of a repetition / its wall seconds) divided by the measured "
            "matmul peak (2048x2048 on CPU, 8192x8192 on CUDA, unless --peak-n) on the "
            "benchmark's device in the precision peftbench computes in (peaks.mfu_against: "
@@ -99,6 +104,13 @@ def step_flops(params: dict[str, int], full: bool, positions: int,
 # --------------------------------------------------------------------------- rates
 
 
+def local_peak(rep: dict[str, Any]) -> float | None:
+    """A repetition's local peak: the higher of the matmul peaks measured just before and
+    just after it in its own worker (either may be missing), or None."""
+    measured = [p for p in (rep.get("peak_before_gflops"), rep.get("peak_after_gflops")) if p]
+    return max(measured) if measured else None
+
+
 def rep_stats(run: dict[str, Any], full: bool, peak_gflops: float | None) -> dict[str, Any]:
     """Per-repetition tokens/s and MFU of one worker's run, and their medians."""
     reps = []
@@ -115,6 +127,10 @@ def rep_stats(run: dict[str, Any], full: bool, peak_gflops: float | None) -> dic
         if peak_gflops:
             entry["mfu"] = entry["achieved_gflops"] / peak_gflops
             entry["mfu_strict"] = entry["achieved_gflops_strict"] / peak_gflops
+        local = local_peak(rep)
+        if local:
+            entry["local_peak_gflops"] = local
+            entry["mfu_local"] = entry["achieved_gflops"] / local
         reps.append(entry)
 
     def median(key: str) -> float | None:
@@ -126,6 +142,7 @@ def rep_stats(run: dict[str, Any], full: bool, peak_gflops: float | None) -> dic
         "tokens_per_s": median("tokens_per_s"),
         "mfu": median("mfu"),
         "mfu_strict": median("mfu_strict"),
+        "mfu_local": median("mfu_local"),
         "achieved_gflops": median("achieved_gflops"),
         "spread": (max(r["tokens_per_s"] for r in reps) / min(r["tokens_per_s"] for r in reps)
                    if reps else None),

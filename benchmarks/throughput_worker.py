@@ -76,6 +76,9 @@ class WorkerConfig:
     # with gradient_out: {variant: gradient file} to compare this gradient with, in this process
     gradient_compare: dict[str, str] = field(default_factory=dict)
     gradient_rtol: float = 0.03
+    # set: matmul_peak_gflops's arguments; the clock measures the peak after the warm-up and
+    # after each repetition, outside the timed steps (the local peak of each repetition)
+    rep_peak: dict[str, Any] | None = None
 
     @property
     def total_steps(self) -> int:
@@ -177,6 +180,10 @@ class StepClock:
         self.profile_table: str | None = None
         self.op_counts: dict[str, Any] | None = None
         self.profile_by_shape: str | None = None
+        #: peak GFLOP/s measured at a boundary (steps done: after the warm-up, after a
+        #: repetition) and when timing resumed after it
+        self.boundary_peaks: dict[int, float] = {}
+        self.resumed: dict[int, float] = {}
 
     def begin(self) -> None:
         if self.rss is not None:
@@ -216,6 +223,17 @@ class StepClock:
                 self._start_profiler()
             elif done == self.cfg.warmup + self.cfg.profile_steps:
                 self._stop_profiler()
+        elif self.cfg.rep_peak and self.cfg.warmup <= done and self._at_boundary(done):
+            self._measure_peak(done)
+
+    def _measure_peak(self, done: int) -> None:
+        """The matmul peak now, in this process and its thread setting, untimed: the next
+        step's clock starts after it. On a machine whose speed drifts over minutes (a shared
+        VM), it is the peak that a repetition next to it could reach."""
+        from throughput_metrics import matmul_peak_gflops
+
+        self.boundary_peaks[done] = matmul_peak_gflops(**self.cfg.rep_peak)["gflops_best"]
+        self.resumed[done] = time.perf_counter()
 
     def _at_boundary(self, done: int) -> bool:
         """True after the warm-up and after each timed repetition (or profiled block): on a
@@ -262,7 +280,8 @@ class StepClock:
 
     def summary(self) -> dict[str, Any]:
         """Per-step and per-repetition numbers (repetitions only when not profiling)."""
-        starts = [self.start, *self.ends[:-1]]
+        starts = [self.resumed.get(i, self.ends[i - 1] if i else self.start)
+                  for i in range(len(self.ends))]
         step_seconds = [e - s for s, e in zip(starts, self.ends, strict=True)]
         reps = []
         if not self.cfg.profile_steps:
@@ -271,13 +290,15 @@ class StepClock:
                 hi = lo + self.cfg.steps
                 if hi > len(self.ends):
                     break
-                begin = self.ends[lo - 1] if lo > 0 else self.start
                 reps.append({
                     "steps": self.cfg.steps,
-                    "seconds": self.ends[hi - 1] - begin,
+                    "seconds": self.ends[hi - 1] - starts[lo],
                     "tokens": sum(self.tokens[lo:hi]),
                     "targets": sum(self.targets[lo:hi]),
                     "positions": sum(self.positions[lo:hi]),
+                    **({"peak_before_gflops": self.boundary_peaks.get(lo),
+                        "peak_after_gflops": self.boundary_peaks.get(hi)}
+                       if self.cfg.rep_peak else {}),
                 })
         return {"step_seconds": step_seconds, "step_tokens": self.tokens,
                 "step_targets": self.targets, "step_positions": self.positions, "reps": reps}

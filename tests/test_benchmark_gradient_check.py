@@ -94,6 +94,13 @@ def test_the_benchmark_reports_a_passing_gradient_check_on_a_tiny_model(tmp_path
     assert check["rel_error"] < check["bound"]
     assert "reference_rel_error" in check and check["loss_peftbench"] > 0
     assert "Gradient check" in proc.stdout + proc.stderr
+    # every timed worker measured the peak next to its repetition (--local-peak, the default)
+    lora = report["methods"]["lora"]
+    assert all(lora["mfu_local"][v] > 0 for v in ("trainer_default", "trainer_tuned",
+                                                   "peftbench"))
+    rep = lora["runs"]["peftbench"]["reps"][0]
+    assert rep["peak_before_gflops"] > 0 and rep["peak_after_gflops"] > 0
+    assert "MFU local" in proc.stdout
     # the compiled LoRA layers draw their own dropout masks: the loss check's baseline is
     # the Trainer with those masks (a''), run for the compared steps
     losses = report["methods"]["lora"]["loss_check"]
