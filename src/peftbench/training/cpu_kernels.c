@@ -1046,12 +1046,22 @@ void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const
  * dS (batch, heads, rows, .), k and v (batch, heads, n, d). work: pb_attention_work(n, d)
  * floats per thread. */
 
+#define PB_ATTENTION_ROWS 4 /* query rows at a time: their sums share each load */
 /* floats of work per thread for the attention kernels (the caller allocates threads times) */
-int64_t pb_attention_work(int64_t n, int64_t d) { return 2 * ((d + 1) / 2) * n + 2 * n; }
+int64_t pb_attention_work(int64_t n, int64_t d) {
+    return 2 * ((d + 1) / 2) * n + 2 * PB_ATTENTION_ROWS * n;
+}
 
 /* the bf16 pair (row[2 dp], row[2 dp + 1]) of a row of d values, the second 0 past d */
 static inline pb_pair raw_pair(const uint16_t *row, int64_t dp, int64_t d) {
     return (pb_pair)row[2 * dp] | (2 * dp + 1 < d ? (pb_pair)row[2 * dp + 1] << 16 : 0u);
+}
+
+/* the two bf16 at p as a pair, one 32-bit load (p need not be aligned) */
+static inline pb_pair load_pair(const uint16_t *p) {
+    pb_pair pair;
+    memcpy(&pair, p, sizeof pair);
+    return pair;
 }
 
 /* dst[dp * n + j] = raw_pair(src's row j, dp) for the n rows of src (n x d, bf16) */
@@ -1061,24 +1071,43 @@ static void pair_rows(const uint16_t *src, int64_t n, int64_t d, pb_pair *dst) {
             dst[dp * n + j] = raw_pair(src + j * d, dp, d);
 }
 
-/* out[j] = the float32 sum of a[c] b[j][c] over c < d, for j < n: a one bf16 row, bp the
- * pairs of b's rows (pair_rows) */
-static void row_dots(const uint16_t *a, const pb_pair *bp, int64_t n, int64_t d, float *out) {
+/* out[q][j] = the float32 sum of a[q][c] b[j][c] over c < d, for j < n and q < rows (1 or
+ * 2 bf16 rows a[0], a[1]); bp the pairs of b's rows (pair_rows). Two rows share each load of
+ * bp and give eight independent sums in flight instead of four (one row's four waited on
+ * the dot product's latency); each row's sums are the same, in the same order. */
+PB_INLINE void row_dots(const uint16_t *const a[PB_ATTENTION_ROWS], const pb_pair *bp,
+                        int64_t n, int64_t d, float *const out[PB_ATTENTION_ROWS],
+                        const int rows) {
     for (int64_t j0 = 0; j0 < n; j0 += 64) {
         __mmask16 valid[4];
-        __m512 acc[4];
+        __m512 acc[PB_ATTENTION_ROWS][4];
+        PB_UNROLL
         for (int b = 0; b < 4; b++) {
             valid[b] = j0 + 16 * b < n ? valid16(j0 + 16 * b, n) : 0;
-            acc[b] = _mm512_setzero_ps();
+            PB_UNROLL
+            for (int q = 0; q < rows; q++)
+                acc[q][b] = _mm512_setzero_ps();
         }
         for (int64_t dp = 0; 2 * dp < d; dp++) {
-            __m512i xv = _mm512_set1_epi32((int)raw_pair(a, dp, d));
             const pb_pair *row = bp + dp * n + j0;
-            for (int b = 0; b < 4; b++)
-                acc[b] = dot_pairs(acc[b], xv, _mm512_maskz_loadu_epi32(valid[b], row + 16 * b));
+            __m512i xv[PB_ATTENTION_ROWS];
+            PB_UNROLL
+            for (int q = 0; q < rows; q++)
+                xv[q] = _mm512_set1_epi32((int)(2 * dp + 1 < d ? load_pair(a[q] + 2 * dp)
+                                                               : raw_pair(a[q], dp, d)));
+            PB_UNROLL
+            for (int b = 0; b < 4; b++) {
+                __m512i bv = _mm512_maskz_loadu_epi32(valid[b], row + 16 * b);
+                PB_UNROLL
+                for (int q = 0; q < rows; q++)
+                    acc[q][b] = dot_pairs(acc[q][b], xv[q], bv);
+            }
         }
-        for (int b = 0; b < 4; b++)
-            _mm512_mask_storeu_ps(out + j0 + 16 * b, valid[b], acc[b]);
+        PB_UNROLL
+        for (int q = 0; q < rows; q++)
+            PB_UNROLL
+            for (int b = 0; b < 4; b++)
+                _mm512_mask_storeu_ps(out[q] + j0 + 16 * b, valid[b], acc[q][b]);
     }
 }
 
@@ -1153,6 +1182,44 @@ static void round_row(const float *s, int64_t n, uint16_t *out) {
     }
 }
 
+/* For rows (1 or 2) consecutive rows from row (i: the first's index within its batch and
+ * head, for the mask): P, and with g (else NULL) also dS. s and dp: scores of n floats per
+ * row. */
+PB_INLINE void attention_rows(const uint16_t *q, const uint16_t *g, const pb_pair *kp,
+                              const pb_pair *vp, const float *m, int64_t row, int64_t i,
+                              int64_t n, int64_t d, float scale, uint16_t *probs,
+                              uint16_t *grad_scores, float *s, float *dp, const int rows) {
+    const uint16_t *qs[PB_ATTENTION_ROWS], *gs[PB_ATTENTION_ROWS];
+    float *ss[PB_ATTENTION_ROWS], *dps[PB_ATTENTION_ROWS];
+    for (int r = 0; r < PB_ATTENTION_ROWS; r++) { /* past rows: the last row, not read */
+        const int64_t at = row + (r < rows ? r : rows - 1);
+        qs[r] = q + at * d;
+        gs[r] = g == NULL ? NULL : g + at * d;
+        ss[r] = s + r * n;
+        dps[r] = dp + r * n;
+    }
+    row_dots(qs, kp, n, d, ss, rows);
+    for (int r = 0; r < rows; r++)
+        softmax_row(ss[r], m + ((i + r) % n) * n, scale, n);
+    if (g != NULL) {
+        row_dots(gs, vp, n, d, dps, rows);
+        const __m512 factor = _mm512_set1_ps(scale);
+        for (int r = 0; r < rows; r++) {
+            const __m512 coef = _mm512_set1_ps(dot_sum(dps[r], ss[r], n));
+            for (int64_t j = 0; j < n; j += 16) {
+                __mmask16 valid = valid16(j, n);
+                __m512 p = _mm512_maskz_loadu_ps(valid, ss[r] + j);
+                __m512 ds = _mm512_mul_ps(
+                    factor, _mm512_mul_ps(p, _mm512_sub_ps(
+                                                 _mm512_maskz_loadu_ps(valid, dps[r] + j), coef)));
+                _mm256_mask_storeu_epi16(grad_scores + (row + r) * n + j, valid, narrow_m512(ds));
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        round_row(ss[r], n, probs + (row + r) * n);
+}
+
 /* P for every row, and with g (else NULL) also dS: the work of both entry points below */
 static void attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
                       const uint16_t *g, const float *mask, int64_t mask_stride,
@@ -1164,29 +1231,18 @@ static void attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
     for (int64_t bh = 0; bh < batch * heads; bh++) {
         float *mine = work + (int64_t)thread_number() * per_thread;
         pb_pair *kp = (pb_pair *)mine, *vp = (pb_pair *)mine + half;
-        float *s = mine + 2 * half, *dp = s + n;
+        float *s = mine + 2 * half, *dp = s + PB_ATTENTION_ROWS * n;
         pair_rows(k + bh * n * d, n, d, kp);
         if (g != NULL)
             pair_rows(v + bh * n * d, n, d, vp);
         const float *m = mask + (bh / heads) * mask_stride;
-        for (int64_t i = 0; i < rows; i++) {
-            int64_t row = bh * rows + i;
-            row_dots(q + row * d, kp, n, d, s);
-            softmax_row(s, m + (i % n) * n, scale, n);
-            if (g != NULL) {
-                row_dots(g + row * d, vp, n, d, dp);
-                __m512 coef = _mm512_set1_ps(dot_sum(dp, s, n)), factor = _mm512_set1_ps(scale);
-                for (int64_t j = 0; j < n; j += 16) {
-                    __mmask16 valid = valid16(j, n);
-                    __m512 p = _mm512_maskz_loadu_ps(valid, s + j);
-                    __m512 ds = _mm512_mul_ps(
-                        factor, _mm512_mul_ps(p, _mm512_sub_ps(
-                                                     _mm512_maskz_loadu_ps(valid, dp + j), coef)));
-                    _mm256_mask_storeu_epi16(grad_scores + row * n + j, valid, narrow_m512(ds));
-                }
-            }
-            round_row(s, n, probs + row * n);
-        }
+        int64_t i0 = 0;
+        for (; i0 + PB_ATTENTION_ROWS <= rows; i0 += PB_ATTENTION_ROWS)
+            attention_rows(q, g, kp, vp, m, bh * rows + i0, i0, n, d, scale, probs,
+                           grad_scores, s, dp, PB_ATTENTION_ROWS);
+        for (; i0 < rows; i0++) /* the rows left over, one at a time */
+            attention_rows(q, g, kp, vp, m, bh * rows + i0, i0, n, d, scale, probs,
+                           grad_scores, s, dp, 1);
     }
 }
 
