@@ -297,26 +297,39 @@ def mapped(size):
     libc.free(block)
     return during > before
 
+def kept(size):  # whether freeing a block at the heap's top leaves the heap as large
+    block = libc.malloc(size)
+    held = libc.mallinfo2().arena
+    libc.free(block)
+    return libc.mallinfo2().arena >= held
+
 applied = heap.steady_heap() if os.environ.get("STEADY") else 0
 libc.free(libc.malloc(16 * 2**20))  # a freed mapped block: glibc's adaptive threshold rises
-print(json.dumps({"applied": applied, "1 MiB": mapped(2**20), "4 MiB": mapped(4 * 2**20)}))
+print(json.dumps({"applied": applied, "1 MiB": mapped(2**20), "4 MiB": mapped(4 * 2**20),
+                  "24 MiB": mapped(24 * 2**20), "64 MiB": mapped(64 * 2**20),
+                  "24 MiB kept": kept(24 * 2**20)}))
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
-def test_steady_heap_maps_blocks_from_2_mib_even_after_large_frees():
-    """glibc's adaptive threshold serves a 4 MiB block from the heap once a larger mapped
-    block was freed; with steady_heap it stays mapped and a 1 MiB block comes from the
-    heap. A threshold the user set in the environment is left alone."""
+def test_steady_heap_maps_no_block_and_keeps_the_heaps_free_top():
+    """glibc's adaptive threshold maps a 24 MiB block after a 16 MiB one was freed; with
+    steady_heap no block is mapped, not even 64 MiB, and freeing a block at the heap's top
+    leaves the heap as large (a later step reuses those pages without faulting them in
+    again). A malloc setting the user made in the environment is left alone."""
     def probe(**env: str) -> dict:
         done = subprocess.run([sys.executable, "-c", _HEAP_PROBE], capture_output=True,
                               text=True, check=True, env={**os.environ, **env})
         return json.loads(done.stdout)
 
-    assert probe() == {"applied": 0, "1 MiB": False, "4 MiB": False}
-    assert probe(STEADY="1") == {"applied": 2, "1 MiB": False, "4 MiB": True}
-    assert probe(STEADY="1", MALLOC_MMAP_THRESHOLD_="131072") == {
-        "applied": 0, "1 MiB": True, "4 MiB": True}
+    assert probe() == {"applied": 0, "1 MiB": False, "4 MiB": False, "24 MiB": True,
+                       "64 MiB": True, "24 MiB kept": True}
+    assert probe(STEADY="1") == {"applied": 1, "1 MiB": False, "4 MiB": False,
+                                 "24 MiB": False, "64 MiB": False, "24 MiB kept": True}
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_"):
+        assert probe(STEADY="1", **{name: "131072"}) == {
+            "applied": 0, "1 MiB": True, "4 MiB": True, "24 MiB": True, "64 MiB": True,
+            "24 MiB kept": True}
 
 
 @pytest.mark.parametrize(("padded", "kv_heads"), [(True, 2), (False, 2), (True, 4)])

@@ -66,13 +66,13 @@ def place_for_training(model: nn.Module, precision: str, device: torch.device,
     (:mod:`~peftbench.training.lean_attention`). ``exact`` fp32 (an explicit
     ``precision: fp32``) changes nothing: it is the reference that must match a plain
     Hugging Face run step for step, dropout masks included. On CPU, for every precision,
-    glibc's mmap threshold is fixed (:mod:`~peftbench.training.heap`), which changes no
+    glibc's heap is kept steady (:mod:`~peftbench.training.heap`), which changes no
     arithmetic.
     """
     model.to(device)
     applied: dict[str, int] = {}
     if device.type == "cpu":
-        applied["heap_mmap_threshold_mib"] = steady_heap()
+        applied["steady_heap"] = steady_heap()
     if precision == "bf16":
         applied["frozen_bf16_elements"] = store_frozen_in_bf16(model)
         applied["lora_inputs_uncast"] = lora_inputs_uncast(model)
