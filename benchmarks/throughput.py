@@ -99,8 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="matrix size of the peak matmuls (default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--peak-reps", type=int, default=5)
     p.add_argument("--local-peak", action=argparse.BooleanOptionalAction, default=True,
-                   help="also measure the matmul peak in every timed worker after its warm-up "
-                        "and after each repetition (untimed, about a second each) and report "
+                   help="on a CPU, also measure the matmul peak in every timed worker after "
+                        "its warm-up and after each repetition (untimed, about a second "
+                        "each) and report "
                         "MFU against each repetition's local peak ('MFU local'): on a machine "
                         "whose speed drifts over minutes, a table-wide peak is a poor "
                         "denominator for a run measured far from it")
@@ -137,11 +138,13 @@ def worker_config(args: argparse.Namespace, method: str, variant: str) -> Worker
         rep_peak=local_peak_size(args) if args.local_peak and variant in VARIANTS else None)
 
 
-def local_peak_size(args: argparse.Namespace) -> dict[str, Any]:
-    """matmul_peak_gflops's arguments for a worker's local peaks: the table's matrix size and
-    precision (peftbench's), three timed repetitions of the ten products."""
+def local_peak_size(args: argparse.Namespace) -> dict[str, Any] | None:
+    """matmul_peak_gflops's arguments for a worker's local peaks: the table's own (size,
+    precision, repetitions), so that a local peak is as much a best-of as the table's; None
+    on a GPU, where its matrices would count in the device's peak memory."""
     precision, sizes = compute_precision(args)
-    return {"dtype_name": precision, **sizes[precision], "reps": min(3, args.peak_reps)}
+    return None if sizes[precision]["device"] != "cpu" else {"dtype_name": precision,
+                                                              **sizes[precision]}
 
 
 def method_args_for(method: str, pairs: list[str]) -> dict[str, Any]:

@@ -186,9 +186,11 @@ class StepClock:
         self.resumed: dict[int, float] = {}
 
     def begin(self) -> None:
+        if self.cfg.rep_peak and not self.cfg.profile_steps and self.cfg.warmup == 0:
+            self._measure_peak(0)  # no warm-up: the first repetition's peak before it
         if self.rss is not None:
             self.rss.training = True
-        self.start = time.perf_counter()
+        self.start = self.resumed.pop(0, None) or time.perf_counter()
         if self.cfg.profile_steps and self.cfg.warmup == 0:
             self._start_profiler()
 
@@ -232,7 +234,12 @@ class StepClock:
         VM), it is the peak that a repetition next to it could reach."""
         from throughput_metrics import matmul_peak_gflops
 
+        training = self.rss is not None and self.rss.training
+        if training:  # its matrices are not training's memory
+            self.rss.training = False
         self.boundary_peaks[done] = matmul_peak_gflops(**self.cfg.rep_peak)["gflops_best"]
+        if training:
+            self.rss.training = True
         self.resumed[done] = time.perf_counter()
 
     def _at_boundary(self, done: int) -> bool:

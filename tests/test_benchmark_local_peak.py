@@ -69,6 +69,28 @@ def test_the_clock_measures_the_peak_at_each_boundary_outside_the_timed_steps(mo
     assert all(s < 0.25 for s in summary["step_seconds"]), summary["step_seconds"]
 
 
+def test_without_warm_up_the_first_peak_is_measured_before_the_first_step(monkeypatch):
+    calls = []
+
+    def slow_peak(**kwargs):
+        calls.append(kwargs)
+        time.sleep(0.3)
+        return {"gflops_best": 100.0 + len(calls)}
+
+    monkeypatch.setattr(throughput_metrics, "matmul_peak_gflops", slow_peak)
+    cfg = WorkerConfig(model="m", task="t", method="lora", variant="peftbench", warmup=0,
+                       reps=1, steps=2, rep_peak={"dtype_name": "bf16", "n": 64})
+    clock = StepClock(cfg, 0, False, None)
+    clock.begin()
+    for _ in range(cfg.total_steps):
+        clock.add_counts((10, 5, 10))
+        time.sleep(0.02)
+        clock.step_end()
+    rep = clock.summary()["reps"][0]
+    assert (rep["peak_before_gflops"], rep["peak_after_gflops"]) == (101.0, 102.0)
+    assert 0.04 <= rep["seconds"] < 0.25, rep
+
+
 def test_without_the_option_the_clock_measures_nothing(monkeypatch):
     monkeypatch.setattr(throughput_metrics, "matmul_peak_gflops",
                         lambda **kwargs: pytest.fail("measured a peak"))

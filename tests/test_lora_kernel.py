@@ -121,15 +121,17 @@ def test_the_adapter_is_rounded_to_bf16_as_under_autocast():
     assert _relative(lora_b.grad, exact_b) >= 2.0 ** -12
 
 
-def test_the_portable_kernels_compute_what_the_bf16_dot_products_do(tmp_path, monkeypatch):
+@pytest.mark.parametrize("r", [4, 5, 64])
+def test_the_portable_kernels_compute_what_the_bf16_dot_products_do(r, tmp_path, monkeypatch):
     """A build without AVX-512 BF16 (float32 multiply-adds of the same rounded operands)
     against the default one, on a shape with every tail: the same mask, the same values up
-    to float32 sums."""
+    to float32 sums. Rank 4 runs the portable kernels' blocks of four rows, 64 their
+    largest arrays."""
     shape = (*PARALLEL_SHAPE[:1], 203, 301)
     results = []
     for library in (cpu_kernels.compiled(), _portable_build(tmp_path)):
         monkeypatch.setattr(cpu_kernels, "compiled", lambda library=library: library)
-        x, weight, lora_a, lora_b, grad = _layer(*shape, 5, BF16, seed=9)
+        x, weight, lora_a, lora_b, grad = _layer(*shape, r, BF16, seed=9)
         torch.manual_seed(4)
         out = lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.1)
         out.backward(grad)
@@ -320,6 +322,14 @@ def test_dropout_in_a_model_is_seeded_and_off_in_eval():
         a = model(input_ids=IDS, labels=IDS).loss.item()
         torch.manual_seed(6)
         assert model(input_ids=IDS, labels=IDS).loss.item() == a
+
+
+def test_the_layer_refuses_a_rank_above_the_kernels_cap():
+    """Called directly (without accepts), a rank of 65 is an error, not a kernel writing past
+    its fixed per-rank arrays."""
+    x, weight, lora_a, lora_b, _ = _layer(4, 16, 8, 65, BF16)
+    with pytest.raises(ValueError, match="rank 65"):
+        lora_linear_kernel(x, weight, None, lora_a, lora_b, 2.0, 0.0)
 
 
 def test_a_rank_above_the_kernels_cap_runs_and_is_recorded_as_pytorch():

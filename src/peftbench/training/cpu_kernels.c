@@ -936,6 +936,7 @@ PB_INLINE void grad_input_rows(const uint16_t *gx_base,
 /* the implementation's operands (in the work buffer) and row blocks, for the entry points
  * below: float32 copies rounded to bf16, P = PB_BLOCK_ROWS(r) rows */
 #define PB_ROWS_4 4 /* rows per block (r P sums stay in registers) */
+_Static_assert(PB_ROWS_4 <= PB_MAX_ROWS, "the rows functions' arrays hold PB_MAX_ROWS rows");
 #define PB_ROWS_8 2
 #define PB_ROWS_16 1
 #define PB_ROWS_ANY 1
@@ -984,6 +985,8 @@ static const void *packed_bt(const float *b, int64_t n, int64_t r, float *work) 
 void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, int64_t k,
                   int64_t r, uint64_t seed, uint32_t threshold, uint32_t *bits, float *work,
                   int threads) {
+    if (r < 1 || r > PB_MAX_RANK)
+        return; /* never past the fixed per-rank arrays (the caller checks: lora_max_rank) */
     (void)bits; /* the portable kernels draw the mask again in the backward */
     int drop = threshold != 0;
     const void *packed = packed_a(a, r, k, work);
@@ -994,6 +997,8 @@ void pb_lora_down(const uint16_t *x, const float *a, float *hidden, int64_t m, i
 /* out += hidden (scale B^T), in place over the base product (bf16, m x n), rounded once */
 void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float scale,
                     int64_t m, int64_t n, int64_t r, float *work, int threads) {
+    if (r < 1 || r > PB_MAX_RANK)
+        return; /* never past the fixed per-rank arrays (the caller checks: lora_max_rank) */
     const void *packed = packed_b_for_up(b, n, r, work);
     #pragma omp parallel num_threads(threads) if (m * n >= PB_PARALLEL_MIN)
     PB_FOR_BLOCKS(m, r, PB_UP_ROWS);
@@ -1004,6 +1009,8 @@ void pb_lora_up_add(uint16_t *out, const float *hidden, const float *b, float sc
 void pb_lora_grad_hidden(const uint16_t *g, const float *b, float scale, const float *hidden,
                          float *grad_hidden, float *grad_b, int64_t m, int64_t n, int64_t r,
                          float *work, int threads) {
+    if (r < 1 || r > PB_MAX_RANK)
+        return; /* never past the fixed per-rank arrays (the caller checks: lora_max_rank) */
     int parts = 1;
     const void *packed = packed_bt(b, n, r, work);
     work += r * n;
@@ -1020,6 +1027,8 @@ void pb_lora_grad_input(const uint16_t *gx_base, const float *grad_hidden, const
                         const uint16_t *x, void *grad_x, int x_f32, float *grad_a, int64_t m,
                         int64_t k, int64_t r, uint64_t seed, uint32_t threshold,
                         uint32_t *bits, float *work, int threads) {
+    if (r < 1 || r > PB_MAX_RANK)
+        return; /* never past the fixed per-rank arrays (the caller checks: lora_max_rank) */
     (void)bits;
     int parts = 1, drop = threshold != 0;
     const void *packed = packed_a_for_grad(a, r, k, work);
@@ -1071,10 +1080,11 @@ static void pair_rows(const uint16_t *src, int64_t n, int64_t d, pb_pair *dst) {
             dst[dp * n + j] = raw_pair(src + j * d, dp, d);
 }
 
-/* out[q][j] = the float32 sum of a[q][c] b[j][c] over c < d, for j < n and q < rows (1 or
- * 2 bf16 rows a[0], a[1]); bp the pairs of b's rows (pair_rows). Two rows share each load of
- * bp and give eight independent sums in flight instead of four (one row's four waited on
- * the dot product's latency); each row's sums are the same, in the same order. */
+/* out[q][j] = the float32 sum of a[q][c] b[j][c] over c < d, for j < n and q < rows (at
+ * most PB_ATTENTION_ROWS bf16 rows a[q]); bp the pairs of b's rows (pair_rows). The rows
+ * share each load of bp and give 16 independent sums in flight for four rows (one row's
+ * four waited on the dot product's latency); each row's sums are the same, in the same
+ * order. */
 PB_INLINE void row_dots(const uint16_t *const a[PB_ATTENTION_ROWS], const pb_pair *bp,
                         int64_t n, int64_t d, float *const out[PB_ATTENTION_ROWS],
                         const int rows) {
@@ -1182,9 +1192,9 @@ static void round_row(const float *s, int64_t n, uint16_t *out) {
     }
 }
 
-/* For rows (1 or 2) consecutive rows from row (i: the first's index within its batch and
- * head, for the mask): P, and with g (else NULL) also dS. s and dp: scores of n floats per
- * row. */
+/* For rows (1 to PB_ATTENTION_ROWS) consecutive rows from row (i: the first's index within
+ * its batch and head, for the mask): P, and with g (else NULL) also dS. s and dp: scores of
+ * n floats per row. */
 PB_INLINE void attention_rows(const uint16_t *q, const uint16_t *g, const pb_pair *kp,
                               const pb_pair *vp, const float *m, int64_t row, int64_t i,
                               int64_t n, int64_t d, float scale, uint16_t *probs,

@@ -97,11 +97,15 @@ def _compiled_with_dpbf16() -> bool:
     return bool(compiled().pb_has_dpbf16())
 
 
-@functools.cache
 def lora_max_rank() -> int:
     """The largest LoRA rank the compiled LoRA kernels take (their per-rank arrays have a
     fixed size, so that the compiler keeps them in registers); 0 when not compiled."""
-    return int(compiled().pb_lora_max_rank()) if available() else 0
+    return _compiled_max_rank() if available() else 0
+
+
+@functools.cache
+def _compiled_max_rank() -> int:
+    return int(compiled().pb_lora_max_rank())
 
 
 def compiled() -> ctypes.CDLL:

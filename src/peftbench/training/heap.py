@@ -48,8 +48,8 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THR
 @functools.cache
 def steady_heap() -> int:
     """Keep this process's glibc heap steady (once): no block mapped of its own, the free
-    top kept up to 2 GiB; returns 1, or 0 where nothing was changed (not glibc, or a malloc
-    setting from the user)."""
+    top kept up to 2 GiB; returns 1, or 0 where it was not applied (not glibc, a malloc
+    setting from the user, or a setting glibc refused)."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return 0
     if any(name in os.environ for name in _USER_SETTINGS):

@@ -86,6 +86,9 @@ class _LoraLinearKernel(torch.autograd.Function):
         library, threads = cpu_kernels.compiled(), torch.get_num_threads()
         rows = shared_bf16_copy(x).reshape(-1, x.shape[-1]).contiguous()
         (m, k), n, r = rows.shape, weight.shape[0], lora_a.shape[0]
+        if not 1 <= r <= cpu_kernels.lora_max_rank():
+            raise ValueError(f"LoRA rank {r} is outside the compiled kernels' 1.."
+                             f"{cpu_kernels.lora_max_rank()}; check accepts() first")
         threshold = dropout_threshold(p)
         seed = draw_seed() if threshold else 0
         scale = scaling / (1.0 - p)
