@@ -42,8 +42,10 @@ def test_without_local_peaks_there_is_no_local_mfu():
     assert rep_stats(_run((None, None)), False, 200.0)["mfu_local"] is None
 
 
-def test_the_clock_measures_the_peak_at_each_boundary_outside_the_timed_steps(monkeypatch):
-    calls = []
+def _slow_peaks(monkeypatch) -> list[dict]:
+    """matmul_peak_gflops replaced by one that takes 0.3 s and returns 101, 102, ... GFLOP/s;
+    returns the list of its calls' arguments."""
+    calls: list[dict] = []
 
     def slow_peak(**kwargs):
         calls.append(kwargs)
@@ -51,16 +53,25 @@ def test_the_clock_measures_the_peak_at_each_boundary_outside_the_timed_steps(mo
         return {"gflops_best": 100.0 + len(calls)}
 
     monkeypatch.setattr(throughput_metrics, "matmul_peak_gflops", slow_peak)
-    size = {"dtype_name": "bf16", "n": 64, "reps": 1}
-    cfg = WorkerConfig(model="m", task="t", method="lora", variant="peftbench", warmup=1,
-                       reps=2, steps=2, rep_peak=size)
+    return calls
+
+
+def _timed(cfg: WorkerConfig) -> dict:
+    """The clock's summary of cfg's steps, each 20 ms long."""
     clock = StepClock(cfg, 0, False, None)
     clock.begin()
     for _ in range(cfg.total_steps):
         clock.add_counts((10, 5, 10))
         time.sleep(0.02)
         clock.step_end()
-    summary = clock.summary()
+    return clock.summary()
+
+
+def test_the_clock_measures_the_peak_at_each_boundary_outside_the_timed_steps(monkeypatch):
+    calls = _slow_peaks(monkeypatch)
+    size = {"dtype_name": "bf16", "n": 64, "reps": 1}
+    summary = _timed(WorkerConfig(model="m", task="t", method="lora", variant="peftbench",
+                                  warmup=1, reps=2, steps=2, rep_peak=size))
     assert calls == [size] * 3  # after the warm-up and after each of the two repetitions
     reps = summary["reps"]
     assert [(r["peak_before_gflops"], r["peak_after_gflops"]) for r in reps] == [
@@ -70,23 +81,11 @@ def test_the_clock_measures_the_peak_at_each_boundary_outside_the_timed_steps(mo
 
 
 def test_without_warm_up_the_first_peak_is_measured_before_the_first_step(monkeypatch):
-    calls = []
-
-    def slow_peak(**kwargs):
-        calls.append(kwargs)
-        time.sleep(0.3)
-        return {"gflops_best": 100.0 + len(calls)}
-
-    monkeypatch.setattr(throughput_metrics, "matmul_peak_gflops", slow_peak)
-    cfg = WorkerConfig(model="m", task="t", method="lora", variant="peftbench", warmup=0,
-                       reps=1, steps=2, rep_peak={"dtype_name": "bf16", "n": 64})
-    clock = StepClock(cfg, 0, False, None)
-    clock.begin()
-    for _ in range(cfg.total_steps):
-        clock.add_counts((10, 5, 10))
-        time.sleep(0.02)
-        clock.step_end()
-    rep = clock.summary()["reps"][0]
+    _slow_peaks(monkeypatch)
+    summary = _timed(WorkerConfig(model="m", task="t", method="lora", variant="peftbench",
+                                  warmup=0, reps=1, steps=2,
+                                  rep_peak={"dtype_name": "bf16", "n": 64}))
+    rep = summary["reps"][0]
     assert (rep["peak_before_gflops"], rep["peak_after_gflops"]) == (101.0, 102.0)
     assert 0.04 <= rep["seconds"] < 0.25, rep
 
@@ -94,11 +93,6 @@ def test_without_warm_up_the_first_peak_is_measured_before_the_first_step(monkey
 def test_without_the_option_the_clock_measures_nothing(monkeypatch):
     monkeypatch.setattr(throughput_metrics, "matmul_peak_gflops",
                         lambda **kwargs: pytest.fail("measured a peak"))
-    cfg = WorkerConfig(model="m", task="t", method="lora", variant="peftbench", warmup=1,
-                       reps=1, steps=1)
-    clock = StepClock(cfg, 0, False, None)
-    clock.begin()
-    for _ in range(cfg.total_steps):
-        clock.add_counts((10, 5, 10))
-        clock.step_end()
-    assert "peak_before_gflops" not in clock.summary()["reps"][0]
+    summary = _timed(WorkerConfig(model="m", task="t", method="lora", variant="peftbench",
+                                  warmup=1, reps=1, steps=1))
+    assert "peak_before_gflops" not in summary["reps"][0]
