@@ -190,7 +190,7 @@ class StepClock:
             self._measure_peak(0)  # no warm-up: the first repetition's peak before it
         if self.rss is not None:
             self.rss.training = True
-        self.start = self.resumed.pop(0, None) or time.perf_counter()
+        self.start = time.perf_counter()
         if self.cfg.profile_steps and self.cfg.warmup == 0:
             self._start_profiler()
 
@@ -225,7 +225,7 @@ class StepClock:
                 self._start_profiler()
             elif done == self.cfg.warmup + self.cfg.profile_steps:
                 self._stop_profiler()
-        elif self.cfg.rep_peak and self.cfg.warmup <= done and self._at_boundary(done):
+        elif self.cfg.rep_peak and self._at_boundary(done):
             self._measure_peak(done)
 
     def _measure_peak(self, done: int) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftbench.training import cpu_kernels, lora_kernel
+from peftbench.training import lora_kernel
 from peftbench.training.dropout import FastDropout, Scratch, adapter_dropout, zero_positions
 from peftbench.training.forward_routing import route_forwards
 from peftbench.training.fused_lora_bf16 import base_plus_adapter, lora_linear_bf16
@@ -144,10 +144,13 @@ def kernel_rank_layers(model: nn.Module) -> int:
     """How many of ``model``'s routed LoRA layers have a rank the compiled kernels take
     (:func:`~peftbench.training.cpu_kernels.lora_max_rank`; the others run the PyTorch bf16
     layer); 0 without the kernels. For the run record."""
-    limit = cpu_kernels.lora_max_rank() if cpu_kernels.available() else 0
     return sum(1 for module in model.modules()
                if hasattr(module, _ORIGINAL_FORWARD) and _fusable(module)
-               and module.lora_A[module.active_adapters[0]].weight.shape[0] <= limit)
+               and lora_kernel.takes_rank(_rank(module)))
+
+
+def _rank(module: nn.Module) -> int:
+    return module.lora_A[module.active_adapters[0]].weight.shape[0]
 
 
 def fuse_lora_layers(model: nn.Module) -> int:

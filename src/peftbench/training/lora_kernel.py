@@ -59,7 +59,13 @@ def accepts(x: torch.Tensor, weight: torch.Tensor, p: float, rank: int) -> bool:
     of at most :func:`~peftbench.training.cpu_kernels.lora_max_rank` (64)."""
     return (enabled and x.device.type == "cpu" and x.dtype in (_F32, _BF16)
             and weight.dtype == _BF16 and 0.0 <= p < 1.0 and x.numel() < 2**32
-            and cpu_kernels.available() and 1 <= rank <= cpu_kernels.lora_max_rank())
+            and takes_rank(rank))
+
+
+def takes_rank(rank: int) -> bool:
+    """Whether the compiled kernels take a LoRA rank: 1 to
+    :func:`~peftbench.training.cpu_kernels.lora_max_rank` (0 without the kernels)."""
+    return 1 <= rank <= cpu_kernels.lora_max_rank()
 
 
 def dropout_mask(rows: int, cols: int, seed: int, p: float) -> torch.Tensor:
@@ -86,7 +92,7 @@ class _LoraLinearKernel(torch.autograd.Function):
         library, threads = cpu_kernels.compiled(), torch.get_num_threads()
         rows = shared_bf16_copy(x).reshape(-1, x.shape[-1]).contiguous()
         (m, k), n, r = rows.shape, weight.shape[0], lora_a.shape[0]
-        if not 1 <= r <= cpu_kernels.lora_max_rank():
+        if not takes_rank(r):
             raise ValueError(f"LoRA rank {r} is outside the compiled kernels' 1.."
                              f"{cpu_kernels.lora_max_rank()}; check accepts() first")
         threshold = dropout_threshold(p)
